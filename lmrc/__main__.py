@@ -1,0 +1,5 @@
+import sys
+
+from lmrc.cli import main
+
+sys.exit(main())

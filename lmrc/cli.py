@@ -1,0 +1,66 @@
+"""The `lmrc` command: parse arguments, call one library function per subcommand, print the result.
+
+Subcommands live in `lmrc/commands/<group>.py`; each module has `register(subparsers)`, and the handlers it
+sets return an exit code. Library errors (`LmrcError`) become one line `lmrc: error: ...` with exit 2,
+unless `--debug` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from lmrc import __version__
+from lmrc.errors import LmrcError
+
+COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmrc",
+        description="Document-level relation extraction: a relation classifier proposes entity pairs, an LLM "
+        "classifies their relations (LMRC-style two-stage pipeline).",
+    )
+    parser.add_argument("--version", action="version", version=f"lmrc {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"lmrc.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"lmrc.commands.{name}":
+                continue  # that command group is not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("LMRC_DEBUG") == "1"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0 if args.command is None else 2
+        return int(args.func(args) or 0)
+    except LmrcError as exc:
+        if debug:
+            raise
+        print(f"lmrc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmrc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

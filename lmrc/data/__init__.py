@@ -1,0 +1,1 @@
+"""Documents, relation inventories and candidates files (no torch models here)."""

@@ -1,0 +1,154 @@
+"""The candidates file: stage 1's scored entity pairs, read by stage 2 and the pipeline.
+
+Schema (JSON object, version 1)::
+
+    {
+      "format": "lmrc-candidates", "version": 1,
+      "header": {
+        "model": "<checkpoint dir or name>", "head": "atl", "threshold": 0.0,
+        "calibration": {"method": "default" | "recall_target" | "max_per_doc" | "manual", ...},
+        "source": "<input documents path>"
+      },
+      "documents": [
+        {"title": "...", "n_entities": 12,
+         "pairs": [{"h": 0, "t": 3, "score": 2.7, "relations": {"P17": 3.1}}, ...]}
+      ]
+    }
+
+`pairs` lists the candidates only (pairs that passed the threshold), best score first. `score` is the
+candidate score of the head (sigmoid probability for `bce`, the margin max_r logit_r - threshold for the
+multi-label heads); `relations` (optional) holds the relations a multi-label head predicted, with their margins.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lmrc.errors import LmrcError
+from lmrc.io import atomic_write_json, read_json
+
+FORMAT = "lmrc-candidates"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class CandidatePair:
+    h: int
+    t: int
+    score: float
+    relations: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class DocumentCandidates:
+    title: str
+    pairs: tuple[CandidatePair, ...]
+    n_entities: int | None = None
+
+
+@dataclass
+class CandidatesHeader:
+    model: str
+    head: str
+    threshold: float | None
+    calibration: dict[str, Any] = field(default_factory=lambda: {"method": "default"})
+    source: str | None = None
+
+
+@dataclass
+class Candidates:
+    header: CandidatesHeader
+    documents: list[DocumentCandidates]
+
+    def by_title(self) -> dict[str, DocumentCandidates]:
+        return {d.title: d for d in self.documents}
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
+    def fail(where: str, msg: str) -> LmrcError:
+        return LmrcError(f"{source}: {where}: {msg}")
+
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise fail("top level", f"not an lmrc candidates file (expected \"format\": \"{FORMAT}\")")
+    if raw.get("version") != VERSION:
+        raise fail("version", f"unsupported version {raw.get('version')!r} (this lmrc reads {VERSION})")
+    h = raw.get("header")
+    if not isinstance(h, dict) or not isinstance(h.get("model"), str) or not isinstance(h.get("head"), str):
+        raise fail("header", "expected an object with string fields 'model' and 'head'")
+    thr = h.get("threshold")
+    if thr is not None and not _num(thr):
+        raise fail("header.threshold", f"expected a number or null, got {thr!r}")
+    header = CandidatesHeader(
+        model=h["model"], head=h["head"], threshold=thr,
+        calibration=h.get("calibration") or {"method": "default"}, source=h.get("source"),
+    )
+    docs_raw = raw.get("documents")
+    if not isinstance(docs_raw, list):
+        raise fail("documents", "expected a list")
+    docs, titles = [], set()
+    for di, d in enumerate(docs_raw):
+        where = f"documents[{di}]"
+        if not isinstance(d, dict) or not isinstance(d.get("title"), str):
+            raise fail(where, "expected an object with a string 'title'")
+        if d["title"] in titles:
+            raise fail(f"{where}.title", f"duplicate title {d['title']!r}")
+        titles.add(d["title"])
+        n_ent = d.get("n_entities")
+        if n_ent is not None and not (isinstance(n_ent, int) and n_ent >= 0):
+            raise fail(f"{where}.n_entities", f"expected a non-negative integer, got {n_ent!r}")
+        pairs_raw = d.get("pairs")
+        if not isinstance(pairs_raw, list):
+            raise fail(f"{where}.pairs", "expected a list")
+        pairs = []
+        for pi, p in enumerate(pairs_raw):
+            pw = f"{where}.pairs[{pi}]"
+            if not isinstance(p, dict):
+                raise fail(pw, "expected an object")
+            for k in ("h", "t"):
+                v = p.get(k)
+                if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                    raise fail(f"{pw}.{k}", f"expected a non-negative integer, got {v!r}")
+                if n_ent is not None and v >= n_ent:
+                    raise fail(f"{pw}.{k}", f"{v} out of range (document has {n_ent} entities)")
+            if p["h"] == p["t"]:
+                raise fail(pw, f"h and t are the same entity ({p['h']})")
+            if not _num(p.get("score")):
+                raise fail(f"{pw}.score", f"expected a finite number, got {p.get('score')!r}")
+            rels = p.get("relations")
+            if rels is not None and not (isinstance(rels, dict) and all(_num(v) for v in rels.values())):
+                raise fail(f"{pw}.relations", "expected an object mapping relation id to a number")
+            pairs.append(CandidatePair(h=p["h"], t=p["t"], score=float(p["score"]), relations=rels))
+        docs.append(DocumentCandidates(title=d["title"], pairs=tuple(pairs), n_entities=n_ent))
+    return Candidates(header=header, documents=docs)
+
+
+def load_candidates(path: str | os.PathLike) -> Candidates:
+    return parse_candidates(read_json(path), path)
+
+
+def candidates_to_raw(c: Candidates) -> dict:
+    docs = []
+    for d in c.documents:
+        pairs = []
+        for p in d.pairs:
+            item: dict[str, Any] = {"h": p.h, "t": p.t, "score": p.score}
+            if p.relations is not None:
+                item["relations"] = p.relations
+            pairs.append(item)
+        entry: dict[str, Any] = {"title": d.title}
+        if d.n_entities is not None:
+            entry["n_entities"] = d.n_entities
+        entry["pairs"] = pairs
+        docs.append(entry)
+    return {"format": FORMAT, "version": VERSION, "header": asdict(c.header), "documents": docs}
+
+
+def save_candidates(c: Candidates, path: str | os.PathLike) -> None:
+    atomic_write_json(path, candidates_to_raw(c))

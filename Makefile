@@ -1,0 +1,26 @@
+# lmrc: `make setup`, `make test`, `make lint`, `make demo`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED_DATA := $(abspath ../shared/data)
+# Point at the shared data when it sits beside the checkout (these machines have no internet).
+export LMRC_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/redocred),$(SHARED_DATA),)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test lint demo clean
+
+$(VENV)/.lmrc-setup-done: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+setup: $(VENV)/.lmrc-setup-done
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check lmrc tests scripts benchmarks
+	$(VENV)/bin/ruff format --check lmrc tests scripts benchmarks
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,349 @@
+"""The DocRED scorer: relation P/R/F1, Ign F1, evidence F1, intra/inter, per-relation and frequent/long-tail F1.
+
+The headline numbers follow the official DocRED `evaluation.py` (Yao et al., 2019; the copy in the ATLOP
+repository is the one most papers run), quirks included, so that numbers are comparable with published tables:
+
+- predictions are de-duplicated on (title, h_idx, t_idx, r); the first occurrence (and its evidence) is kept;
+- a prediction whose title is not in the gold file still counts in the precision denominator, but its
+  evidence is not counted (the official loop skips it before counting evidence);
+- R = correct / number of unique gold facts (title, h, t, r);
+- Ign: the train facts are every (head mention name, tail mention name, r) over all mention pairs of every fact
+  of the train files; a correct prediction is "in train" when any mention-name pair of its two gold entities,
+  with its relation, is a train fact. Ign P = (correct - in_train) / (#predictions - in_train); Ign F1 combines
+  Ign P with the ordinary R;
+- evidence P = overlap / all predicted evidence sentences (of predictions with a known title), where the overlap
+  is counted on correct facts only; evidence R = overlap / all gold evidence sentences.
+
+Where the official script would divide by zero (no predictions, no gold facts, no gold evidence) the value is 0.
+ATLOP's copy adds 1e-5 to the Ign P denominator; the official script does not, and neither does this one.
+Gold facts repeated within a document are counted once (the loader de-duplicates them, keeping the first);
+the official script would count the repeat's evidence in the evidence total.
+
+Additions that are not in the official script, with the conventions used:
+
+- intra / inter: a pair is intra-sentence when some head mention and some tail mention share a sentence
+  (minimum sentence distance 0), as in LSR/GAIN. Gold facts are split by their pair; predictions by the status of
+  their pair in the gold document. Predictions that have no gold pair to look at (unknown title, index out of
+  range, head == tail) belong to neither split, so intra and inter predictions need not add up to all predictions.
+- per relation: P/R/F1 of every relation that occurs in the gold facts or the predictions (all predictions of
+  that relation, unknown titles included, are in its precision denominator).
+- frequent / long-tail: the `n_frequent` (10) relations with most facts in the train files (ties broken by
+  relation id) vs all other relations (cf. the Head-10 band of AMTL, Table 6); absent (None) without train files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lmrc.data.docred import Document, load_documents
+from lmrc.data.relations import RelationSet
+from lmrc.errors import LmrcError
+from lmrc.io import read_json
+
+log = logging.getLogger(__name__)
+
+N_FREQUENT = 10  # "frequent" = the 10 most frequent train relations (AMTL Table 6, Head-10)
+
+# (title, h_idx, t_idx, r): the key on which the official scorer de-duplicates and matches predictions.
+Key = tuple[str, int, int, str]
+
+
+# --------------------------------------------------------------------------------------------------- scores
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+@dataclass(frozen=True)
+class Score:
+    """P/R/F1 with the counts they come from (P = correct / predicted, R = correct / gold)."""
+
+    precision: float
+    recall: float
+    f1: float
+    correct: int
+    predicted: int
+    gold: int
+
+    @classmethod
+    def from_counts(cls, correct: int, predicted: int, gold: int) -> Score:
+        p, r = _ratio(correct, predicted), _ratio(correct, gold)
+        return cls(p, r, _f1(p, r), correct, predicted, gold)
+
+
+@dataclass(frozen=True)
+class IgnScore:
+    """Ign P/F1 (official DocRED): correct facts seen in train are removed from numerator and denominator of P;
+    the recall is the ordinary one."""
+
+    precision: float
+    recall: float
+    f1: float
+    correct_in_train: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    predictions: int  # as given
+    duplicates: int  # removed by de-duplication on (title, h_idx, t_idx, r)
+    unknown_title: int  # unique predictions whose title is not in the gold file (still in P's denominator)
+    invalid_pair: int  # unique predictions of a known title with h/t out of range or h == t (always wrong)
+    documents: int  # gold documents
+    gold_facts: int
+
+
+@dataclass(frozen=True)
+class Metrics:
+    relation: Score
+    ign: IgnScore
+    evidence: Score
+    intra: Score
+    inter: Score
+    per_relation: dict[str, Score]  # relation id -> score; gold count descending, then id
+    frequent: Score | None  # None without train files
+    long_tail: Score | None
+    frequent_relations: tuple[str, ...] | None  # the relations counted as frequent; None without train files
+    counts: Counts
+    train_used: bool  # False: Ign equals the ordinary score and frequent/long-tail are None
+
+    def summary(self) -> dict[str, float | None]:
+        """The headline numbers as a flat dict (for metrics.jsonl and checkpoint selection by name)."""
+        return {
+            "precision": self.relation.precision,
+            "recall": self.relation.recall,
+            "f1": self.relation.f1,
+            "ign_precision": self.ign.precision,
+            "ign_f1": self.ign.f1,
+            "evidence_f1": self.evidence.f1,
+            "intra_f1": self.intra.f1,
+            "inter_f1": self.inter.f1,
+            "frequent_f1": None if self.frequent is None else self.frequent.f1,
+            "long_tail_f1": None if self.long_tail is None else self.long_tail.f1,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["frequent_relations"] = None if self.frequent_relations is None else list(self.frequent_relations)
+        return {"summary": self.summary(), **out}
+
+
+# ------------------------------------------------------------------------------------------ train reference
+
+
+@dataclass(frozen=True)
+class TrainReference:
+    """What the scorer needs from the train files: the mention-name facts (for Ign) and relation counts
+    (for frequent / long-tail). Build it once and pass it to `evaluate` when scoring repeatedly."""
+
+    facts: frozenset[tuple[str, str, str]]  # (head mention name, tail mention name, r)
+    relation_counts: dict[str, int]  # relation id -> number of unique facts
+
+    @classmethod
+    def from_documents(cls, docs: Iterable[Document]) -> TrainReference:
+        facts: set[tuple[str, str, str]] = set()
+        counts: Counter[str] = Counter()
+        for doc in docs:
+            for f in doc.facts or ():
+                counts[f.r] += 1
+                for m1 in doc.entities[f.h].mentions:
+                    for m2 in doc.entities[f.t].mentions:
+                        facts.add((m1.name, m2.name, f.r))
+        return cls(frozenset(facts), dict(counts))
+
+    def frequent_relations(self, k: int = N_FREQUENT) -> tuple[str, ...]:
+        """The k relations with most train facts; ties broken by relation id so the split is deterministic."""
+        ranked = sorted(self.relation_counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return tuple(rid for rid, _ in ranked[:k])
+
+
+# ------------------------------------------------------------------------------------- inputs and checks
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_predictions(data: Any, source: str | os.PathLike) -> None:
+    """Refuse anything but a list of `{title: str, h_idx: int, t_idx: int, r: str[, evidence: [int]]}`,
+    with one message naming the source and the first bad prediction. Extra fields (e.g. a score) are allowed."""
+    if not isinstance(data, list):
+        raise LmrcError(f"{source}: expected a JSON list of predictions, got {type(data).__name__}")
+    for i, p in enumerate(data):
+        where = f"{source}: predictions[{i}]"
+        if not isinstance(p, Mapping):
+            raise LmrcError(f"{where}: expected an object {{title, h_idx, t_idx, r}}, got {type(p).__name__}")
+        for key, ok, want in (
+            ("title", lambda v: isinstance(v, str), "a string"),
+            ("h_idx", _is_int, "an integer"),
+            ("t_idx", _is_int, "an integer"),
+            ("r", lambda v: isinstance(v, str), "a relation id string"),
+        ):
+            if key not in p:
+                raise LmrcError(f"{where}: missing field '{key}'")
+            if not ok(p[key]):
+                raise LmrcError(f"{where}.{key}: expected {want}, got {p[key]!r}")
+        ev = p.get("evidence", [])
+        if not isinstance(ev, list) or not all(_is_int(s) for s in ev):
+            raise LmrcError(f"{where}.evidence: expected a list of sentence ids, got {ev!r}")
+
+
+def load_predictions(path: str | os.PathLike) -> list[dict]:
+    """A result file in the official format, validated (see `check_predictions`)."""
+    data = read_json(path)
+    check_predictions(data, path)
+    return data
+
+
+def load_labelled(
+    path: str | os.PathLike, relations: RelationSet | None = None, role: str = "gold"
+) -> list[Document]:
+    """A DocRED file whose documents must all carry `labels` (a gold or train file for scoring)."""
+    docs = load_documents(path, relations)
+    for doc in docs:
+        if not doc.labelled:
+            raise LmrcError(
+                f"{path}: document {doc.index} (\"{doc.title}\"): missing field 'labels' (a {role} file must be labelled)"
+            )
+    return docs
+
+
+def _gold_index(gold: Sequence[Document]) -> dict[str, Document]:
+    by_title: dict[str, Document] = {}
+    for doc in gold:
+        if doc.facts is None:
+            raise LmrcError(f'gold document {doc.index} ("{doc.title}") has no labels')
+        if doc.title in by_title:
+            raise LmrcError(
+                f'gold documents {by_title[doc.title].index} and {doc.index} share the title "{doc.title}"'
+            )
+        by_title[doc.title] = doc
+    return by_title
+
+
+def pair_locality(doc: Document, h: int, t: int) -> str | None:
+    """'intra' when a head and a tail mention share a sentence, 'inter' otherwise; None for no valid pair."""
+    n = len(doc.entities)
+    if not (0 <= h < n and 0 <= t < n) or h == t:
+        return None
+    head_sents = {m.sent_id for m in doc.entities[h].mentions}
+    return "intra" if any(m.sent_id in head_sents for m in doc.entities[t].mentions) else "inter"
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def evaluate(
+    predictions: Sequence[Mapping[str, Any]],
+    gold: Sequence[Document],
+    train: Iterable[Document] | TrainReference | None = None,
+    n_frequent: int = N_FREQUENT,
+) -> Metrics:
+    """Score official-format predictions against labelled gold documents (see the module docstring)."""
+    check_predictions(list(predictions), "predictions")
+    docs = _gold_index(gold)
+    ref = (
+        train if train is None or isinstance(train, TrainReference) else TrainReference.from_documents(train)
+    )
+
+    gold_evidence: dict[Key, frozenset[int]] = {}
+    n_gold_evidence = 0
+    gold_by_rel: Counter[str] = Counter()
+    gold_by_loc: Counter[str | None] = Counter()
+    for doc in gold:
+        for f in doc.facts or ():
+            gold_evidence[(doc.title, f.h, f.t, f.r)] = frozenset(f.evidence)
+            n_gold_evidence += len(f.evidence)  # the official total counts the listed ids, repeats included
+            gold_by_rel[f.r] += 1
+            gold_by_loc[pair_locality(doc, f.h, f.t)] += 1
+
+    unique: dict[Key, Mapping[str, Any]] = {}
+    for p in predictions:
+        unique.setdefault((p["title"], p["h_idx"], p["t_idx"], p["r"]), p)
+
+    correct = in_train = pred_evidence = correct_evidence = unknown_title = invalid_pair = 0
+    pred_by_rel: Counter[str] = Counter()
+    correct_by_rel: Counter[str] = Counter()
+    pred_by_loc: Counter[str | None] = Counter()
+    correct_by_loc: Counter[str | None] = Counter()
+    for key, p in unique.items():
+        title, h, t, r = key
+        pred_by_rel[r] += 1
+        doc = docs.get(title)
+        if doc is None:
+            unknown_title += 1
+            continue
+        evidence = set(p.get("evidence", ()))
+        pred_evidence += len(evidence)
+        loc = pair_locality(doc, h, t)
+        invalid_pair += loc is None
+        pred_by_loc[loc] += 1
+        if key not in gold_evidence:
+            continue
+        correct += 1
+        correct_by_rel[r] += 1
+        correct_by_loc[loc] += 1
+        correct_evidence += len(gold_evidence[key] & evidence)
+        if ref is not None and _seen_in_train(doc, h, t, r, ref.facts):
+            in_train += 1
+
+    n_pred, n_gold = len(unique), len(gold_evidence)
+    relation = Score.from_counts(correct, n_pred, n_gold)
+    ign_p = _ratio(correct - in_train, n_pred - in_train)
+    ign = IgnScore(ign_p, relation.recall, _f1(ign_p, relation.recall), in_train)
+
+    rels = sorted(set(gold_by_rel) | set(pred_by_rel), key=lambda rid: (-gold_by_rel[rid], rid))
+    per_relation = {
+        rid: Score.from_counts(correct_by_rel[rid], pred_by_rel[rid], gold_by_rel[rid]) for rid in rels
+    }
+
+    frequent = long_tail = frequent_ids = None
+    if ref is not None and ref.relation_counts:
+        frequent_ids = ref.frequent_relations(n_frequent)
+        frequent = _pooled(per_relation, lambda rid: rid in frequent_ids)
+        long_tail = _pooled(per_relation, lambda rid: rid not in frequent_ids)
+
+    return Metrics(
+        relation=relation,
+        ign=ign,
+        evidence=Score.from_counts(correct_evidence, pred_evidence, n_gold_evidence),
+        intra=Score.from_counts(correct_by_loc["intra"], pred_by_loc["intra"], gold_by_loc["intra"]),
+        inter=Score.from_counts(correct_by_loc["inter"], pred_by_loc["inter"], gold_by_loc["inter"]),
+        per_relation=per_relation,
+        frequent=frequent,
+        long_tail=long_tail,
+        frequent_relations=frequent_ids,
+        counts=Counts(
+            predictions=len(predictions),
+            duplicates=len(predictions) - n_pred,
+            unknown_title=unknown_title,
+            invalid_pair=invalid_pair,
+            documents=len(gold),
+            gold_facts=n_gold,
+        ),
+        train_used=ref is not None,
+    )
+
+
+def _seen_in_train(doc: Document, h: int, t: int, r: str, facts: frozenset[tuple[str, str, str]]) -> bool:
+    """Official Ign rule: any (head mention name, tail mention name, r) of the pair is a train fact."""
+    return any(
+        (m1.name, m2.name, r) in facts for m1 in doc.entities[h].mentions for m2 in doc.entities[t].mentions
+    )
+
+
+def _pooled(per_relation: Mapping[str, Score], keep) -> Score:
+    """Micro-averaged score over the relations `keep` selects."""
+    chosen = [s for rid, s in per_relation.items() if keep(rid)]
+    return Score.from_counts(
+        sum(s.correct for s in chosen), sum(s.predicted for s in chosen), sum(s.gold for s in chosen)
+    )

@@ -85,6 +85,11 @@ def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
     thr = h.get("threshold")
     if thr is not None and not _num(thr):
         raise fail("header.threshold", f"expected a number or null, got {thr!r}")
+    cal = h.get("calibration")
+    if cal is not None and not isinstance(cal, dict):
+        raise fail("header.calibration", f"expected an object, got {cal!r}")
+    if h.get("source") is not None and not isinstance(h["source"], str):
+        raise fail("header.source", f"expected a string or null, got {h['source']!r}")
     header = CandidatesHeader(
         model=h["model"], head=h["head"], threshold=thr,
         calibration=h.get("calibration") or {"method": "default"}, source=h.get("source"),
@@ -101,12 +106,12 @@ def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
             raise fail(f"{where}.title", f"duplicate title {d['title']!r}")
         titles.add(d["title"])
         n_ent = d.get("n_entities")
-        if n_ent is not None and not (isinstance(n_ent, int) and n_ent >= 0):
+        if n_ent is not None and not (isinstance(n_ent, int) and not isinstance(n_ent, bool) and n_ent >= 0):
             raise fail(f"{where}.n_entities", f"expected a non-negative integer, got {n_ent!r}")
         pairs_raw = d.get("pairs")
         if not isinstance(pairs_raw, list):
             raise fail(f"{where}.pairs", "expected a list")
-        pairs = []
+        pairs, seen_pairs = [], set()
         for pi, p in enumerate(pairs_raw):
             pw = f"{where}.pairs[{pi}]"
             if not isinstance(p, dict):
@@ -119,6 +124,9 @@ def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
                     raise fail(f"{pw}.{k}", f"{v} out of range (document has {n_ent} entities)")
             if p["h"] == p["t"]:
                 raise fail(pw, f"h and t are the same entity ({p['h']})")
+            if (p["h"], p["t"]) in seen_pairs:
+                raise fail(pw, f"duplicate pair (h={p['h']}, t={p['t']})")
+            seen_pairs.add((p["h"], p["t"]))
             if not _num(p.get("score")):
                 raise fail(f"{pw}.score", f"expected a finite number, got {p.get('score')!r}")
             rels = p.get("relations")

@@ -164,7 +164,7 @@ def validate_raw(data: Any, relations: RelationSet | None = None) -> list[Proble
                 for ei, ent in enumerate(vs):
                     _check_entity(ent, f"{where}: vertexSet[{ei}]", sent_lens, err)
         if "labels" in doc:
-            _check_labels(doc["labels"], where, n_ent, relations, err)
+            _check_labels(doc["labels"], where, n_ent, sent_lens, relations, err)
     return problems
 
 
@@ -203,7 +203,9 @@ def _check_entity(ent: Any, where: str, sent_lens: list[int] | None, err) -> Non
                 err(f"{mw}.pos", f"{pos} out of range for sentence {sid} ({sent_lens[sid]} words)")
 
 
-def _check_labels(labels: Any, where: str, n_ent: int | None, relations: RelationSet | None, err) -> None:
+def _check_labels(
+    labels: Any, where: str, n_ent: int | None, sent_lens: list[int] | None, relations: RelationSet | None, err
+) -> None:
     if not isinstance(labels, list):
         err(f"{where}: labels", f"expected a list, got {type(labels).__name__}")
         return
@@ -237,6 +239,8 @@ def _check_labels(labels: Any, where: str, n_ent: int | None, relations: Relatio
         ev = lab.get("evidence", [])
         if not isinstance(ev, list) or not all(_is_int(x) for x in ev):
             err(f"{lw}.evidence", f"expected a list of sentence ids, got {ev!r}")
+        elif sent_lens is not None and any(not 0 <= x < len(sent_lens) for x in ev):
+            err(f"{lw}.evidence", f"{ev} has a sentence id out of range (document has {len(sent_lens)} sentences)")
         key = (lab.get("h"), lab.get("t"), r)
         if all(isinstance(k, (int, str)) for k in key):
             if key in seen:
@@ -296,7 +300,11 @@ def load_documents(
 
 
 def document_to_raw(doc: Document) -> dict:
-    """Back to DocRED JSON (used by `lmrc data split`); keeps extra fields."""
+    """Back to DocRED JSON; keeps document-level extra fields.
+
+    Mention-level extras (Re-DocRED's `global_pos`, `index`) are not modelled and are lost here, which is why
+    `lmrc data split` works on the raw JSON instead.
+    """
     raw: dict[str, Any] = {
         "title": doc.title,
         "sents": [list(s) for s in doc.sents],

@@ -1,0 +1,185 @@
+"""`lmrc data validate | stats | split | fetch`: check, describe, split and obtain DocRED-format data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmrc.data.docred import load_documents, validate_raw
+from lmrc.data.relations import RelationSet, load_relations
+from lmrc.io import atomic_write_json, read_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="validate, describe, split and fetch DocRED-format data")
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    v = data_sub.add_parser(
+        "validate",
+        help="check a DocRED-format file; exit 0 when clean, 1 with a report of its problems",
+        description='Check a DocRED-format file. Each problem is one line `FILE: document I ("TITLE"): FIELD: '
+        "MESSAGE`. Exit 0 when there are no errors, 1 otherwise; duplicate facts are warnings (exit 0) unless "
+        "--strict. Unreadable or malformed JSON exits 2.",
+    )
+    v.add_argument("file", type=Path, help="DocRED-format JSON file")
+    v.add_argument(
+        "--rel-info", type=Path, help="relation inventory (rel_info.json): also check relation ids"
+    )
+    v.add_argument(
+        "--max-problems",
+        type=int,
+        default=100,
+        metavar="N",
+        help="list at most N problems (0: all; default 100)",
+    )
+    v.add_argument("--strict", action="store_true", help="treat warnings (duplicate facts) as errors")
+    v.set_defaults(func=cmd_validate)
+
+    s = data_sub.add_parser("stats", help="corpus statistics of a DocRED-format file")
+    s.add_argument("file", type=Path, help="DocRED-format JSON file")
+    s.add_argument(
+        "--rel-info", type=Path, help="relation inventory: check relation ids and show their names"
+    )
+    s.add_argument("--top", type=int, default=10, metavar="N", help="show the N most frequent relations")
+    s.add_argument("--json", type=Path, metavar="OUT", help="also write the statistics as JSON to OUT")
+    s.set_defaults(func=cmd_stats)
+
+    sp = data_sub.add_parser(
+        "split",
+        help="seeded document-level split into <stem>_split0.json, <stem>_split1.json, ...",
+        description="Shuffle the documents with the seed and cut them into parts of the given ratios; each part "
+        "keeps the original file order and every field of every document. Writes <stem>_split<i>.json per "
+        "ratio and <stem>_split_manifest.json (seed, ratios, source sha256, indices).",
+    )
+    sp.add_argument("file", type=Path, help="DocRED-format JSON file")
+    sp.add_argument("--ratios", required=True, help="comma-separated part sizes summing to 1, e.g. 0.9,0.1")
+    sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--out-dir", type=Path, required=True)
+    sp.set_defaults(func=cmd_split)
+
+    f = data_sub.add_parser(
+        "fetch",
+        help="get the official Re-DocRED train/dev/test files (sha256-verified, atomic)",
+        description="Download the official Re-DocRED files into $LMRC_CACHE/redocred (default "
+        "~/.cache/lmrc/redocred), or copy them from a local copy (--from DIR, or LMRC_DATA_DIR) that holds "
+        "redocred/<file>. Files the local copy lacks are reported with their download URL (exit 1).",
+    )
+    f.add_argument("dataset", choices=["redocred"])
+    f.add_argument("--to", type=Path, metavar="DIR", help="output folder (default $LMRC_CACHE/redocred)")
+    f.add_argument("--from", dest="from_dir", type=Path, metavar="DIR", help="copy from this local copy")
+    f.add_argument(
+        "--url", help="download from this base URL (default $LMRC_REDOCRED_URL, else the official)"
+    )
+    f.add_argument("--files", default="train,dev,test", help="which files (default train,dev,test)")
+    f.add_argument("--force", action="store_true", help="fetch again even when a good copy is already there")
+    f.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    f.set_defaults(func=cmd_fetch)
+
+
+def _relations(path: Path | None) -> RelationSet | None:
+    return load_relations(path) if path is not None else None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    relations = _relations(args.rel_info)
+    data = read_json(args.file)
+    problems = validate_raw(data, relations)
+    n_errors = sum(p.severity == "error" for p in problems)
+    n_warnings = len(problems) - n_errors
+    limit = args.max_problems if args.max_problems > 0 else len(problems)
+    for p in problems[:limit]:
+        if p.severity == "warning":
+            print(f"{args.file}: {p.where}: warning: {p.message}")
+        else:
+            print(p.format(args.file))
+    if len(problems) > limit:
+        print(f"... and {len(problems) - limit} more problems (--max-problems 0 lists all)")
+    n_docs = len(data) if isinstance(data, list) else 0
+    failed = n_errors > 0 or (args.strict and n_warnings > 0)
+    verdict = "FAILED" if failed else "OK"
+    print(f"{args.file}: {verdict}: {n_docs} documents, {n_errors} errors, {n_warnings} warnings")
+    if relations is None:
+        print("(relation ids not checked: pass --rel-info rel_info.json)")
+    return 1 if failed else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from lmrc.data.stats import document_stats
+
+    relations = _relations(args.rel_info)
+    stats = document_stats(load_documents(args.file, relations), relations)
+    if args.json is not None:
+        atomic_write_json(args.json, stats, indent=2)
+    print(format_stats(stats, str(args.file), args.top))
+    return 0
+
+
+def format_stats(stats: dict, title: str, top: int = 10) -> str:
+    def count(key: str, per: str | None = None) -> str:
+        value, n = stats[key], stats[per] if per else None
+        if value is None:
+            return "-"
+        return f"{value:,}" + (f"  ({value / n:.1f} per document)" if n else "")
+
+    def share(key: str) -> str:
+        if stats[key] is None:
+            return "-"
+        return f"{stats[key]:,}  ({stats[key] / stats['facts']:.1%})" if stats["facts"] else f"{stats[key]:,}"
+
+    na = "-" if stats["na_ratio"] is None else f"{stats['na_ratio']:.4f}"
+    rows = [
+        ("documents", count("documents")),
+        ("labelled documents", count("labelled_documents")),
+        ("sentences", count("sentences", "documents")),
+        ("tokens", count("tokens", "documents")),
+        ("entities", count("entities", "documents")),
+        ("mentions", count("mentions", "documents")),
+        ("entity pairs", count("entity_pairs", "documents")),
+        ("facts", count("facts", "labelled_documents")),
+        ("pairs with >= 1 relation", count("pairs_with_relation")),
+        ("NA ratio (pairs without relation)", na),
+        ("intra-sentence facts", share("intra_sentence_facts")),
+        ("inter-sentence facts", share("inter_sentence_facts")),
+        ("relation types", count("relation_types")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [title] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    ranked = stats["relations"][: max(top, 0)]
+    if ranked:
+        lines.append(f"top {len(ranked)} relations by count:")
+        id_width = max(len(r["id"]) for r in ranked)
+        for r in ranked:
+            name = f"  {r['name']}" if r["name"] else ""
+            lines.append(f"  {r['count']:>7,}  {r['id']:<{id_width}}{name}")
+    return "\n".join(lines)
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from lmrc.data.split import manifest_path, parse_ratios, split_file
+
+    ratios = parse_ratios(args.ratios)
+    parts = split_file(args.file, ratios, args.seed, args.out_dir)
+    for p in parts:
+        print(f"{p.path}: {len(p.indices)} documents (ratio {p.ratio:g})")
+    print(f"{manifest_path(args.file, args.out_dir)}: seed {args.seed}, source indices of each part")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from lmrc.data.fetch import fetch_redocred
+
+    results = fetch_redocred(
+        args.to,
+        files=args.files,
+        from_dir=args.from_dir,
+        base_url=args.url,
+        timeout=args.timeout,
+        force=args.force,
+    )
+    for r in results:
+        if r.status == "missing":
+            print(f"{r.name}: missing from the local copy; get it from {r.source}")
+            continue
+        check = "sha256 verified" if r.verified else f"sha256 {r.sha256} (no published hash)"
+        print(f"{r.name}: {r.status} -> {r.path}  [{check}]")
+    return 1 if any(r.status == "missing" for r in results) else 0

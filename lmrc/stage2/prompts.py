@@ -1,0 +1,418 @@
+"""Prompt templates for stage 2: load a template, render a document's prompts, render training answers.
+
+A template is a plain-text file (`prompts/rc.txt`, `prompts/direct.txt`) in the Alpaca-style frame of the LMRC
+paper (Tables 11 and 12). The code fills named slots and writes no prose of its own:
+
+- `{relations}`  the relation set, one relation name (from `rel_info`) per line
+- `{text}`       the document text (words joined by spaces; truncated when it alone does not fit the context)
+- `{title}`      the document title (unused by the shipped templates)
+- `{n_pairs}`    the number of entity pairs in this prompt
+- `{pairs}`      the pairs, one `(head| -| tail)` per line
+- `{{` and `}}`  a literal brace
+
+A line that starts with `{if none}` is kept only when the template allows `None` answers, one that starts with
+`{if not none}` only when it does not (rc mode adds a None option with `rc_allow_none`; direct mode always has it).
+
+Slots are substituted in a single regex pass, so braces or slot-like text inside a document are never expanded.
+The template splits at the start of the line holding the first per-prompt slot (`{n_pairs}` or `{pairs}`): the
+part before it is the document's shared prefix (reusable across that document's prompts), the rest the suffix.
+Training and inference use the same rendering; training appends `render_answer(...)` and EOS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmrc.data.docred import Document
+from lmrc.data.relations import RelationSet
+from lmrc.errors import LmrcError
+
+log = logging.getLogger(__name__)
+
+MODES = ("rc", "direct")
+PREFIX_SLOTS = ("title", "relations", "text")
+SUFFIX_SLOTS = ("n_pairs", "pairs")
+REQUIRED_SLOTS = ("text", "pairs")
+NONE_ANSWER = "None"  # the answer for a pair without relations (LMRC: "we use None to represent NA")
+# The relation field of an input pair, as in the paper's '(head entity| -| tail entity)'.
+PAIR_PLACEHOLDER = "-"
+
+_SLOT = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")
+_STRAY = re.compile(r"[{}]")
+_IF_NONE = "{if none}"
+_IF_NOT_NONE = "{if not none}"
+
+
+def triple_line(head: str, relation: str, tail: str) -> str:
+    """The one line format shared by the input pairs and the answers (parse.py reads it back)."""
+    return f"({head}| {relation}| {tail})"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A resolved template: `text` holds slots only (conditional lines already applied)."""
+
+    mode: str  # "rc" or "direct"
+    text: str
+    allow_none: bool
+    source: str = field(default="<string>", compare=False)  # file name, for error messages
+    prefix_text: str = field(init=False, repr=False, compare=False)  # the document's shared part
+    suffix_text: str = field(init=False, repr=False, compare=False)  # the per-prompt part
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise LmrcError(
+                f"{self.source}: unknown prompt mode {self.mode!r} (expected one of {', '.join(MODES)})"
+            )
+        if self.mode == "direct" and not self.allow_none:
+            raise LmrcError(f"{self.source}: direct mode always answers None for pairs without relations")
+        prefix, suffix = _split(self.text, self.source)
+        object.__setattr__(self, "prefix_text", prefix)
+        object.__setattr__(self, "suffix_text", suffix)
+
+
+def _where(source: str, text: str, pos: int) -> str:
+    return f"{source}: line {text.count(chr(10), 0, pos) + 1}"
+
+
+def _split(text: str, source: str) -> tuple[str, str]:
+    """Validate the slots and split the template before the line of its first per-prompt slot."""
+    slots: list[tuple[str, int]] = []
+    pos = 0
+    for m in [*_SLOT.finditer(text), None]:
+        gap = text[pos : m.start() if m else len(text)]
+        stray = _STRAY.search(gap)
+        if stray:
+            raise LmrcError(
+                f"{_where(source, text, pos + stray.start())}: stray brace (write {{{{ or }}}} for a literal brace)"
+            )
+        if m is None:
+            break
+        pos = m.end()
+        name = m.group(1)
+        if name is None:
+            continue
+        if name not in PREFIX_SLOTS + SUFFIX_SLOTS:
+            known = ", ".join("{" + s + "}" for s in PREFIX_SLOTS + SUFFIX_SLOTS)
+            raise LmrcError(f"{_where(source, text, m.start())}: unknown slot {{{name}}} (known: {known})")
+        slots.append((name, m.start()))
+    for name in REQUIRED_SLOTS:
+        if name not in {n for n, _ in slots}:
+            raise LmrcError(f"{source}: the template has no {{{name}}} slot")
+    first_suffix = min(at for name, at in slots if name in SUFFIX_SLOTS)
+    cut = text.rfind("\n", 0, first_suffix) + 1
+    for name, at in slots:
+        if name in PREFIX_SLOTS and at >= cut:
+            raise LmrcError(
+                f"{_where(source, text, at)}: {{{name}}} must come before the line of the entity pairs "
+                "(it belongs to the document's shared prefix)"
+            )
+    return text[:cut], text[cut:]
+
+
+def _resolve_conditionals(raw: str, allow_none: bool) -> str:
+    lines = []
+    for line in raw.splitlines(keepends=True):
+        if line.startswith(_IF_NOT_NONE):
+            if not allow_none:
+                lines.append(line[len(_IF_NOT_NONE) :])
+        elif line.startswith(_IF_NONE):
+            if allow_none:
+                lines.append(line[len(_IF_NONE) :])
+        else:
+            lines.append(line)
+    return "".join(lines)
+
+
+def default_prompts_dir() -> Path:
+    """The shipped templates: `lmrc/prompts/` in an installed wheel, else `prompts/` at the repository root.
+
+    pyproject.toml maps the top-level `prompts/` folder into the wheel as `lmrc/prompts`, so there is one copy in
+    the source tree; a source checkout or an editable install reads the top-level folder directly.
+    """
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "prompts", package.parent / "prompts"):
+        if (folder / "rc.txt").is_file():
+            return folder
+    raise LmrcError(f"prompt templates not found in {package / 'prompts'} or {package.parent / 'prompts'}")
+
+
+def load_template(
+    mode: str, path: str | os.PathLike | None = None, allow_none: bool | None = None
+) -> PromptTemplate:
+    """Load `prompts/<mode>.txt` (or `path`); `allow_none` defaults to False for rc and True for direct."""
+    if mode not in MODES:
+        raise LmrcError(f"unknown prompt mode {mode!r} (expected one of {', '.join(MODES)})")
+    file = Path(path) if path is not None else default_prompts_dir() / f"{mode}.txt"
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LmrcError(f"{file}: prompt template not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LmrcError(f"{file}: cannot read prompt template: {exc}") from None
+    return parse_template(mode, raw, allow_none, source=str(file))
+
+
+def parse_template(
+    mode: str, raw: str, allow_none: bool | None = None, source: str = "<string>"
+) -> PromptTemplate:
+    """A template from its raw text (e.g. the copy saved next to an adapter); see `load_template`."""
+    if allow_none is None:
+        allow_none = mode == "direct"
+    text = _resolve_conditionals(raw.replace("\r\n", "\n"), allow_none)
+    if not text.endswith("\n"):
+        text += "\n"
+    return PromptTemplate(mode=mode, text=text, allow_none=allow_none, source=source)
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    """Single-pass substitution: inserted values are never scanned again."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name is None:
+            return m.group(0)[0]  # "{{" -> "{", "}}" -> "}"
+        return values[name]
+
+    return _SLOT.sub(sub, text)
+
+
+def _clean_name(name: str) -> str:
+    # A '|' or a line break inside a name would break the one-line `(head| relation| tail)` format.
+    return " ".join(name.replace("|", "/").split())
+
+
+def entity_names(doc: Document) -> list[str]:
+    """One display name per entity: its first mention's name, made unique within the document.
+
+    Entities sharing a name get their type appended (`Paris (LOC)`, `Paris (ORG)`), then a number when the type
+    does not separate them (`Paris (LOC 1)`, `Paris (LOC 2)`), so no pair has to be dropped as ambiguous.
+    """
+    base = [_clean_name(e.name) or f"entity {e.index}" for e in doc.entities]
+    counts = Counter(base)
+    names = list(base)
+    taken = {n for n, c in counts.items() if c == 1}
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(base):
+        if counts[n] > 1:
+            groups.setdefault(n, []).append(i)
+    for name, idxs in groups.items():
+        by_type: dict[str, list[int]] = {}
+        for i in idxs:
+            by_type.setdefault(_clean_name(doc.entities[i].type), []).append(i)
+        for i in idxs:
+            etype = _clean_name(doc.entities[i].type)
+            same = by_type[etype]
+            number = same.index(i) + 1 if len(same) > 1 or not etype else None
+            candidate = _disambiguated(name, etype, number)
+            while candidate in taken:
+                number = (number or 1) + 1
+                candidate = _disambiguated(name, etype, number)
+            taken.add(candidate)
+            names[i] = candidate
+    return names
+
+
+def _disambiguated(name: str, etype: str, number: int | None) -> str:
+    tag = " ".join(x for x in (etype, str(number) if number is not None else "") if x)
+    return f"{name} ({tag})"
+
+
+def _relation_lines(relations: RelationSet) -> str:
+    return "\n".join(relations.name(rid) for rid in relations.ids)
+
+
+def truncate_words(words: Sequence[str], max_tokens: int, count_tokens: Callable[[str], int]) -> int:
+    """The largest k such that the first k words, joined by spaces, count at most `max_tokens` tokens."""
+    lo, hi = 0, len(words)
+    while lo < hi:  # binary search: token counts grow with the number of words
+        mid = (lo + hi + 1) // 2
+        if count_tokens(" ".join(words[:mid])) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def render_prefix(
+    template: PromptTemplate,
+    doc: Document,
+    relations: RelationSet,
+    names: Sequence[str] | None = None,
+    max_doc_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> tuple[str, bool]:
+    """The document's shared prefix (instruction, relation set, text) and whether the text was truncated.
+
+    With `max_doc_tokens` (and `count_tokens`), the text is cut to its longest word prefix within that budget.
+    `names` is accepted for symmetry with the other renderers; the shipped templates do not use it.
+    """
+    words = doc.words
+    truncated = False
+    if max_doc_tokens is not None:
+        if count_tokens is None:
+            raise ValueError("render_prefix: max_doc_tokens needs count_tokens")
+        text = " ".join(words)
+        if count_tokens(text) > max_doc_tokens:
+            keep = truncate_words(words, max(max_doc_tokens, 0), count_tokens)
+            log.warning(
+                'document %d ("%s"): text truncated from %d to %d words to fit the context',
+                doc.index,
+                doc.title,
+                len(words),
+                keep,
+            )
+            words = words[:keep]
+            truncated = True
+    values = {
+        "title": _clean_name(doc.title),
+        "relations": _relation_lines(relations),
+        "text": " ".join(words),
+    }
+    return _fill(template.prefix_text, values), truncated
+
+
+def render_pairs(pairs: Sequence[tuple[int, int]], names: Sequence[str]) -> str:
+    return "\n".join(triple_line(names[h], PAIR_PLACEHOLDER, names[t]) for h, t in pairs)
+
+
+def render_suffix(template: PromptTemplate, pairs: Sequence[tuple[int, int]], names: Sequence[str]) -> str:
+    """The per-prompt part: number of pairs, the pairs as `(head| -| tail)`, and the response header."""
+    return _fill(template.suffix_text, {"n_pairs": str(len(pairs)), "pairs": render_pairs(pairs, names)})
+
+
+def render_answer(
+    pairs: Sequence[tuple[int, int]],
+    names: Sequence[str],
+    relations_by_pair: dict[tuple[int, int], list[str]],
+    relations: RelationSet,
+    template: PromptTemplate,
+) -> str:
+    """The gold answer: one `(head| relation| tail)` line per relation, pairs in the order asked.
+
+    A pair without relations answers `(head| None| tail)` when the template allows None, else it gets no line.
+    No trailing newline; the training code appends EOS.
+    """
+    lines = []
+    for h, t in pairs:
+        rids = relations_by_pair.get((h, t), [])
+        if rids:
+            lines.extend(triple_line(names[h], relations.name(r), names[t]) for r in rids)
+        elif template.allow_none:
+            lines.append(triple_line(names[h], NONE_ANSWER, names[t]))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    title: str
+    prefix: str
+    suffix: str
+    pairs: tuple[tuple[int, int], ...]
+    truncated_doc: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.suffix
+
+
+def plan_prompts(
+    doc: Document,
+    relations: RelationSet,
+    pairs: Sequence[tuple[int, int]],
+    template: PromptTemplate,
+    count_tokens: Callable[[str], int],
+    max_context: int,
+    max_pairs: int = 18,
+    answer_tokens_per_pair: int = 24,
+    names: Sequence[str] | None = None,
+) -> list[Prompt]:
+    """Split `pairs` (kept in order) into prompts of at most `max_pairs` pairs that fit `max_context` tokens.
+
+    A prompt fits when its tokens plus `answer_tokens_per_pair` per pair (the expected answer) are within
+    `max_context` - the paper's k "maximum number of entity pairs that can be accommodated in each input", capped
+    at 18 as the authors' code does. If the prefix leaves no room for even one pair, the document text is
+    truncated (logged, and flagged on every prompt of the document). No pairs: no prompts.
+    """
+    if not pairs:
+        return []
+    if max_pairs < 1:
+        raise LmrcError(f"max_pairs must be at least 1, got {max_pairs}")
+    names = list(names) if names is not None else entity_names(doc)
+    pairs = [(int(h), int(t)) for h, t in pairs]
+
+    def fits(prefix_tokens: int, chunk: Sequence[tuple[int, int]]) -> bool:
+        used = prefix_tokens + count_tokens(render_suffix(template, chunk, names))
+        return used + answer_tokens_per_pair * len(chunk) <= max_context
+
+    prefix, truncated = render_prefix(template, doc, relations, names)
+    prefix_tokens = count_tokens(prefix)
+    if not fits(prefix_tokens, pairs[:1]):
+        prefix, prefix_tokens = _truncated_prefix(
+            doc, relations, template, names, pairs[0], count_tokens, max_context, answer_tokens_per_pair
+        )
+        truncated = True
+
+    prompts: list[Prompt] = []
+    i = 0
+    while i < len(pairs):
+        chunk = [pairs[i]]
+        # Grow the chunk one pair at a time: token counts of the suffix are not exactly additive.
+        while (
+            i + len(chunk) < len(pairs)
+            and len(chunk) < max_pairs
+            and fits(prefix_tokens, [*chunk, pairs[i + len(chunk)]])
+        ):
+            chunk.append(pairs[i + len(chunk)])
+        # The prefix and suffix were counted apart; check the joined text and shrink if the seam cost a token.
+        while len(chunk) > 1 and not _fits_joined(
+            prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair
+        ):
+            chunk.pop()
+        suffix = render_suffix(template, chunk, names)
+        prompts.append(Prompt(doc.title, prefix, suffix, tuple(chunk), truncated))
+        i += len(chunk)
+    return prompts
+
+
+def _fits_joined(prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair) -> bool:
+    total = count_tokens(prefix + render_suffix(template, chunk, names))
+    return total + answer_tokens_per_pair * len(chunk) <= max_context
+
+
+def _truncated_prefix(
+    doc: Document,
+    relations: RelationSet,
+    template: PromptTemplate,
+    names: Sequence[str],
+    first_pair: tuple[int, int],
+    count_tokens: Callable[[str], int],
+    max_context: int,
+    answer_tokens_per_pair: int,
+) -> tuple[str, int]:
+    """Cut the document text so that the prefix plus one pair and its answer fit the context."""
+    suffix = render_suffix(template, [first_pair], names)
+    fixed = _fill(
+        template.prefix_text,
+        {"title": _clean_name(doc.title), "relations": _relation_lines(relations), "text": ""},
+    )
+    budget = max_context - count_tokens(fixed + suffix) - answer_tokens_per_pair
+    if budget < 0:
+        raise LmrcError(
+            f"max_context={max_context} tokens is too small for the {template.mode} prompt template "
+            f"({template.source}): the instruction, relation set and one entity pair alone need "
+            f"{count_tokens(fixed + suffix) + answer_tokens_per_pair} tokens"
+        )
+    while True:
+        prefix, _ = render_prefix(
+            template, doc, relations, names, max_doc_tokens=budget, count_tokens=count_tokens
+        )
+        if count_tokens(prefix + suffix) + answer_tokens_per_pair <= max_context or budget == 0:
+            return prefix, count_tokens(prefix)
+        budget = max(0, budget - max(1, budget // 50))

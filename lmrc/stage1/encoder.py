@@ -1,0 +1,208 @@
+"""Encoding documents longer than the encoder's window, and loading encoders with attention probabilities.
+
+ATLOP (Zhou et al., 2021, `long_seq.py`) encodes a document of up to 1024 tokens as two overlapping 512-token
+windows, averages the hidden states where they overlap and re-normalises the summed attention rows. This module
+generalises that to as many windows as a document needs: windows are spread evenly over the document, every
+word-piece is covered, every window carries the tokenizer's own start tokens and is closed by the pair separator
+(`[SEP]` for BERT, `</s></s>` for RoBERTa) or, for the last one, by the document's end tokens. The tokens added at
+window edges are dropped after encoding; the document's own special tokens are kept.
+
+A document that fits is one window, and goes through the same split / merge code unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmrc.errors import LmrcError
+from lmrc.stage1.features import SpecialTokens
+
+log = logging.getLogger(__name__)
+
+
+def usable_window(encoder) -> int:
+    """How many tokens one encoder call can take: `max_position_embeddings` minus the position offset.
+
+    RoBERTa-style embeddings number positions from `padding_idx + 1` (their position table has a padding row),
+    so RoBERTa's 514 positions hold 512 tokens; BERT's position table has no padding row and no offset.
+    """
+    max_pos = getattr(encoder.config, "max_position_embeddings", None)
+    if not max_pos:
+        raise LmrcError(f"encoder {type(encoder).__name__}: config has no max_position_embeddings")
+    table = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+    padding_idx = getattr(table, "padding_idx", None)
+    offset = padding_idx + 1 if padding_idx is not None else 0
+    return int(max_pos) - offset
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One encoder input: `ids`; its tokens [keep_start, keep_end) are document tokens from `doc_start` on."""
+
+    doc: int  # row in the batch
+    ids: tuple[int, ...]
+    keep_start: int
+    keep_end: int
+    doc_start: int
+
+
+def window_spans(n_body: int, first: int, middle: int, last: int) -> list[tuple[int, int]]:
+    """Spans [a, b) of the text (special tokens excluded) covered by each window, evenly spread, overlapping.
+
+    `first`, `middle`, `last`: how many text tokens the first, middle and last windows can hold. The number of
+    windows is the fewest that cover `n_body` tokens; starts are spaced by at most `middle`, so neighbours
+    overlap or touch.
+    """
+    if n_body <= last:
+        raise ValueError("window_spans is for texts that do not fit one window")
+    if min(first, middle, last) < 1:
+        raise LmrcError("stage1 encoder: the window is too small to hold any text next to the special tokens")
+    m = 2 + max(0, -(-(n_body - first - last) // middle))
+    final = n_body - last
+    spans = [(0, min(first, n_body))]
+    for i in range(1, m - 1):
+        a = i * final // (m - 1)
+        spans.append((a, min(a + middle, n_body)))
+    spans.append((final, n_body))
+    return spans
+
+
+def plan_segments(
+    ids: list[int], doc: int, window: int, specials: SpecialTokens | None = None
+) -> list[Segment]:
+    """The encoder inputs for one document (without padding), covering every one of its tokens.
+
+    `ids` is the whole document with its own special tokens. Without `specials`, the layout is read from the
+    document itself: one start token (its first), one end token (its last), windows closed by the end token.
+    """
+    n = len(ids)
+    if n <= window:
+        return [Segment(doc, tuple(ids), 0, n, 0)]
+    if specials is None:
+        specials = SpecialTokens(start=(ids[0],), end=(ids[-1],), sep=(ids[-1],))
+    s, e = len(specials.start), len(specials.end)
+    body = ids[s : n - e]
+    p = len(specials.sep)
+    spans = window_spans(len(body), window - s - p, window - s - p, window - s - e)
+    out = []
+    last = len(spans) - 1
+    for i, (a, b) in enumerate(spans):
+        head = tuple(ids[:s]) if i == 0 else specials.start
+        tail = tuple(ids[n - e :]) if i == last else specials.sep
+        seg = head + tuple(body[a:b]) + tail
+        keep_start = 0 if i == 0 else s
+        keep_end = len(seg) if i == last else s + (b - a)
+        out.append(Segment(doc, seg, keep_start, keep_end, s + a if i else 0))
+    return out
+
+
+def encode(
+    encoder,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    window: int | None = None,
+    specials: SpecialTokens | None = None,
+    n_layers_avg: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Hidden states [B, L, d] and attention probabilities [B, heads, L, L] of right-padded documents.
+
+    All windows of the batch go through the encoder in one call. With `n_layers_avg` k > 1, hidden states and
+    attentions are averaged over the last k layers (DREEAM, Ma et al., 2023; MD-RE Sec. 3.2). Where windows
+    overlap, hidden states are averaged; a document encoded in several windows has its attention rows summed
+    over windows and re-normalised to 1 (ATLOP), which also spreads the mass of the dropped edge tokens.
+    """
+    window = window or usable_window(encoder)
+    lengths = attention_mask.sum(1).tolist()
+    ids_rows = input_ids.tolist()
+    segments = [
+        seg
+        for b, (row, n) in enumerate(zip(ids_rows, lengths))
+        for seg in plan_segments(row[:n], b, window, specials)
+    ]
+    pad = encoder.config.pad_token_id
+    pad = 0 if pad is None else pad
+    width = max(len(seg.ids) for seg in segments)
+    seg_ids = torch.full((len(segments), width), pad, dtype=torch.long)
+    seg_mask = torch.zeros((len(segments), width), dtype=torch.long)
+    for i, seg in enumerate(segments):
+        seg_ids[i, : len(seg.ids)] = torch.tensor(seg.ids, dtype=torch.long)
+        seg_mask[i, : len(seg.ids)] = 1
+    device = input_ids.device
+    hidden, attention = _run(encoder, seg_ids.to(device), seg_mask.to(device), n_layers_avg)
+
+    B, L = input_ids.shape
+    out_h = hidden.new_zeros((B, L, hidden.size(-1)))
+    out_a = attention.new_zeros((B, attention.size(1), L, L))
+    count = hidden.new_zeros((B, L, 1))
+    n_windows = [0] * B
+    for i, seg in enumerate(segments):
+        k0, k1, d0 = seg.keep_start, seg.keep_end, seg.doc_start
+        d1 = d0 + (k1 - k0)
+        out_h[seg.doc, d0:d1] += hidden[i, k0:k1]
+        out_a[seg.doc, :, d0:d1, d0:d1] += attention[i, :, k0:k1, k0:k1]
+        count[seg.doc, d0:d1] += 1
+        n_windows[seg.doc] += 1
+    out_h = out_h / count.clamp(min=1)
+    multi = torch.tensor([w > 1 for w in n_windows], device=out_a.device).view(B, 1, 1, 1)
+    if bool(multi.any()):
+        out_a = torch.where(multi, out_a / (out_a.sum(-1, keepdim=True) + 1e-10), out_a)
+    return out_h, out_a
+
+
+def _run(encoder, ids: Tensor, mask: Tensor, n_layers_avg: int) -> tuple[Tensor, Tensor]:
+    out = encoder(
+        input_ids=ids,
+        attention_mask=mask,
+        output_attentions=True,
+        output_hidden_states=n_layers_avg > 1,
+        return_dict=True,
+    )
+    if not out.attentions or out.attentions[-1] is None:
+        raise LmrcError(
+            f"encoder {type(encoder).__name__} returned no attention probabilities; load it with "
+            "attn_implementation='eager' (lmrc.stage1.encoder.load_encoder does)"
+        )
+    if n_layers_avg == 1:
+        return out.last_hidden_state, out.attentions[-1]
+    hidden = torch.stack(out.hidden_states[-n_layers_avg:]).mean(0)
+    attention = torch.stack(out.attentions[-n_layers_avg:]).mean(0)
+    return hidden, attention
+
+
+def ensure_eager_attention(encoder) -> None:
+    """Localized context pooling needs attention probabilities, which fused (sdpa / flash) kernels do not return."""
+    if getattr(encoder.config, "_attn_implementation", None) in (None, "eager"):
+        return
+    if not hasattr(encoder, "set_attn_implementation"):
+        raise LmrcError(
+            "stage-1 encoder: load it with attn_implementation='eager' (attention probabilities are needed)"
+        )
+    log.info("stage-1 encoder: switching attention to 'eager' (attention probabilities are needed)")
+    encoder.set_attn_implementation("eager")
+
+
+def load_encoder(name_or_path: str | os.PathLike, **kwargs):
+    """(encoder, tokenizer) for a model name (`lmrc.models.resolve`), with eager attention.
+
+    The pooler is removed: pair classification never uses the pooled [CLS] vector, and parameters without
+    gradients waste optimizer state and trip DistributedDataParallel.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    from lmrc.models import resolve
+
+    path = resolve(str(name_or_path))
+    kwargs.setdefault("attn_implementation", "eager")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LmrcError(f"{path}: cannot load the encoder: {exc}") from None
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder, tokenizer

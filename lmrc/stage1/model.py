@@ -1,0 +1,177 @@
+"""The stage-1 pair classifier: ATLOP's localized-context pair representation and a (grouped) bilinear.
+
+Zhou et al. (2021), reused by LMRC Sec. 3.1 and MD-RE Sec. 3.2:
+- a mention is the hidden state of its opening `*` marker; an entity is the logsumexp over its mentions (Eq. 2);
+- an entity's attention is the mean over its mentions of the marker's attention row, per head (LMRC Sec. 3.1);
+- localized context c(h,t) = H^T q, q = mean over heads of A_h * A_t, normalised to sum 1 (LMRC Eq. 3-4; ATLOP
+  averages over heads and divides by the sum + 1e-5, which MD-RE Eq. 3 writes as a division by A_h^T A_t);
+- z_h = tanh(W_h [e_h; c] + b_h), z_t = tanh(W_t [e_t; c] + b_t) (MD-RE Eq. 4; LMRC Eq. 5 with W_s, W_c);
+- logits = grouped bilinear over blocks of `block_size` (ATLOP Eq. 7), or a full d x d bilinear
+  z_h^T W_r z_t + b_r (LMRC Eq. 6, MD-RE Eq. 5).
+
+MD-RE's three discriminators (`n_classifiers=3`): the paper defines one document-encoding module (Sec. 3.2,
+Eq. 1-5, including z_h, z_t) and three discriminators that each score the pairs it produces (Sec. 3.3); it does
+not give the discriminators extractors of their own. So by default they share the extractor and each has its own
+bilinear; `separate_extractors=True` gives each its own W_h, W_t as well. The logits are concatenated in
+discriminator order ([recall | coarse | fine] for mdre).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lmrc.errors import LmrcError
+from lmrc.stage1.encoder import encode, ensure_eager_attention, usable_window
+from lmrc.stage1.features import SpecialTokens
+
+BILINEAR = ("grouped", "full")
+
+
+def _fail(msg: str) -> LmrcError:
+    return LmrcError(f"stage1 model: {msg}")
+
+
+class Stage1Model(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_logits: int,
+        emb_size: int = 768,
+        block_size: int = 64,
+        bilinear: str = "grouped",
+        n_layers_avg: int = 1,
+        n_classifiers: int = 1,
+        window: int | None = None,
+        specials: SpecialTokens | None = None,
+        separate_extractors: bool = False,
+    ) -> None:
+        """`specials` (from `lmrc.stage1.features.special_tokens(tokenizer)`) sets the tokens that open and close
+        windows of long documents; without it they are read from each document (its first and last token), which
+        matches BERT exactly but closes RoBERTa windows with `</s>` instead of `</s></s>`."""
+        super().__init__()
+        if bilinear not in BILINEAR:
+            raise _fail(f"bilinear must be one of {BILINEAR}, got {bilinear!r}")
+        if num_logits < 1 or n_classifiers < 1 or num_logits % n_classifiers:
+            raise _fail(
+                f"num_logits ({num_logits}) must be a positive multiple of n_classifiers ({n_classifiers})"
+            )
+        if bilinear == "grouped" and (block_size < 1 or emb_size % block_size):
+            raise _fail(f"emb_size ({emb_size}) must be a multiple of block_size ({block_size})")
+        n_layers = getattr(encoder.config, "num_hidden_layers", None)
+        if n_layers_avg < 1 or (n_layers is not None and n_layers_avg > n_layers):
+            raise _fail(f"n_layers_avg must be in 1..{n_layers}, got {n_layers_avg}")
+        usable = usable_window(encoder)
+        if window is not None and not 0 < window <= usable:
+            raise _fail(f"window must be in 1..{usable} (the encoder's positions), got {window}")
+        ensure_eager_attention(encoder)
+
+        self.encoder = encoder
+        self.num_logits = num_logits
+        self.emb_size = emb_size
+        self.block_size = block_size
+        self.bilinear = bilinear
+        self.n_layers_avg = n_layers_avg
+        self.n_classifiers = n_classifiers
+        self.window = window or usable
+        self.specials = specials
+        hidden = encoder.config.hidden_size
+        n_ext = n_classifiers if separate_extractors else 1
+        self.head_extractors = nn.ModuleList(nn.Linear(2 * hidden, emb_size) for _ in range(n_ext))
+        self.tail_extractors = nn.ModuleList(nn.Linear(2 * hidden, emb_size) for _ in range(n_ext))
+        width = num_logits // n_classifiers
+        if bilinear == "grouped":
+            self.classifiers = nn.ModuleList(
+                nn.Linear(emb_size * block_size, width) for _ in range(n_classifiers)
+            )
+        else:
+            self.classifiers = nn.ModuleList(
+                nn.Bilinear(emb_size, emb_size, width) for _ in range(n_classifiers)
+            )
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything but the encoder (ATLOP trains these with a larger learning rate)."""
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in encoder_ids]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        entity_pos: Sequence[Sequence[Sequence[int]]],
+        hts: Sequence[Sequence[tuple[int, int]]],
+    ) -> Tensor:
+        """Logits [sum over documents of len(hts), num_logits], pairs in document then `hts` order."""
+        hidden, attention = encode(
+            self.encoder, input_ids, attention_mask, self.window, self.specials, self.n_layers_avg
+        )
+        lengths = attention_mask.sum(1).tolist()
+        heads, tails, contexts = [], [], []
+        for b in range(len(entity_pos)):
+            h, t, c = self._pair_inputs(hidden[b], attention[b], entity_pos[b], hts[b], lengths[b], b)
+            heads.append(h)
+            tails.append(t)
+            contexts.append(c)
+        e_h, e_t, ctx = torch.cat(heads), torch.cat(tails), torch.cat(contexts)
+        logits = []
+        for i, classifier in enumerate(self.classifiers):
+            j = i if len(self.head_extractors) > 1 else 0
+            z_h = torch.tanh(self.head_extractors[j](torch.cat([e_h, ctx], dim=-1)))
+            z_t = torch.tanh(self.tail_extractors[j](torch.cat([e_t, ctx], dim=-1)))
+            logits.append(self._bilinear(classifier, z_h, z_t))
+        return torch.cat(logits, dim=-1)
+
+    def _bilinear(self, classifier: nn.Module, z_h: Tensor, z_t: Tensor) -> Tensor:
+        if self.bilinear == "full":
+            return classifier(z_h, z_t)
+        # ATLOP Eq. 7: the outer product within each block of `block_size` dimensions, then a linear layer.
+        k = self.emb_size // self.block_size
+        b1 = z_h.view(-1, k, self.block_size)
+        b2 = z_t.view(-1, k, self.block_size)
+        grouped = (b1.unsqueeze(3) * b2.unsqueeze(2)).view(-1, self.emb_size * self.block_size)
+        return classifier(grouped)
+
+    @staticmethod
+    def _pair_inputs(
+        hidden: Tensor,
+        attention: Tensor,
+        entity_pos: Sequence[Sequence[int]],
+        hts: Sequence[tuple[int, int]],
+        length: int,
+        doc: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Head entity, tail entity and localized context of every pair of one document ([P, d] each)."""
+        device = hidden.device
+        counts = [len(p) for p in entity_pos]
+        if not counts or min(counts) == 0:
+            raise ValueError(f"document {doc} of the batch: every entity needs at least one mention position")
+        flat = [p for ent in entity_pos for p in ent]
+        if max(flat) >= length or min(flat) < 0:
+            raise ValueError(
+                f"document {doc} of the batch: a mention position is outside its {length} tokens"
+            )
+        n_ent, most = len(counts), max(counts)
+        count_t = torch.tensor(counts, device=device)
+        mask = torch.arange(most, device=device) < count_t[:, None]  # [E, M]: real mention slots
+        index = torch.zeros((n_ent, most), dtype=torch.long, device=device)
+        index[mask] = torch.tensor(flat, dtype=torch.long, device=device)
+
+        # LMRC Eq. 2: logsumexp pooling over mentions (empty slots are -inf, so they add nothing).
+        mentions = hidden[index].masked_fill(~mask[..., None], float("-inf"))  # [E, M, d]
+        entity = torch.logsumexp(mentions, dim=1)
+        # Entity attention: mean of the mentions' attention rows, per head -> [E, heads, L].
+        rows = attention[:, index].masked_fill(~mask[None, :, :, None], 0.0)  # [heads, E, M, L]
+        entity_att = (rows.sum(2) / count_t[None, :, None].to(rows.dtype)).transpose(0, 1)
+
+        pairs = torch.as_tensor(list(hts), dtype=torch.long, device=device).view(-1, 2)
+        h, t = pairs[:, 0], pairs[:, 1]
+        # LMRC Eq. 3-4 / ATLOP: q = mean over heads of A_h * A_t, normalised; c = H^T q.
+        q = (entity_att[h] * entity_att[t]).mean(1)
+        q = q / (q.sum(1, keepdim=True) + 1e-5)
+        context = q @ hidden
+        return entity[h], entity[t], context

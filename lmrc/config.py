@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,7 @@ from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_text
 
 T = TypeVar("T")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -108,6 +110,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)  # YAML 1.1 reads "3e-5" (no dot) as a string
         raise LmrcError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

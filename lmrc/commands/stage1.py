@@ -1,0 +1,234 @@
+"""`lmrc stage1 train | predict | crossfit`: train the pair classifier, propose candidate pairs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import signal
+from pathlib import Path
+
+from lmrc.commands.common import add_config_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stage1", help="stage 1: train the pair classifier and propose candidate pairs")
+    s1 = p.add_subparsers(dest="stage1_command", metavar="SUBCOMMAND", required=True)
+
+    t = s1.add_parser(
+        "train",
+        help="train a stage-1 model (resumable; writes best/, last/, metrics.jsonl, train.log)",
+        description="Train the ATLOP-style pair classifier with the configured head. The output folder gets the "
+        "resolved config, train.log, metrics.jsonl (one line per evaluation on data.tune), best/ (the checkpoint "
+        "selected by train.select_metric) and last/ (the state --resume continues from, written every epoch, "
+        "every train.save_every_steps steps and on Ctrl-C / SIGTERM).",
+    )
+    add_config_args(t)
+    t.add_argument("--output-dir", help="output folder (default: the config's output_dir)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder exactly; without --config its saved config.yaml is used",
+    )
+    t.add_argument(
+        "--stop-after-steps",
+        type=int,
+        metavar="N",
+        help="save the resumable state and exit after N optimizer steps (time-box long runs; then --resume)",
+    )
+    t.set_defaults(func=cmd_train)
+
+    pr = s1.add_parser(
+        "predict",
+        help="score every entity pair and write the candidates file",
+        description="Score every ordered entity pair of the input documents and keep the pairs whose score is "
+        "above the threshold (default: the head's own rule, 0.5 for bce, margin 0 for the others). With gold "
+        "labels (--gold, or a labelled input) it prints candidate precision / recall / F1 (a pair is positive "
+        "when it holds a relation), the reduction ratio (candidates / all pairs) and, for multi-label heads, "
+        "relation P / R / F1 / Ign F1.",
+    )
+    pr.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (or a training folder)")
+    pr.add_argument("--input", required=True, type=Path, help="DocRED-format documents (labels optional)")
+    pr.add_argument("--output", required=True, type=Path, help="candidates file to write")
+    pr.add_argument(
+        "--relations",
+        type=Path,
+        metavar="RESULT",
+        help="also write the head's relation predictions in the official result format (multi-label heads)",
+    )
+    _add_threshold_args(pr)
+    pr.add_argument(
+        "--gold", type=Path, help="labelled documents for the report (default: the input, if labelled)"
+    )
+    pr.add_argument(
+        "--train", type=Path, help="training documents for Ign F1 (default: the checkpoint's data.train)"
+    )
+    pr.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    pr.set_defaults(func=cmd_predict)
+
+    c = s1.add_parser(
+        "crossfit",
+        help="K-fold candidates for the training file, each from the model that did not see it",
+        description="Train K models, model k without fold k of data.train (in <output_dir>/fold<k>, resumable), "
+        "and write the candidates of every training document from the model that did not train on it, so that "
+        "stage 2 learns from realistic candidates without leakage.",
+    )
+    add_config_args(c)
+    c.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    c.add_argument("--output", required=True, type=Path, help="candidates file to write")
+    c.add_argument("--output-dir", help="folder of the fold models (default: the config's output_dir)")
+    _add_threshold_args(c, tune=False)
+    c.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    c.set_defaults(func=cmd_crossfit)
+
+
+def _add_threshold_args(p: argparse.ArgumentParser, tune: bool = True) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="keep pairs whose score is above this value")
+    g.add_argument(
+        "--recall-target",
+        type=float,
+        metavar="R",
+        help="the highest threshold whose pair recall on the tuning file is >= R"
+        + (
+            " (--tune; stored in the checkpoint as calibration.json)"
+            if tune
+            else " (data.tune of the config)"
+        ),
+    )
+    g.add_argument(
+        "--max-per-doc", type=int, metavar="K", help="keep the K best-scored pairs of every document"
+    )
+    if tune:
+        p.add_argument("--tune", type=Path, help="labelled tuning file for --recall-target")
+
+
+def _load_config(args, output_dir: str | None):
+    from lmrc.stage1.config import load_stage1_config
+
+    path = args.config
+    if path is None and getattr(args, "resume", False) and output_dir:
+        path = str(Path(output_dir) / "config.yaml")
+    cfg = load_stage1_config(path, args.overrides)
+    if output_dir:
+        cfg = dataclasses.replace(cfg, output_dir=str(output_dir))
+    return cfg
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path):
+    """Also append the log to `path` (long background runs are followed there); same level as the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (`kill`, a scheduler's time limit) saves the resumable state, as Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cmd_train(args) -> int:
+    from lmrc.stage1.train import train
+
+    cfg = _load_config(args, args.output_dir)
+    out = Path(cfg.output_dir)
+    with _sigterm_as_interrupt(), _log_to_file(out / "train.log"):
+        result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    state = "finished" if result.finished else "paused (continue with --resume)"
+    if result.stopped_early:
+        state = "stopped early (patience)"
+    value = "n/a" if result.best_value is None else f"{result.best_value:.4f}"
+    print(
+        f"training {state}: step {result.global_step} of {result.total_steps}, {result.elapsed_s / 60:.1f} min"
+    )
+    print(f"best {result.select_metric} = {value} (step {result.best_step}) -> {result.best_dir}")
+    print(f"metrics: {out / 'metrics.jsonl'}  log: {out / 'train.log'}")
+    return 0
+
+
+def _print_report(report, metrics, relation_names) -> None:
+    if report is not None:
+        print(
+            f"candidates: {report.candidates:,} of {report.pairs:,} pairs (reduction ratio {report.reduction:.4f}) "
+            f"in {report.documents:,} documents"
+        )
+        print(
+            f"candidate pairs: P {100 * report.precision:.2f}  R {100 * report.recall:.2f}  "
+            f"F1 {100 * report.f1:.2f}  ({report.correct:,} of {report.positive_pairs:,} positive pairs kept)"
+        )
+    if metrics is not None:
+        from lmrc.eval.report import format_table
+
+        print()
+        print(format_table(metrics, relation_names))
+
+
+def cmd_predict(args) -> int:
+    from lmrc.stage1.predict import predict
+
+    result = predict(
+        args.checkpoint,
+        args.input,
+        args.output,
+        relations_output=args.relations,
+        threshold=args.threshold,
+        recall_target=args.recall_target,
+        tune_path=args.tune,
+        max_per_doc=args.max_per_doc,
+        gold_path=args.gold,
+        train_path=args.train,
+        batch_size=args.batch_size,
+    )
+    h = result.candidates.header
+    n = sum(len(d.pairs) for d in result.candidates.documents)
+    thr = "none" if h.threshold is None else f"{h.threshold:.6g}"
+    print(f"{args.output}: {n:,} candidate pairs in {len(result.candidates.documents):,} documents")
+    print(f"head {h.head}, threshold {thr} ({h.calibration.get('method')})")
+    if args.relations:
+        print(f"{args.relations}: {len(result.relation_predictions or []):,} relation predictions")
+    _print_report(result.report, result.relation_metrics, None)
+    return 0
+
+
+def cmd_crossfit(args) -> int:
+    from lmrc.stage1.predict import crossfit
+
+    cfg = _load_config(args, args.output_dir)
+    with _sigterm_as_interrupt(), _log_to_file(Path(cfg.output_dir) / "crossfit.log"):
+        result = crossfit(
+            cfg,
+            args.folds,
+            args.output,
+            threshold=args.threshold,
+            recall_target=args.recall_target,
+            max_per_doc=args.max_per_doc,
+            batch_size=args.batch_size,
+        )
+    n = sum(len(d.pairs) for d in result.candidates.documents)
+    print(
+        f"{args.output}: {n:,} candidate pairs in {len(result.candidates.documents):,} documents from {args.folds} fold models"
+    )
+    _print_report(result.report, None, None)
+    return 0

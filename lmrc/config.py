@@ -116,6 +116,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare `no`/`yes` (e.g. mixed_precision: no) as a boolean.
+            return "yes" if value else "no"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise LmrcError(f"{where}: expected a string, got {value!r}")

@@ -117,7 +117,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06  # ATLOP Sec. 4.1; LMRC Appendix A (first 6% of steps)
     max_grad_norm: float = 1.0  # ATLOP Sec. 4.1; LMRC Table 6
     seed: int = 13
-    mixed_precision: str = "no"  # fp16 / bf16 autocast on CUDA only; ignored (with a log line) on CPU
+    mixed_precision: str = "no"  # "bf16" autocast (CUDA or CPU) / "fp16" (CUDA only; float32 on CPU)
     eval_every_epochs: int = 1  # 0: only by steps
     eval_every_steps: int = 0  # 0: only by epochs
     eval_batch_size: int = 8

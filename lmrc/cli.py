@@ -40,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(console_level: int) -> None:
+    """Console at the asked level; the root stays at INFO or lower so a run's log file (train.log) is complete."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_lmrc_console", False)]:
+        root.removeHandler(old)  # main() may run several times in one process (tests)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._lmrc_console = True  # type: ignore[attr-defined]
+    handler.setLevel(console_level)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(console_level, logging.INFO))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("LMRC_DEBUG") == "1"
@@ -47,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        _configure_logging(level)
         if not getattr(args, "func", None):
             parser.print_help()
             return 0 if args.command is None else 2

@@ -118,9 +118,10 @@ def _load_config(args, output_dir: str | None):
 
 @contextlib.contextmanager
 def _log_to_file(path: Path):
-    """Also append the log to `path` (long background runs are followed there); same level as the console."""
+    """Also append the log to `path` (long background runs are followed there); at INFO whatever the console level."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)

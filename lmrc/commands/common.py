@@ -10,7 +10,11 @@ from pathlib import Path
 def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--config", default=default, help="YAML config file (defaults are the papers' values)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=3 (repeatable)",
     )
 

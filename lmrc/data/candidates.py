@@ -76,7 +76,7 @@ def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
         return LmrcError(f"{source}: {where}: {msg}")
 
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise fail("top level", f"not an lmrc candidates file (expected \"format\": \"{FORMAT}\")")
+        raise fail("top level", f'not an lmrc candidates file (expected "format": "{FORMAT}")')
     if raw.get("version") != VERSION:
         raise fail("version", f"unsupported version {raw.get('version')!r} (this lmrc reads {VERSION})")
     h = raw.get("header")
@@ -91,8 +91,11 @@ def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
     if h.get("source") is not None and not isinstance(h["source"], str):
         raise fail("header.source", f"expected a string or null, got {h['source']!r}")
     header = CandidatesHeader(
-        model=h["model"], head=h["head"], threshold=thr,
-        calibration=h.get("calibration") or {"method": "default"}, source=h.get("source"),
+        model=h["model"],
+        head=h["head"],
+        threshold=thr,
+        calibration=h.get("calibration") or {"method": "default"},
+        source=h.get("source"),
     )
     docs_raw = raw.get("documents")
     if not isinstance(docs_raw, list):

@@ -183,7 +183,11 @@ def _check_entity(ent: Any, where: str, sent_lens: list[int] | None, err) -> Non
         for key, ok, want in (
             ("name", lambda v: isinstance(v, str), "a string"),
             ("sent_id", _is_int, "an integer"),
-            ("pos", lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v), "[start, end]"),
+            (
+                "pos",
+                lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v),
+                "[start, end]",
+            ),
         ):
             if key not in m:
                 err(mw, f"missing field '{key}'")
@@ -204,7 +208,12 @@ def _check_entity(ent: Any, where: str, sent_lens: list[int] | None, err) -> Non
 
 
 def _check_labels(
-    labels: Any, where: str, n_ent: int | None, sent_lens: list[int] | None, relations: RelationSet | None, err
+    labels: Any,
+    where: str,
+    n_ent: int | None,
+    sent_lens: list[int] | None,
+    relations: RelationSet | None,
+    err,
 ) -> None:
     if not isinstance(labels, list):
         err(f"{where}: labels", f"expected a list, got {type(labels).__name__}")
@@ -240,11 +249,18 @@ def _check_labels(
         if not isinstance(ev, list) or not all(_is_int(x) for x in ev):
             err(f"{lw}.evidence", f"expected a list of sentence ids, got {ev!r}")
         elif sent_lens is not None and any(not 0 <= x < len(sent_lens) for x in ev):
-            err(f"{lw}.evidence", f"{ev} has a sentence id out of range (document has {len(sent_lens)} sentences)")
+            err(
+                f"{lw}.evidence",
+                f"{ev} has a sentence id out of range (document has {len(sent_lens)} sentences)",
+            )
         key = (lab.get("h"), lab.get("t"), r)
         if all(isinstance(k, (int, str)) for k in key):
             if key in seen:
-                err(lw, f"duplicate fact (h={key[0]}, t={key[1]}, r={key[2]}; also labels[{seen[key]}])", "warning")
+                err(
+                    lw,
+                    f"duplicate fact (h={key[0]}, t={key[1]}, r={key[2]}; also labels[{seen[key]}])",
+                    "warning",
+                )
             else:
                 seen[key] = li
 
@@ -254,7 +270,12 @@ def _build(i: int, raw: dict) -> Document:
         Entity(
             index=ei,
             mentions=tuple(
-                Mention(name=m["name"], sent_id=m["sent_id"], pos=(m["pos"][0], m["pos"][1]), type=m.get("type", ""))
+                Mention(
+                    name=m["name"],
+                    sent_id=m["sent_id"],
+                    pos=(m["pos"][0], m["pos"][1]),
+                    type=m.get("type", ""),
+                )
                 for m in ent
             ),
         )
@@ -280,13 +301,20 @@ def _build(i: int, raw: dict) -> Document:
 
 
 def parse_documents(
-    data: Any, source: str | os.PathLike, relations: RelationSet | None = None, allow_duplicate_facts: bool = True
+    data: Any,
+    source: str | os.PathLike,
+    relations: RelationSet | None = None,
+    allow_duplicate_facts: bool = True,
 ) -> list[Document]:
     """Validate then build documents; refuse bad data with the validator's first message."""
     problems = validate_raw(data, relations)
     errors = [p for p in problems if p.severity == "error" or not allow_duplicate_facts]
     if errors:
-        more = f" (and {len(errors) - 1} more problems; run `lmrc data validate {source}`)" if len(errors) > 1 else ""
+        more = (
+            f" (and {len(errors) - 1} more problems; run `lmrc data validate {source}`)"
+            if len(errors) > 1
+            else ""
+        )
         raise LmrcError(errors[0].format(source) + more)
     for p in problems:
         log.warning("%s", p.format(source))

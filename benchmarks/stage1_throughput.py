@@ -1,6 +1,7 @@
 """Stage-1 training throughput: documents per second for forward + backward of the real model on real documents.
 
-    python benchmarks/stage1_throughput.py --docs 16 --batch-sizes 1,4 --threads 1,2 [--encoder minilm] [--loss atl]
+    python benchmarks/stage1_throughput.py --docs 16 --batch-sizes 1,4 --threads 1,2 --precision fp32,bf16
+        [--encoder minilm] [--loss atl]
 
 Reads `$LMRC_DATA_DIR/redocred/dev_50.json` (or --input). Prints one row per (threads, batch size): seconds per
 batch and documents per second, measured after one warm-up batch; the optimizer step is not included.
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=16, help="number of documents (file order)")
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--threads", default=str(os.cpu_count() or 1), help="comma-separated torch thread counts")
+    p.add_argument(
+        "--precision", default="fp32,bf16", help="fp32 and/or bf16 (autocast, as train.mixed_precision)"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -52,24 +56,29 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.encoder} / {args.loss}: {len(docs)} documents, {n_tokens / len(docs):.0f} word-pieces and "
         f"{n_pairs / len(docs):.0f} pairs per document on average"
     )
-    print(f"{'threads':>7} {'batch':>5} {'s/batch':>8} {'docs/s':>7}")
-    for threads in (int(t) for t in args.threads.split(",")):
+    print(f"{'precision':>9} {'threads':>7} {'batch':>5} {'s/batch':>8} {'docs/s':>7}")
+    for precision, threads, bs in (
+        (pr, int(t), int(b))
+        for pr in args.precision.split(",")
+        for t in args.threads.split(",")
+        for b in args.batch_sizes.split(",")
+    ):
         torch.set_num_threads(threads)
-        for bs in (int(b) for b in args.batch_sizes.split(",")):
-            batches = length_grouped_batches(features, bs, seed=0)
-            times = []
-            for i, batch in enumerate([batches[0]] + batches):  # the first one warms up
-                inputs = collate([features[j] for j in batch])
-                start = time.perf_counter()
+        batches = length_grouped_batches(features, bs, seed=0)
+        times = []
+        for i, batch in enumerate([batches[0]] + batches):  # the first one warms up
+            inputs = collate([features[j] for j in batch])
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(
                     inputs["input_ids"], inputs["attention_mask"], inputs["entity_pos"], inputs["hts"]
                 )
-                loss(logits, inputs["labels"]).backward()
-                model.zero_grad(set_to_none=True)
-                if i:
-                    times.append(time.perf_counter() - start)
-            total = sum(times)
-            print(f"{threads:>7} {bs:>5} {total / len(times):>8.3f} {len(features) / total:>7.2f}")
+            loss(logits.float(), inputs["labels"]).backward()
+            model.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - start)
+        total = sum(times)
+        print(f"{precision:>9} {threads:>7} {bs:>5} {total / len(times):>8.3f} {len(features) / total:>7.2f}")
     return 0
 
 

@@ -1,0 +1,199 @@
+"""`lmrc stage2 train | predict | export`: LoRA-fine-tune the LLM, classify pairs, export a merged model."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from lmrc.commands.common import add_config_args
+from lmrc.errors import LmrcError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stage2", help="stage 2: fine-tune the LLM (LoRA) and classify entity pairs")
+    s2 = p.add_subparsers(dest="stage2_command", metavar="SUBCOMMAND", required=True)
+
+    t = s2.add_parser(
+        "train",
+        help="LoRA fine-tuning (resumable; writes the adapter, metrics.jsonl, last/)",
+        description="Fine-tune LoRA adapters on the training documents: mode rc (gold relation pairs, LMRC) or "
+        "direct (all pairs, None for pairs without relation). The output folder gets the adapter (safetensors), "
+        "tokenizer, resolved config.yaml, the prompt template and relation set, metrics.jsonl, train_summary.json "
+        "and last/ (the state --resume continues from, written every train.save_every_steps steps, at the end, "
+        "and on Ctrl-C / SIGTERM). Multi-GPU: `accelerate launch -m lmrc stage2 train ...`.",
+    )
+    add_config_args(t)
+    t.add_argument("--output-dir", help="output folder (default: the config's output_dir)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder; without --config its saved config.yaml is used",
+    )
+    t.add_argument(
+        "--stop-after-steps",
+        type=int,
+        metavar="N",
+        help="save the resumable state and exit after N optimizer steps (time-box long runs; then --resume)",
+    )
+    t.set_defaults(func=cmd_train)
+
+    pr = s2.add_parser(
+        "predict",
+        help="classify entity pairs with a trained adapter; write the official result file",
+        description="Render the prompts of each document (stage-1 candidates, its gold relation pairs, or all "
+        "pairs for a direct-mode adapter), generate, parse and align the answers, and write the official result "
+        "file. Finished documents are appended to <output>.progress.jsonl, so --resume continues an interrupted "
+        "run; <output>.summary.json counts prompts, tokens, drop reasons and out-of-set relations.",
+    )
+    pr.add_argument("--adapter", required=True, type=Path, help="folder written by `lmrc stage2 train`")
+    pr.add_argument("--input", required=True, type=Path, help="DocRED-format documents")
+    source = pr.add_mutually_exclusive_group()
+    source.add_argument("--candidates", type=Path, help="stage-1 candidates file (rc adapters)")
+    source.add_argument(
+        "--gold-pairs",
+        action="store_true",
+        help="ask about each document's gold relation pairs (rc adapters; the LMRC ablation's RC-stage setting)",
+    )
+    pr.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
+    pr.add_argument("--resume", action="store_true", help="skip the documents already in the progress file")
+    pr.add_argument(
+        "--debug-out",
+        type=Path,
+        metavar="FILE",
+        help="JSONL, one line per document: raw outputs, parsed triples, alignment and drop reasons",
+    )
+    pr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the adapter's config, e.g. --set generation.batch_size=4 "
+        "--set align.relation_mapping=sbert (repeatable)",
+    )
+    pr.set_defaults(func=cmd_predict)
+
+    e = s2.add_parser(
+        "export",
+        help="merge the adapter into the base model and save a plain model folder for serving",
+        description="Fold the LoRA adapter into the base weights (merge_and_unload) and save safetensors weights "
+        "and the tokenizer to a new folder, loadable by transformers or vLLM without peft.",
+    )
+    e.add_argument("--adapter", required=True, type=Path, help="folder written by `lmrc stage2 train`")
+    e.add_argument("--out", required=True, type=Path, help="new folder to write")
+    e.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="weights dtype (default: the adapter config's dtype)",
+    )
+    e.set_defaults(func=cmd_export)
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path):
+    """Also append the log to `path`: long background runs are followed there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (`kill`, a scheduler's time limit) saves the resumable state, as Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _load_train_config(args: argparse.Namespace):
+    from lmrc.stage2.config import load_stage2_config
+    from lmrc.stage2.modeling import CONFIG_FILE
+
+    config = args.config
+    if config is None and args.resume:
+        out = Path(args.output_dir) if args.output_dir else None
+        if out is None or not (out / CONFIG_FILE).is_file():
+            raise LmrcError("--resume without --config needs --output-dir holding the run's config.yaml")
+        config = out / CONFIG_FILE
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_stage2_config(config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmrc.stage2.train import METRICS_FILE, train
+
+    cfg = _load_train_config(args)
+    with _sigterm_as_interrupt(), _log_to_file(Path(cfg.output_dir) / "train.log"):
+        result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    state = "finished" if result.finished else "paused (continue with --resume)"
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(
+        f"training {state}: step {result.steps} of {result.total_steps}{last}, {result.seconds / 60:.1f} min, "
+        f"{result.tokens / max(result.seconds, 1e-9):.1f} tokens/s"
+    )
+    print(f"{result.stats.examples} examples from {result.stats.documents} documents")
+    if result.finished:
+        print(f"adapter: {result.output_dir}")
+    print(f"metrics: {result.output_dir / METRICS_FILE}  log: {result.output_dir / 'train.log'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lmrc.stage2.predict import predict, sidecar
+
+    with _sigterm_as_interrupt():  # finished chunks are already in the progress file; --resume continues
+        summary = predict(
+            args.adapter,
+            args.input,
+            args.output,
+            candidates_path=args.candidates,
+            gold_pairs=args.gold_pairs,
+            resume=args.resume,
+            debug_out=args.debug_out,
+            overrides=args.overrides,
+        )
+    print(
+        f"{args.output}: {summary['predictions']:,} predictions for {summary['documents']:,} documents "
+        f"({summary['prompts']:,} prompts, {summary['generated_tokens']:,} generated tokens)"
+    )
+    drops = ", ".join(f"{k} {v}" for k, v in summary["drops"].items()) or "none"
+    print(f"dropped triples: {drops}")
+    print(
+        f"out-of-set relations: {summary['out_of_set_before_mapping']} before mapping, "
+        f"{summary['out_of_set_after_mapping']} after ({summary['relation_mapping']})"
+    )
+    if summary["seconds_per_document"] is not None:
+        print(f"{summary['seconds_per_document']:.2f} s per document this run")
+    print(f"summary: {sidecar(Path(args.output), '.summary.json')}")
+    logging.getLogger(__name__).debug("summary: %s", summary)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmrc.stage2.modeling import export_merged
+
+    out = export_merged(args.adapter, args.out, dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0

@@ -1,0 +1,288 @@
+"""Training examples for stage 2: prompt token ids + answer token ids, loss on the answer only.
+
+- `rc` (LMRC's relation classification): each training document's gold relation pairs (optionally plus stage-1
+  false positives answered None, `rc_allow_none`), answer lines in the order the pairs were asked, then EOS.
+- `direct` (the paper's direct fine-tuning baseline): all ordered pairs of the document in chunks, `None` for
+  pairs without a relation; optionally only a sampled fraction of the chunks whose pairs are all NA.
+
+The prompt is tokenised on its own, exactly as at generation time (`PromptEncoder` is shared with predict), and
+the answer tokens are appended, so the prompt/answer boundary is exact and the labels mask the prompt precisely.
+Pairs are split over prompts by `plan_prompts`; a prompt whose real answer still overflows `max_seq_len` is
+split again, and only a single pair that cannot fit has its answer cut (counted and logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lmrc.data.docred import Document
+from lmrc.data.relations import RelationSet
+from lmrc.stage2.prompts import Prompt, PromptTemplate, entity_names, plan_prompts, render_answer
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # labels with this value are left out of the loss (torch cross_entropy's ignore_index)
+
+
+class PromptEncoder:
+    """Prompt text -> input ids, identical for training and generation; counts tokens for prompt planning.
+
+    Plain mode tokenises the Alpaca-framed text with the tokenizer's own special tokens (e.g. Llama's BOS). Chat
+    mode wraps the text as one user turn of the tokenizer's chat template, with the assistant header appended.
+    """
+
+    def __init__(self, tokenizer: Any, use_chat_template: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.use_chat_template = use_chat_template
+        if use_chat_template and not getattr(tokenizer, "chat_template", None):
+            from lmrc.errors import LmrcError
+
+            raise LmrcError(
+                f"use_chat_template: the tokenizer of {tokenizer.name_or_path} has no chat template "
+                "(set use_chat_template: false for the plain Alpaca frame)"
+            )
+        self.eos_id: int = tokenizer.eos_token_id
+        # Tokens the encoding adds around the text (BOS, chat headers); prompt planning leaves room for them.
+        self.overhead = len(self.encode_prompt(""))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_text(self, text: str) -> str:
+        """The exact string fed to the model (the chat-templated text in chat mode)."""
+        if not self.use_chat_template:
+            return text
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.use_chat_template:
+            # The chat template already holds any BOS; adding special tokens again would double it.
+            return list(self.tokenizer(self.prompt_text(text), add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_answer(self, answer: str) -> list[int]:
+        """Answer tokens followed by EOS: the model learns to stop after the last line."""
+        return list(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) + [self.eos_id]
+
+    def max_context(self, max_seq_len: int) -> int:
+        """The token budget `plan_prompts` may fill with prompt text and estimated answer (EOS excluded)."""
+        return max_seq_len - self.overhead - 1
+
+
+@dataclass
+class TrainExample:
+    title: str
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens
+    pairs: tuple[tuple[int, int], ...]
+    answer_cut: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class ExampleStats:
+    """What building the training set did, for the run's summary (and for spotting silent data loss)."""
+
+    documents: int = 0
+    documents_without_pairs: int = 0
+    examples: int = 0
+    pairs: int = 0
+    none_pairs: int = 0  # pairs answered None (direct NA pairs, rc false positives)
+    false_positive_pairs: int = 0  # rc_allow_none: stage-1 candidates without a gold relation
+    documents_missing_candidates: int = 0
+    truncated_documents: int = 0  # document text cut so that the prompt fits
+    resplit_prompts: int = 0  # prompts split again because their real answer did not fit
+    answers_cut: int = 0  # single-pair examples whose answer was cut at max_seq_len
+    examples_dropped: int = 0  # prompt alone longer than max_seq_len (cannot happen with planned prompts)
+    na_chunks: int = 0  # direct: examples whose pairs are all NA
+    na_chunks_dropped: int = 0  # ... of which left out by direct_na_chunk_fraction
+    prompt_tokens: int = 0
+    answer_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def training_pairs(
+    doc: Document, mode: str, candidate_pairs: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """The pairs a training document asks about, in the canonical (row-major) pair order.
+
+    rc: the gold relation pairs, plus `candidate_pairs` (stage-1 false positives) when given; direct: all pairs.
+    """
+    if mode == "direct":
+        return doc.pairs()
+    wanted = set(doc.relations_by_pair())
+    if candidate_pairs:
+        wanted.update((int(h), int(t)) for h, t in candidate_pairs if h != t)
+    return sorted(wanted)
+
+
+class ExampleBuilder:
+    """Renders, tokenises and fits the training examples of documents (see the module docstring)."""
+
+    def __init__(
+        self,
+        relations: RelationSet,
+        template: PromptTemplate,
+        encoder: PromptEncoder,
+        max_seq_len: int,
+        max_pairs: int = 18,
+        answer_tokens_per_pair: int = 24,
+    ) -> None:
+        self.relations = relations
+        self.template = template
+        self.encoder = encoder
+        self.max_seq_len = max_seq_len
+        self.max_pairs = max_pairs
+        self.answer_tokens_per_pair = answer_tokens_per_pair
+        self.max_context = encoder.max_context(max_seq_len)
+
+    def plan(
+        self,
+        doc: Document,
+        pairs: Sequence[tuple[int, int]],
+        names: Sequence[str],
+        max_pairs: int | None = None,
+    ) -> list[Prompt]:
+        return plan_prompts(
+            doc,
+            self.relations,
+            pairs,
+            self.template,
+            self.encoder.count_tokens,
+            self.max_context,
+            max_pairs=max_pairs or self.max_pairs,
+            answer_tokens_per_pair=self.answer_tokens_per_pair,
+            names=names,
+        )
+
+    def document_examples(
+        self, doc: Document, pairs: Sequence[tuple[int, int]], stats: ExampleStats
+    ) -> list[TrainExample]:
+        names = entity_names(doc)
+        gold = doc.relations_by_pair()
+        out: list[TrainExample] = []
+        prompts = self.plan(doc, pairs, names)
+        if any(p.truncated_doc for p in prompts):
+            stats.truncated_documents += 1
+        self._fit(doc, prompts, names, gold, out, stats)
+        return out
+
+    def _fit(self, doc, prompts, names, gold, out, stats) -> None:
+        for prompt in prompts:
+            prompt_ids = self.encoder.encode_prompt(prompt.text)
+            answer = render_answer(prompt.pairs, names, gold, self.relations, self.template)
+            answer_ids = self.encoder.encode_answer(answer)
+            if len(prompt_ids) + len(answer_ids) > self.max_seq_len and len(prompt.pairs) > 1:
+                # The answer was longer than planned (pairs with several relations): halve the chunk.
+                stats.resplit_prompts += 1
+                smaller = self.plan(doc, prompt.pairs, names, max_pairs=max(1, len(prompt.pairs) // 2))
+                self._fit(doc, smaller, names, gold, out, stats)
+                continue
+            cut = False
+            room = self.max_seq_len - len(prompt_ids)
+            if room < 1:
+                stats.examples_dropped += 1
+                log.warning(
+                    'document %d ("%s"): a prompt of %d tokens exceeds max_seq_len=%d; example dropped',
+                    doc.index,
+                    doc.title,
+                    len(prompt_ids),
+                    self.max_seq_len,
+                )
+                continue
+            if len(answer_ids) > room:
+                answer_ids = answer_ids[:room]
+                cut = True
+                stats.answers_cut += 1
+            out.append(
+                TrainExample(
+                    title=doc.title,
+                    input_ids=prompt_ids + answer_ids,
+                    labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+                    pairs=tuple(prompt.pairs),
+                    answer_cut=cut,
+                )
+            )
+
+    def build(
+        self,
+        docs: Sequence[Document],
+        mode: str,
+        candidates: dict[str, Sequence[tuple[int, int]]] | None = None,
+        na_chunk_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> tuple[list[TrainExample], ExampleStats]:
+        """All training examples of `docs`, in document order, and what was done to build them.
+
+        `candidates` (rc with None answers): title -> stage-1 candidate pairs of that training document.
+        `na_chunk_fraction` (direct): keep each all-NA example with this probability (seeded, reproducible).
+        """
+        if candidates is not None and not self.template.allow_none:
+            raise ValueError("candidate pairs need a template that offers None (rc_allow_none)")
+        stats = ExampleStats()
+        rng = random.Random(seed)
+        examples: list[TrainExample] = []
+        for doc in docs:
+            stats.documents += 1
+            gold = doc.relations_by_pair()
+            extra = None
+            if candidates is not None:
+                if doc.title in candidates:
+                    extra = candidates[doc.title]
+                else:
+                    stats.documents_missing_candidates += 1
+            pairs = training_pairs(doc, mode, extra)
+            if not pairs:
+                stats.documents_without_pairs += 1
+                continue
+            if extra is not None:
+                stats.false_positive_pairs += sum(1 for p in pairs if p not in gold)
+            kept = []
+            for ex in self.document_examples(doc, pairs, stats):
+                if mode == "direct" and not any(p in gold for p in ex.pairs):
+                    stats.na_chunks += 1
+                    if na_chunk_fraction < 1.0 and rng.random() >= na_chunk_fraction:
+                        stats.na_chunks_dropped += 1
+                        continue
+                kept.append(ex)
+            for ex in kept:
+                stats.pairs += len(ex.pairs)
+                stats.none_pairs += sum(1 for p in ex.pairs if p not in gold)
+                stats.answer_tokens += ex.n_answer_tokens
+                stats.prompt_tokens += len(ex) - ex.n_answer_tokens
+            examples.extend(kept)
+        stats.examples = len(examples)
+        if stats.truncated_documents:
+            log.warning(
+                "%d training documents were truncated to fit max_seq_len=%d",
+                stats.truncated_documents,
+                self.max_seq_len,
+            )
+        if stats.answers_cut:
+            log.warning(
+                "%d training answers were cut at max_seq_len=%d (a single pair's answer did not fit)",
+                stats.answers_cut,
+                self.max_seq_len,
+            )
+        if stats.na_chunks_dropped:
+            log.info(
+                "direct_na_chunk_fraction=%.3g: kept %d of %d all-NA chunks",
+                na_chunk_fraction,
+                stats.na_chunks - stats.na_chunks_dropped,
+                stats.na_chunks,
+            )
+        return examples, stats

@@ -1,0 +1,267 @@
+"""Generation backends behind one interface, chosen by name (`generation.backend`).
+
+- `hf` (default): transformers `generate` on the base model with the LoRA adapter, batched with LEFT padding (a
+  decoder continues from the last position, so every prompt must end at the same column), greedy by default.
+- `vllm` (optional extra): vLLM serves the base model and loads the adapter through a `LoRARequest`; imported only
+  when chosen.
+
+Both take token ids from `PromptEncoder` (so the prompt tokens match training exactly) and a per-prompt budget of
+new tokens (`answer_budget`), and stop at EOS or at the budget, whichever comes first; `hf` also stops an answer
+that repeats one line over and over (`generation.stop_repeated_lines`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from lmrc.errors import LmrcError
+from lmrc.stage2.config import GenerationConfig, Stage2Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    n_tokens: int  # new tokens, EOS excluded
+    hit_limit: bool  # stopped by the token budget, not by EOS (endless or cut-off output)
+    stopped_on_repeat: bool = False  # stopped after the same line came `stop_repeated_lines` times in a row
+
+
+class Generator(Protocol):
+    name: str
+    tokenizer: Any
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]
+    ) -> list[Generation]: ...
+
+
+def answer_budget(
+    n_pairs: int, cfg: GenerationConfig, prompt_len: int = 0, context: int | None = None
+) -> int:
+    """New-token budget of a prompt: pairs x per-pair budget, capped, and within the model's context window."""
+    budget = min(n_pairs * cfg.max_new_tokens_per_pair, cfg.max_new_tokens_cap)
+    if context is not None:
+        budget = min(budget, context - prompt_len)
+    return max(1, budget)
+
+
+def _eos_ids(tokenizer: Any, model: Any | None) -> list[int]:
+    """EOS ids of the tokenizer and the model's generation config (Llama-3 ends turns with a second EOS)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(int(x) for x in extra)
+    return sorted(i for i in ids if i is not None)
+
+
+class HFGenerator:
+    """Batched transformers `generate`; prompts are sorted by length so that a batch pads little."""
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, cfg: GenerationConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.eos_ids = _eos_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, cfg: Stage2Config, adapter_dir: Path, device: Any = None) -> HFGenerator:
+        from lmrc.stage2.modeling import load_adapter
+
+        # A merged adapter runs as fast as the base model; a 4-bit base cannot absorb it.
+        merge = cfg.generation.merge_adapter and not cfg.load_in_4bit
+        loaded = load_adapter(adapter_dir, cfg, device=device, merge=merge)
+        return cls(loaded.model, loaded.tokenizer, cfg.generation)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[Generation]:
+        import torch
+        from transformers import GenerationConfig as HFGenerationConfig
+        from transformers import StoppingCriteriaList
+
+        if len(prompts) != len(max_new_tokens):
+            raise ValueError("one max_new_tokens per prompt")
+        results: list[Generation | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        bs = self.cfg.batch_size
+        if self.cfg.do_sample:
+            torch.manual_seed(self.cfg.seed)
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                p = list(prompts[i])
+                ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[row, width - len(p) :] = 1
+            budget = max(max_new_tokens[i] for i in idx)
+            sampling = (
+                {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p} if self.cfg.do_sample else {}
+            )
+            gen_cfg = HFGenerationConfig(
+                max_new_tokens=budget,
+                do_sample=self.cfg.do_sample,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id,
+                **sampling,
+            )
+            stopper = _RowStopper(
+                width, [max_new_tokens[i] for i in idx], self.tokenizer, self.cfg.stop_repeated_lines
+            )
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    generation_config=gen_cfg,
+                    stopping_criteria=StoppingCriteriaList([stopper]),
+                )
+            new = out[:, width:].tolist()
+            for row, i in enumerate(idx):
+                results[i] = self._finish(new[row], max_new_tokens[i], stopper.stopped_at[row])
+        return [r for r in results if r is not None]
+
+    def _finish(self, tokens: list[int], limit: int, stopped_at: int | None) -> Generation:
+        """Cut at the first EOS (finished rows are padded), at this prompt's own budget, or where it looped."""
+        eos = set(self.eos_ids)
+        end = next((k for k, t in enumerate(tokens) if t in eos), None)
+        # Positions from `stopped_at` on are padding (pad may equal EOS), so only an earlier EOS is the model's.
+        if end is not None and end < min(limit, stopped_at if stopped_at is not None else limit):
+            kept, hit, looped = tokens[:end], False, False
+        elif stopped_at is not None and stopped_at < limit:
+            kept, hit, looped = tokens[:stopped_at], False, True
+        else:
+            kept, hit, looped = tokens[:limit], True, False
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Generation(text=text, n_tokens=len(kept), hit_limit=hit, stopped_on_repeat=looped)
+
+
+class _RowStopper:
+    """Stops each row of a batch at its own token budget, or after `repeat` identical complete lines.
+
+    A greedy decoder that writes the same line `repeat` times in a row is in a loop: the copies would be dropped
+    as duplicates anyway, and on a CPU the rest of the budget costs minutes. Called once per generated token.
+    """
+
+    def __init__(self, width: int, budgets: Sequence[int], tokenizer: Any, repeat: int) -> None:
+        self.width = width
+        self.budgets = list(budgets)
+        self.tokenizer = tokenizer
+        self.repeat = repeat
+        self.window = 64 * max(repeat, 1)
+        self.stopped_at: list[int | None] = [None] * len(self.budgets)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        n_new = input_ids.shape[1] - self.width
+        for r in range(input_ids.shape[0]):
+            if self.stopped_at[r] is not None:
+                continue
+            if n_new >= self.budgets[r] or (self.repeat and self._looping(input_ids[r, self.width :])):
+                self.stopped_at[r] = n_new
+        return torch.tensor(
+            [s is not None for s in self.stopped_at], dtype=torch.bool, device=input_ids.device
+        )
+
+    def _looping(self, new_ids: Any) -> bool:
+        if "\n" not in self.tokenizer.decode(new_ids[-1:].tolist()):
+            return False
+        text = self.tokenizer.decode(new_ids[-self.window :].tolist(), skip_special_tokens=True)
+        lines = [line.strip() for line in text.split("\n")[:-1]][-self.repeat :]
+        return len(lines) == self.repeat and lines[0] != "" and len(set(lines)) == 1
+
+
+class VLLMGenerator:
+    """vLLM with the LoRA adapter attached per request; prefix caching reuses a document's shared prefix."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: Stage2Config, base_path: Path, adapter_dir: Path) -> None:
+        from lmrc.stage2.modeling import load_tokenizer
+
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.lora.request import LoRARequest
+        except ImportError:
+            raise LmrcError(
+                "generation.backend=vllm needs vLLM, which is not installed: pip install 'lmrc[vllm]' "
+                "(or use generation.backend=hf)"
+            ) from None
+        if cfg.load_in_4bit:
+            log.info("vllm serves the base model in %s; load_in_4bit applies to training only", cfg.dtype)
+        self._sampling_params = SamplingParams
+        self.llm = LLM(
+            model=str(base_path),
+            tokenizer=str(adapter_dir),
+            dtype=cfg.dtype,
+            enable_lora=True,
+            max_lora_rank=_vllm_rank(cfg.lora.r),
+            enable_prefix_caching=True,
+            seed=cfg.generation.seed,
+            gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
+            trust_remote_code=False,
+        )
+        self.lora = LoRARequest("lmrc-adapter", 1, str(adapter_dir))
+        self.cfg = cfg.generation
+        self.tokenizer = load_tokenizer(adapter_dir)
+
+    @classmethod
+    def load(cls, cfg: Stage2Config, adapter_dir: Path, device: Any = None) -> VLLMGenerator:
+        from lmrc.stage2.modeling import resolve_model_path
+
+        return cls(cfg, resolve_model_path(cfg.model), adapter_dir)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[Generation]:
+        params = [
+            self._sampling_params(
+                max_tokens=int(n),
+                temperature=self.cfg.temperature if self.cfg.do_sample else 0.0,
+                top_p=self.cfg.top_p if self.cfg.do_sample else 1.0,
+                seed=self.cfg.seed if self.cfg.do_sample else None,
+                skip_special_tokens=True,
+            )
+            for n in max_new_tokens
+        ]
+        inputs = [{"prompt_token_ids": list(p)} for p in prompts]
+        outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            results.append(
+                Generation(text=c.text, n_tokens=len(c.token_ids), hit_limit=c.finish_reason == "length")
+            )
+        return results
+
+
+def _vllm_rank(r: int) -> int:
+    """vLLM allocates LoRA slots for a fixed set of ranks; the smallest one that holds r."""
+    for size in (8, 16, 32, 64, 128, 256, 320, 512):
+        if r <= size:
+            return size
+    raise LmrcError(f"lora.r={r} is larger than vLLM supports (512)")
+
+
+BACKENDS: dict[str, type] = {"hf": HFGenerator, "vllm": VLLMGenerator}
+
+
+def create_generator(cfg: Stage2Config, adapter_dir: Path, device: Any = None) -> Generator:
+    """The backend named by `generation.backend`, loaded with the trained adapter."""
+    try:
+        backend = BACKENDS[cfg.generation.backend]
+    except KeyError:
+        raise LmrcError(
+            f"unknown generation backend {cfg.generation.backend!r} (expected one of {', '.join(BACKENDS)})"
+        ) from None
+    return backend.load(cfg, Path(adapter_dir), device)

@@ -1,0 +1,251 @@
+"""Load the stage-2 LLM, its tokenizer and a trained LoRA adapter (shared by train, predict and export).
+
+A trained adapter folder is self-contained: the adapter weights (safetensors), the tokenizer, the resolved config
+(`config.yaml`), the prompt template and the relation set it was trained with, so that predicting renders exactly
+the prompts the model was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmrc.errors import LmrcError
+from lmrc.stage2.config import Stage2Config, load_stage2_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+TEMPLATE_FILE = "prompt_template.txt"
+RELATIONS_FILE = "rel_info.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft calls a transformers method deprecated in v5 on every load; the warning is noise for users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def pick_device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(name: str, device: Any) -> Any:
+    """The torch dtype for `name`; "auto" is bf16 where the hardware runs it natively, else float32."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def resolve_model_path(name: str) -> Path:
+    from lmrc.models import resolve
+
+    path = resolve(name)
+    if path.exists() and not (path / "config.json").is_file():
+        raise LmrcError(f"{path}: not a Hugging Face model folder (no config.json) for model {name!r}")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer, with a pad token (eos when it has none: padding is always masked, never learned)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise LmrcError(f"{path}: cannot load the tokenizer: {exc}") from None
+    if tok.eos_token_id is None:
+        raise LmrcError(f"{path}: the tokenizer has no end-of-sequence token, needed to end the answers")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: Stage2Config, path: Path, device: Any, training: bool, device_index: int = 0) -> Any:
+    """The base causal LM in the configured dtype; 4-bit NF4 (QLoRA) when `load_in_4bit`, CUDA only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
+    if cfg.load_in_4bit:
+        if device.type != "cuda":
+            raise LmrcError("load_in_4bit (QLoRA) needs a CUDA GPU; set load_in_4bit: false to train on CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise LmrcError("load_in_4bit needs bitsandbytes: pip install 'lmrc[gpu]'") from None
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+        # QLoRA (Dettmers et al., 2023): NF4 storage, double quantisation, 16-bit compute.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["device_map"] = {"": device_index}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LmrcError(f"{path}: cannot load the model: {exc}") from None
+    if not cfg.load_in_4bit:
+        model.to(device)
+    if training:
+        model.config.use_cache = False
+    log.info("loaded %s (%s, %s)", path, str(dtype).replace("torch.", ""), device)
+    return model
+
+
+def wrap_lora(model: Any, cfg: Stage2Config) -> Any:
+    """Add fresh LoRA adapters (Hu et al., 2022) to the attention projections (or `lora.target_modules`)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input gradients, so frozen embeddings are fine.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.lora.target_modules if m not in present]
+    if missing:
+        raise LmrcError(
+            f"lora.target_modules: {missing} not found in model {cfg.model!r} "
+            f"(its linear layers include: {', '.join(sorted(_linear_names(model)))})"
+        )
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # peft keeps the adapter weights in float32 over a bf16 base (autocast_adapter_dtype), so AdamW updates
+    # are not rounded away.
+    with quiet_peft():
+        return get_peft_model(model, lora)
+
+
+def _linear_names(model: Any) -> set[str]:
+    import torch
+
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@dataclass
+class LoadedAdapter:
+    cfg: Stage2Config
+    model: Any
+    tokenizer: Any
+    adapter_dir: Path
+    base_path: Path
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise LmrcError(f"{adapter_dir}: adapter folder not found (train one with `lmrc stage2 train`)")
+    for name in (ADAPTER_CONFIG, CONFIG_FILE):
+        if not (adapter_dir / name).is_file():
+            raise LmrcError(
+                f"{adapter_dir}: not a finished lmrc stage-2 adapter (no {name}); "
+                "an interrupted training run continues with `lmrc stage2 train --resume`"
+            )
+    return adapter_dir
+
+
+def load_adapter_config(adapter_dir: str | Path, overrides: list[str] | tuple = ()) -> Stage2Config:
+    return load_stage2_config(check_adapter_dir(adapter_dir) / CONFIG_FILE, overrides)
+
+
+def load_adapter(
+    adapter_dir: str | Path, cfg: Stage2Config | None = None, device: Any = None, merge: bool = False
+) -> LoadedAdapter:
+    """Base model + trained LoRA adapter in eval mode; `merge` folds the adapter into the base weights."""
+    from peft import PeftModel
+
+    adapter_dir = check_adapter_dir(adapter_dir)
+    cfg = cfg or load_adapter_config(adapter_dir)
+    device = device or pick_device()
+    base_path = resolve_model_path(cfg.model)
+    base = load_base_model(cfg, base_path, device, training=False)
+    try:
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError) as exc:
+        raise LmrcError(f"{adapter_dir}: cannot load the LoRA adapter: {exc}") from None
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    tokenizer = load_tokenizer(adapter_dir)
+    return LoadedAdapter(cfg, model, tokenizer, adapter_dir, base_path)
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Fold the adapter into the base model and save a plain model folder (safetensors + tokenizer) for serving.
+
+    The lmrc files (config, template, relation set) are copied too, so the folder can be passed as `model:`.
+    """
+    from lmrc.io import atomic_write_text
+
+    adapter_dir = check_adapter_dir(adapter_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LmrcError(f"{out_dir}: output folder exists and is not empty")
+    overrides = [f"dtype={dtype}"] if dtype else []
+    cfg = load_adapter_config(adapter_dir, overrides)
+    if cfg.load_in_4bit:
+        # Merging into 4-bit weights would round the adapter away; merge into 16-bit weights instead.
+        cfg.load_in_4bit = False
+    import torch
+
+    if resolve_dtype(cfg.dtype, torch.device("cpu")) != torch.float32:
+        log.warning(
+            "merging into 16-bit weights rounds the adapter's updates; --dtype float32 keeps them exact"
+        )
+    loaded = load_adapter(adapter_dir, cfg, device=torch.device("cpu"), merge=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    loaded.model.save_pretrained(str(tmp))
+    loaded.tokenizer.save_pretrained(str(tmp))
+    for name in (CONFIG_FILE, TEMPLATE_FILE, RELATIONS_FILE):
+        if (adapter_dir / name).is_file():
+            atomic_write_text(tmp / name, (adapter_dir / name).read_text(encoding="utf-8"))
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.replace(out_dir)
+    return out_dir

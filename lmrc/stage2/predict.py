@@ -1,0 +1,456 @@
+"""Stage-2 prediction (`lmrc stage2 predict`): documents -> prompts -> generation -> alignment -> result file.
+
+Which pairs each document asks about: the stage-1 candidates (`rc`, the LMRC pipeline), the document's gold
+relation pairs (`rc` with `gold_pairs`: the LMRC ablation's "RC stage" setting), or all pairs (`direct`). Pairs
+are asked in the canonical row-major order, as in training. A document without pairs gets no prompt and costs
+no LLM call.
+
+Long runs: documents are processed in chunks of `generation.docs_per_chunk`; when a chunk finishes, one JSON line
+per document (its predictions and counts) is appended to `<output>.progress.jsonl`. `resume` skips the documents
+found there, so an interrupted run loses at most one chunk and repeats nothing. The progress file starts with a
+header describing the run; resuming with a different adapter, input or generation/alignment setting is refused.
+At the end the official result file is written atomically, plus `<output stem>.summary.json` (counts of prompts,
+tokens, drop reasons, out-of-set relations before/after mapping, timing) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmrc.config import save_config, to_dict
+from lmrc.data.candidates import load_candidates
+from lmrc.data.docred import Document, load_documents
+from lmrc.data.relations import RelationSet, load_relations
+from lmrc.errors import LmrcError
+from lmrc.io import append_jsonl, atomic_write_json, read_jsonl
+from lmrc.stage2.align import AlignResult, RelationMapper, align_output, entity_choices, get_scorer
+from lmrc.stage2.config import Stage2Config
+from lmrc.stage2.examples import PromptEncoder
+from lmrc.stage2.generate import Generator, answer_budget, create_generator
+from lmrc.stage2.modeling import RELATIONS_FILE, TEMPLATE_FILE, load_adapter_config, load_tokenizer
+from lmrc.stage2.parse import parse_triples
+from lmrc.stage2.prompts import Prompt, PromptTemplate, entity_names, load_template, plan_prompts
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FORMAT = "lmrc-stage2-progress"
+# Settings that may change between a run and its resume without changing any result.
+_NEUTRAL = ("batch_size", "docs_per_chunk", "gpu_memory_utilization")
+# Settings that shape the prompts the adapter learned; predicting with others would silently mismatch.
+_FIXED_BY_TRAINING = ("mode", "template", "use_chat_template", "rc_allow_none", "lora")
+
+
+def sidecar(output: Path, suffix: str) -> Path:
+    """`result.json` -> `result<suffix>` (e.g. `.progress.jsonl`, `.summary.json`)."""
+    stem = output.name[: -len(output.suffix)] if output.suffix else output.name
+    return output.with_name(stem + suffix)
+
+
+def adapter_relations(adapter_dir: Path, cfg: Stage2Config) -> RelationSet:
+    """The relation set the adapter was trained with (its copy), else the configured rel_info."""
+    own = adapter_dir / RELATIONS_FILE
+    if own.is_file():
+        return load_relations(own)
+    path = cfg.data.path("rel_info")
+    assert path is not None
+    return load_relations(path)
+
+
+def adapter_template(adapter_dir: Path, cfg: Stage2Config) -> PromptTemplate:
+    """The template the adapter was trained with, so that inference renders the very same prompts."""
+    own = adapter_dir / TEMPLATE_FILE
+    path = own if own.is_file() else None
+    if path is None and cfg.template:
+        from lmrc.stage2.config import expand_path
+
+        path = expand_path(cfg.template, "template")
+    return load_template(cfg.mode, path, allow_none=cfg.allow_none)
+
+
+def select_pairs(
+    docs: Sequence[Document],
+    mode: str,
+    input_path: Path,
+    candidates_path: Path | None = None,
+    gold_pairs: bool = False,
+) -> tuple[list[list[tuple[int, int]]], int]:
+    """Per document, the pairs to ask about (canonical order), and how many documents the candidates miss."""
+    if mode == "direct":
+        if candidates_path is not None or gold_pairs:
+            raise LmrcError(
+                "a direct-mode adapter asks about all pairs; --candidates and --gold-pairs apply to rc"
+            )
+        return [d.pairs() for d in docs], 0
+    if gold_pairs and candidates_path is not None:
+        raise LmrcError("choose one of --candidates and --gold-pairs")
+    if gold_pairs:
+        for d in docs:
+            if not d.labelled:
+                raise LmrcError(
+                    f'{input_path}: document {d.index} ("{d.title}") has no labels, needed by --gold-pairs'
+                )
+        return [sorted(d.relations_by_pair()) for d in docs], 0
+    if candidates_path is None:
+        raise LmrcError("an rc-mode adapter needs the pairs to classify: --candidates FILE or --gold-pairs")
+    cands = load_candidates(candidates_path)
+    by_title = {dc.title: (i, dc) for i, dc in enumerate(cands.documents)}
+    out, missing = [], 0
+    for d in docs:
+        hit = by_title.get(d.title)
+        if hit is None:
+            missing += 1
+            out.append([])
+            continue
+        i, dc = hit
+        n = len(d.entities)
+        if dc.n_entities is not None and dc.n_entities != n:
+            raise LmrcError(
+                f'{candidates_path}: documents[{i}] ("{dc.title}"): n_entities={dc.n_entities}, but {input_path} '
+                f"has {n} entities for this document (candidates from another file?)"
+            )
+        for j, p in enumerate(dc.pairs):
+            if p.h >= n or p.t >= n:
+                raise LmrcError(
+                    f"{candidates_path}: documents[{i}].pairs[{j}]: entity {max(p.h, p.t)} out of range "
+                    f'(document "{dc.title}" has {n} entities)'
+                )
+        out.append(sorted({(p.h, p.t) for p in dc.pairs}))
+    if docs and missing == len(docs):
+        raise LmrcError(f"{candidates_path}: no document title matches {input_path}")
+    if missing:
+        log.warning(
+            "%s: %d of %d documents have no entry (no pairs asked)", candidates_path, missing, len(docs)
+        )
+    return out, missing
+
+
+def _fingerprint(
+    cfg: Stage2Config, adapter_dir: Path, input_path: Path, candidates: Path | None, gold_pairs: bool
+) -> dict:
+    gen = {k: v for k, v in to_dict(cfg.generation).items() if k not in _NEUTRAL}
+    return {
+        "adapter": str(adapter_dir.resolve()),
+        "input": str(input_path.resolve()),
+        "candidates": str(candidates.resolve()) if candidates else None,
+        "gold_pairs": gold_pairs,
+        "mode": cfg.mode,
+        "max_seq_len": cfg.max_seq_len,
+        "max_pairs": cfg.max_pairs,
+        "answer_tokens_per_pair": cfg.answer_tokens_per_pair,
+        "dtype": cfg.dtype,
+        "generation": gen,
+        "align": to_dict(cfg.align),
+    }
+
+
+def _load_progress(path: Path, fingerprint: dict, resume: bool) -> dict[str, dict]:
+    """Finished documents by title; a fresh header when not resuming."""
+    if resume and path.exists():
+        records = read_jsonl(path)
+        if records and records[0].get("format") == PROGRESS_FORMAT:
+            old = records[0].get("fingerprint", {})
+            for key in sorted(set(old) | set(fingerprint)):
+                if old.get(key) != fingerprint.get(key):
+                    raise LmrcError(
+                        f"{path}: cannot resume: {key} was {old.get(key)!r}, now {fingerprint.get(key)!r} "
+                        "(run without --resume to start over)"
+                    )
+            return {r["title"]: r for r in records[1:] if "title" in r}
+        if records:
+            raise LmrcError(f"{path}: not an lmrc stage-2 progress file")
+    if path.exists():
+        path.unlink()
+    append_jsonl(path, {"format": PROGRESS_FORMAT, "fingerprint": fingerprint})
+    return {}
+
+
+class _Aligner:
+    """Alignment with the configured relation mapping, plus strict alignment when mapping with SBERT."""
+
+    def __init__(self, cfg: Stage2Config, relations: RelationSet) -> None:
+        from lmrc.models import default_cache_dir
+
+        get_scorer(cfg.align.scorer)  # fail early on a bad scorer name
+        self.cfg = cfg.align
+        self.relations = relations
+        self.strict = RelationMapper(relations, mode="strict")
+        self.mapper = self.strict
+        if cfg.align.relation_mapping == "sbert":
+            self.mapper = RelationMapper(
+                relations,
+                sbert_path=cfg.align.sbert_model,
+                theta=cfg.align.theta,
+                mode="sbert",
+                cache_dir=default_cache_dir(),
+            )
+
+    def align(self, text: str, prompt: Prompt, doc: Document, names, choices, mapper=None) -> AlignResult:
+        return align_output(
+            text,
+            prompt,
+            doc,
+            names,
+            self.relations,
+            mapper or self.mapper,
+            cutoff=self.cfg.cutoff,
+            scorer=self.cfg.scorer,
+            choices=choices,
+        )
+
+
+def predict(
+    adapter_dir: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    candidates_path: str | os.PathLike | None = None,
+    gold_pairs: bool = False,
+    resume: bool = False,
+    debug_out: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    generator: Generator | None = None,
+    device: Any = None,
+) -> dict:
+    """Run stage 2 over `input_path` and write the official result file; returns the summary.
+
+    `generator` replaces the configured backend (tests, or a caller that keeps a model loaded).
+    """
+    adapter_dir = Path(adapter_dir)
+    input_path, output_path = Path(input_path), Path(output_path)
+    cands = Path(candidates_path) if candidates_path is not None else None
+    cfg = load_adapter_config(adapter_dir, list(overrides))
+    trained = load_adapter_config(adapter_dir)
+    for key in _FIXED_BY_TRAINING:
+        if getattr(cfg, key) != getattr(trained, key):
+            raise LmrcError(
+                f"--set {key}: fixed by the adapter's training ({adapter_dir}/config.yaml), cannot change"
+            )
+    relations = adapter_relations(adapter_dir, cfg)
+    template = adapter_template(adapter_dir, cfg)
+    docs = load_documents(input_path, relations)
+    pairs_by_doc, missing = select_pairs(docs, cfg.mode, input_path, cands, gold_pairs)
+
+    progress_path = sidecar(output_path, ".progress.jsonl")
+    done = _load_progress(
+        progress_path, _fingerprint(cfg, adapter_dir, input_path, cands, gold_pairs), resume
+    )
+    if done:
+        log.info("%s: %d of %d documents already done", progress_path, len(done), len(docs))
+    debug_path = Path(debug_out) if debug_out is not None else None
+    if debug_path is not None and not resume and debug_path.exists():
+        debug_path.unlink()
+
+    tokenizer = generator.tokenizer if generator is not None else load_tokenizer(adapter_dir)
+    encoder = PromptEncoder(tokenizer, cfg.use_chat_template)
+    context: dict[str, int | None] = {}  # the model's context window, read when the first prompt needs it
+    aligner = _Aligner(cfg, relations)
+    state = {"generator": generator}
+
+    def get_generator() -> Generator:
+        if state["generator"] is None:  # loaded on the first prompt: no prompt, no model
+            state["generator"] = create_generator(cfg, adapter_dir, device)
+        return state["generator"]
+
+    todo = [i for i, d in enumerate(docs) if d.title not in done]
+    start = time.perf_counter()
+    timed_docs = 0
+    chunk = cfg.generation.docs_per_chunk
+    for c in range(0, len(todo), chunk):
+        t0 = time.perf_counter()
+        idxs = todo[c : c + chunk]
+        plans = []
+        jobs: list[tuple[int, int, list[int], int]] = []  # (position in idxs, prompt number, ids, budget)
+        for k, i in enumerate(idxs):
+            names, prompts = _plan_document(docs[i], pairs_by_doc[i], relations, template, encoder, cfg)
+            plans.append((names, prompts))
+            for j, p in enumerate(prompts):
+                ids = encoder.encode_prompt(p.text)
+                if "n" not in context:
+                    context["n"] = _model_context(cfg)
+                jobs.append((k, j, ids, answer_budget(len(p.pairs), cfg.generation, len(ids), context["n"])))
+        outputs = get_generator().generate([j[2] for j in jobs], [j[3] for j in jobs]) if jobs else []
+        if len(outputs) != len(jobs):
+            raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(jobs)} prompts")
+        by_doc: dict[int, list] = {}
+        for (k, j, ids, budget), gen in zip(jobs, outputs):
+            by_doc.setdefault(k, []).append((j, ids, budget, gen))
+        elapsed = time.perf_counter() - t0
+        n_timed = max(1, len(by_doc))
+        for k, i in enumerate(idxs):
+            record, debug = _finish_document(docs[i], i, plans[k], by_doc.get(k, []), aligner, cfg)
+            record["seconds"] = round(elapsed / n_timed, 3) if k in by_doc else 0.0
+            append_jsonl(progress_path, record)
+            if debug_path is not None:
+                append_jsonl(debug_path, debug)
+            done[docs[i].title] = record
+        timed_docs += len(by_doc)
+        spent = time.perf_counter() - start
+        left = spent / (c + len(idxs)) * (len(todo) - c - len(idxs))
+        log.info(
+            "stage 2: %d / %d documents (%.1f min, ~%.1f min left)",
+            len(done),
+            len(docs),
+            spent / 60,
+            left / 60,
+        )
+    seconds = time.perf_counter() - start
+
+    records = [done[d.title] for d in docs]
+    result = [p for r in records for p in r["predictions"]]
+    atomic_write_json(output_path, result)
+    if cfg.align.relation_mapping == "sbert":
+        atomic_write_json(
+            sidecar(output_path, ".strict.json"), [p for r in records for p in r["strict_predictions"]]
+        )
+    save_config(cfg, sidecar(output_path, ".config.yaml"))
+    summary = _summary(records, cfg, missing, seconds, timed_docs, adapter_dir, input_path, cands, gold_pairs)
+    atomic_write_json(sidecar(output_path, ".summary.json"), summary, indent=2)
+    return summary
+
+
+def _plan_document(
+    doc: Document,
+    pairs: list[tuple[int, int]],
+    relations: RelationSet,
+    template: PromptTemplate,
+    encoder: PromptEncoder,
+    cfg: Stage2Config,
+) -> tuple[list[str], list[Prompt]]:
+    """Display names and prompts of one document, planned exactly as for training; no pairs, no prompt."""
+    names = entity_names(doc)
+    if not pairs:
+        return names, []
+    prompts = plan_prompts(
+        doc,
+        relations,
+        pairs,
+        template,
+        encoder.count_tokens,
+        encoder.max_context(cfg.max_seq_len),
+        max_pairs=cfg.max_pairs,
+        answer_tokens_per_pair=cfg.answer_tokens_per_pair,
+        names=names,
+    )
+    return names, prompts
+
+
+def _model_context(cfg: Stage2Config) -> int | None:
+    """The base model's context window (from its config), to keep prompt + answer inside it."""
+    import json
+
+    from lmrc.stage2.modeling import resolve_model_path
+
+    try:
+        path = resolve_model_path(cfg.model) / "config.json"
+        return int(json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")) or None
+    except (OSError, LmrcError, TypeError, ValueError):
+        return None
+
+
+def _finish_document(doc: Document, index: int, plan, generated, aligner: _Aligner, cfg: Stage2Config):
+    names, prompts = plan
+    choices = entity_choices(doc, names)
+    predictions: dict[tuple, dict] = {}
+    strict: dict[tuple, dict] = {}
+    drops: Counter = Counter()
+    counts = Counter()
+    debug_prompts = []
+    for j, ids, budget, gen in sorted(generated, key=lambda x: x[0]):
+        prompt = prompts[j]
+        res = aligner.align(gen.text, prompt, doc, names, choices)
+        for p in res.predictions:
+            predictions.setdefault((p["h_idx"], p["t_idx"], p["r"]), p)
+        if aligner.mapper is not aligner.strict:
+            for p in aligner.align(gen.text, prompt, doc, names, choices, mapper=aligner.strict).predictions:
+                strict.setdefault((p["h_idx"], p["t_idx"], p["r"]), p)
+        drops.update(res.drops)
+        counts.update(
+            prompts=1,
+            pairs=len(prompt.pairs),
+            prompt_tokens=len(ids),
+            generated_tokens=gen.n_tokens,
+            hit_token_limit=int(gen.hit_limit),
+            stopped_on_repeat=int(gen.stopped_on_repeat),
+            empty_outputs=int(not gen.text.strip()),
+            triples=res.n_triples,
+            none_answers=res.n_none,
+            out_of_set_before_mapping=res.n_out_of_set_before_mapping,
+            out_of_set_after_mapping=res.n_out_of_set_after_mapping,
+        )
+        debug_prompts.append(
+            {
+                "pairs": [list(p) for p in prompt.pairs],
+                "prompt_tokens": len(ids),
+                "max_new_tokens": budget,
+                "raw_output": gen.text,
+                "generated_tokens": gen.n_tokens,
+                "hit_token_limit": gen.hit_limit,
+                "stopped_on_repeat": gen.stopped_on_repeat,
+                "parsed": [list(t) for t in parse_triples(gen.text)],
+                "alignment": res.details,
+                "drops": dict(res.drops),
+            }
+        )
+    record = {
+        "title": doc.title,
+        "index": index,
+        "n_entities": len(doc.entities),
+        "truncated": any(p.truncated_doc for p in prompts),
+        "counts": dict(counts),
+        "drops": dict(drops),
+        "predictions": list(predictions.values()),
+    }
+    if aligner.mapper is not aligner.strict:
+        record["strict_predictions"] = list(strict.values())
+    debug = {
+        "title": doc.title,
+        "index": index,
+        "prompts": debug_prompts,
+        "predictions": record["predictions"],
+    }
+    return record, debug
+
+
+def _summary(records, cfg, missing, seconds, timed_docs, adapter_dir, input_path, cands, gold_pairs) -> dict:
+    counts: Counter = Counter()
+    drops: Counter = Counter()
+    for r in records:
+        counts.update(r["counts"])
+        drops.update(r["drops"])
+    with_prompts = sum(1 for r in records if r["counts"].get("prompts"))
+    return {
+        "adapter": str(adapter_dir),
+        "input": str(input_path),
+        "pairs_from": "all pairs" if cfg.mode == "direct" else "gold pairs" if gold_pairs else str(cands),
+        "mode": cfg.mode,
+        "relation_mapping": cfg.align.relation_mapping,
+        "documents": len(records),
+        "documents_with_prompts": with_prompts,
+        "documents_without_pairs": len(records) - with_prompts,
+        "documents_missing_candidates": missing,
+        "documents_truncated": sum(1 for r in records if r["truncated"]),
+        "predictions": sum(len(r["predictions"]) for r in records),
+        "prompts": counts["prompts"],
+        "pairs": counts["pairs"],
+        "prompt_tokens": counts["prompt_tokens"],
+        "generated_tokens": counts["generated_tokens"],
+        "outputs_hit_token_limit": counts["hit_token_limit"],
+        "outputs_stopped_on_repeat": counts["stopped_on_repeat"],
+        "empty_outputs": counts["empty_outputs"],
+        "triples_parsed": counts["triples"],
+        "none_answers": counts["none_answers"],
+        "out_of_set_before_mapping": counts["out_of_set_before_mapping"],
+        "out_of_set_after_mapping": counts["out_of_set_after_mapping"],
+        "drops": dict(sorted(drops.items())),
+        "seconds_this_run": round(seconds, 2),
+        "documents_generated_this_run": timed_docs,
+        "seconds_per_document": round(seconds / timed_docs, 3) if timed_docs else None,
+        "seconds_per_document_all_runs": (
+            round(sum(r.get("seconds", 0.0) for r in records) / with_prompts, 3) if with_prompts else None
+        ),
+    }

@@ -20,6 +20,22 @@ from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_text
 
 T = TypeVar("T")
+
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_path(value: str, where: str) -> Path:
+    """Expand `$VAR` / `${VAR}` and `~` in a config path; an unset variable is an error naming the config key."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if not os.environ.get(name):
+            raise LmrcError(f"{where}: {value!r} uses ${{{name}}}, which is not set (export {name}=...)")
+        return os.environ[name]
+
+    return Path(_VAR.sub(sub, value)).expanduser()
+
+
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 

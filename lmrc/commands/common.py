@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 from pathlib import Path
 
 
@@ -23,3 +26,37 @@ def data_dir() -> Path | None:
     """`LMRC_DATA_DIR`, the folder holding local copies of the data (e.g. ../shared/data)."""
     d = os.environ.get("LMRC_DATA_DIR")
     return Path(d) if d else None
+
+
+@contextlib.contextmanager
+def log_to_file(path: Path):
+    """Also append the log to `path` (long background runs are followed there), at INFO whatever the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (`kill`, a scheduler's time limit) saves the resumable state, as Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

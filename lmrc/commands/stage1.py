@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import logging
-import signal
 from pathlib import Path
 
-from lmrc.commands.common import add_config_args
+from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt
 
 
 def register(sub) -> None:
@@ -116,46 +113,12 @@ def _load_config(args, output_dir: str | None):
     return cfg
 
 
-@contextlib.contextmanager
-def _log_to_file(path: Path):
-    """Also append the log to `path` (long background runs are followed there); at INFO whatever the console level."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (`kill`, a scheduler's time limit) saves the resumable state, as Ctrl-C does."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def cmd_train(args) -> int:
     from lmrc.stage1.train import train
 
     cfg = _load_config(args, args.output_dir)
     out = Path(cfg.output_dir)
-    with _sigterm_as_interrupt(), _log_to_file(out / "train.log"):
+    with sigterm_as_interrupt(), log_to_file(out / "train.log"):
         result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
     state = "finished" if result.finished else "paused (continue with --resume)"
     if result.stopped_early:
@@ -217,7 +180,7 @@ def cmd_crossfit(args) -> int:
     from lmrc.stage1.predict import crossfit
 
     cfg = _load_config(args, args.output_dir)
-    with _sigterm_as_interrupt(), _log_to_file(Path(cfg.output_dir) / "crossfit.log"):
+    with sigterm_as_interrupt(), log_to_file(Path(cfg.output_dir) / "crossfit.log"):
         result = crossfit(
             cfg,
             args.folds,

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
 from pathlib import Path
 
-from lmrc.commands.common import add_config_args
+from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt
 from lmrc.errors import LmrcError
 
 
@@ -92,39 +90,6 @@ def register(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
-@contextlib.contextmanager
-def _log_to_file(path: Path):
-    """Also append the log to `path`: long background runs are followed there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (`kill`, a scheduler's time limit) saves the resumable state, as Ctrl-C does."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _load_train_config(args: argparse.Namespace):
     from lmrc.stage2.config import load_stage2_config
     from lmrc.stage2.modeling import CONFIG_FILE
@@ -145,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lmrc.stage2.train import METRICS_FILE, train
 
     cfg = _load_train_config(args)
-    with _sigterm_as_interrupt(), _log_to_file(Path(cfg.output_dir) / "train.log"):
+    with sigterm_as_interrupt(), log_to_file(Path(cfg.output_dir) / "train.log"):
         result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
     state = "finished" if result.finished else "paused (continue with --resume)"
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
@@ -163,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from lmrc.stage2.predict import predict, sidecar
 
-    with _sigterm_as_interrupt():  # finished chunks are already in the progress file; --resume continues
+    with sigterm_as_interrupt():  # finished chunks are already in the progress file; --resume continues
         summary = predict(
             args.adapter,
             args.input,

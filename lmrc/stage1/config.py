@@ -13,12 +13,11 @@ be read on a machine where the variable is not set.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmrc.config import load_config
+from lmrc.config import expand_path, load_config
 from lmrc.errors import LmrcError
 
 # `lmrc data split ${LMRC_DATA_DIR}/redocred/train_450.json --ratios 0.9,0.1 --seed 13 --out-dir data/splits`
@@ -30,20 +29,6 @@ DEFAULT_REL_INFO = "${LMRC_DATA_DIR}/redocred/rel_info.json"
 BILINEAR = ("grouped", "full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SELECT_METRICS = ("f1", "ign_f1", "pair_f1", "pair_recall")
-
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-def expand_path(value: str, where: str) -> Path:
-    """Expand `$VAR` / `${VAR}` and `~`; an unset variable is an error naming the config key."""
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1) or m.group(2)
-        if name not in os.environ:
-            raise LmrcError(f"{where}: {value!r} uses ${{{name}}}, which is not set (export {name}=...)")
-        return os.environ[name]
-
-    return Path(_VAR.sub(sub, value)).expanduser()
 
 
 @dataclass

@@ -13,12 +13,10 @@ used, so a saved config stays portable.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmrc.config import load_config
-from lmrc.errors import LmrcError
+from lmrc.config import expand_path, load_config
 
 MODES = ("rc", "direct")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -28,20 +26,6 @@ RELATION_MAPPINGS = ("strict", "sbert")
 # LMRC Table 7: (epochs, warmup steps) per mode.
 PAPER_EPOCHS = {"rc": 8, "direct": 2}
 PAPER_WARMUP = {"rc": 100, "direct": 200}
-
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-def expand_path(value: str, where: str) -> Path:
-    """Expand `$VAR` / `${VAR}` and `~`; an unset variable is an error naming the config key."""
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1) or m.group(2)
-        if name not in os.environ:
-            raise LmrcError(f"{where}: {value!r} uses ${{{name}}}, which is not set (export {name}=...)")
-        return os.environ[name]
-
-    return Path(_VAR.sub(sub, value)).expanduser()
 
 
 @dataclass

@@ -67,7 +67,7 @@ def adapter_template(adapter_dir: Path, cfg: Stage2Config) -> PromptTemplate:
     own = adapter_dir / TEMPLATE_FILE
     path = own if own.is_file() else None
     if path is None and cfg.template:
-        from lmrc.stage2.config import expand_path
+        from lmrc.config import expand_path
 
         path = expand_path(cfg.template, "template")
     return load_template(cfg.mode, path, allow_none=cfg.allow_none)

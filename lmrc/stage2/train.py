@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmrc.config import save_config, to_dict
+from lmrc.config import expand_path, save_config, to_dict
 from lmrc.data.candidates import load_candidates
 from lmrc.data.docred import Document, load_documents
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from lmrc.stage2.config import Stage2Config, expand_path, load_stage2_config
+from lmrc.stage2.config import Stage2Config, load_stage2_config
 from lmrc.stage2.examples import IGNORE_INDEX, ExampleBuilder, ExampleStats, PromptEncoder, TrainExample
 from lmrc.stage2.modeling import (
     ADAPTER_CONFIG,

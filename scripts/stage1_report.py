@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = [("default", {})]
         if cfg_head in recall_heads or run.name.split("-")[0] in recall_heads:
             settings.append(("recall 0.95", {"recall_target": 0.95, "tune_path": args.tune}))
+        if (
+            cfg_head == "amtl"
+        ):  # AMTL inference: Eq. 2's combined threshold (default) and the authors' raw one
+            settings.append(("raw thresholds", {"head_params": {"threshold_mode": "raw"}}))
         for label, kw in settings:
             tag = label.replace(" ", "_")
             res = predict(

@@ -258,3 +258,28 @@ def test_crossfit_proposes_each_document_with_the_model_that_did_not_see_it(setu
         for i, scores in zip(held, reference_scores(tmp_path / "cf" / f"fold{k}" / "best", fold_docs)):
             assert len(cands.documents[i].pairs) == sum(s > 0 for s in scores)
     assert result.report.documents == len(docs)
+
+
+def test_head_params_change_prediction_only_and_refuse_training_parameters(setup, tmp_path):
+    """--head-param top_k=1 caps ATL at one relation per pair; a training-only parameter is refused."""
+    plain = predict(
+        setup["atl"], setup["test"], tmp_path / "a.json", relations_output=tmp_path / "a.result.json"
+    )
+    capped = predict(
+        setup["atl"],
+        setup["test"],
+        tmp_path / "b.json",
+        relations_output=tmp_path / "b.result.json",
+        head_params={"top_k": 1},
+    )
+    per_pair: dict = {}
+    for x in capped.relation_predictions:
+        per_pair[(x["title"], x["h_idx"], x["t_idx"])] = (
+            per_pair.get((x["title"], x["h_idx"], x["t_idx"]), 0) + 1
+        )
+    assert per_pair and max(per_pair.values()) == 1
+    capped_set = {(x["title"], x["h_idx"], x["t_idx"], x["r"]) for x in capped.relation_predictions}
+    plain_set = {(x["title"], x["h_idx"], x["t_idx"], x["r"]) for x in plain.relation_predictions}
+    assert capped_set <= plain_set
+    with pytest.raises(LmrcError, match="not a prediction-time parameter"):
+        load_checkpoint(setup["atl"], head_params={"lam": 2.0})

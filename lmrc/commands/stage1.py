@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt
+from lmrc.errors import LmrcError
 
 
 def register(sub) -> None:
@@ -62,6 +63,14 @@ def register(sub) -> None:
         "--train", type=Path, help="training documents for Ign F1 (default: the checkpoint's data.train)"
     )
     pr.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    pr.add_argument(
+        "--head-param",
+        dest="head_params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="prediction-time head parameter, e.g. threshold_mode=raw (amtl), alpha=0.6 (mdre), top_k=4 (atl)",
+    )
     pr.set_defaults(func=cmd_predict)
 
     c = s1.add_parser(
@@ -149,6 +158,18 @@ def _print_report(report, metrics, relation_names) -> None:
         print(format_table(metrics, relation_names))
 
 
+def _head_params(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LmrcError(f"--head-param {item}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cmd_predict(args) -> int:
     from lmrc.stage1.predict import predict
 
@@ -164,6 +185,7 @@ def cmd_predict(args) -> int:
         gold_path=args.gold,
         train_path=args.train,
         batch_size=args.batch_size,
+        head_params=_head_params(args.head_params),
     )
     h = result.candidates.header
     n = sum(len(d.pairs) for d in result.candidates.documents)

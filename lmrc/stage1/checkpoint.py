@@ -124,8 +124,24 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+# Head parameters that only change prediction, so a trained checkpoint may be predicted with other values
+# (AMTL's combined/raw thresholds, MD-RE's fusion alpha, ATLOP's top-k, the BCE probability cut).
+INFERENCE_PARAMS = {
+    "amtl": ("threshold_mode",),
+    "mdre": ("alpha",),
+    "atl": ("top_k",),
+    "atgl": ("top_k",),
+    "atsl": ("top_k",),
+    "bce": ("threshold",),
+}
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", head_params: dict[str, Any] | None = None
+) -> Checkpoint:
     """Rebuild the model from the saved encoder config (AutoModel.from_config: no hub access) and weights.
+
+    `head_params` overrides prediction-only head parameters (INFERENCE_PARAMS), e.g. {"threshold_mode": "raw"}.
 
     Refuses, with one line naming the file, a folder that is not a checkpoint, a loss this lmrc does not know,
     and weights that do not fit the encoder config (e.g. `encoder/` taken from another model).
@@ -154,6 +170,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise LmrcError(
             f"{meta_path}: loss.name: unknown loss {loss_name!r} (known: {', '.join(sorted(LOSSES))})"
         )
+    for key, value in (head_params or {}).items():
+        if key not in INFERENCE_PARAMS.get(loss_name, ()):
+            allowed = ", ".join(INFERENCE_PARAMS.get(loss_name, ())) or "none"
+            raise LmrcError(
+                f"--head-param {key}: not a prediction-time parameter of the {loss_name!r} head (allowed: {allowed})"
+            )
+        loss_params[key] = value
     try:
         loss = build_loss(loss_name, **loss_params)
     except LmrcError as exc:

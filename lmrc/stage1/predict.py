@@ -403,6 +403,7 @@ def predict(
     train_path: str | os.PathLike | None = None,
     batch_size: int = 8,
     device: str | torch.device | None = None,
+    head_params: dict[str, Any] | None = None,
 ) -> PredictResult:
     """Score `input_path`'s documents with a checkpoint and write the candidates file (and the relation result).
 
@@ -412,7 +413,7 @@ def predict(
     from lmrc.stage1.checkpoint import load_checkpoint
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ck = load_checkpoint(checkpoint_dir, device=device)
+    ck = load_checkpoint(checkpoint_dir, device=device, head_params=head_params)
     if relations_output is not None and not ck.loss.per_relation:
         raise LmrcError(
             f"--relations: the {ck.loss_name!r} head predicts no relations (only candidate pairs)"

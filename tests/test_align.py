@@ -193,3 +193,12 @@ def test_relation_embeddings_are_cached_on_disk(sbert_mapper, rel_info):
     cached = again.relation_embeddings()
     assert cached is not first and (cached == first).all()
     assert first.shape == (len(rel_info), 384)
+
+
+def test_echoed_placeholder_and_empty_fields_are_counted_as_drops():
+    # LMRC Appendix B: the fine-tuned model "outputs '-' appearing in the entity pair input format as a
+    # relation". The parser skips such triples; the alignment must still count them, not lose them silently.
+    text = "(Paris| -| France)\n(Paris| capital| )\n(Paris| capital| France)"
+    result = align_output(text, _prompt((0, 1)), DOC, NAMES, RELS, RelationMapper(RELS))
+    assert result.predictions == [{"title": "Doc", "h_idx": 0, "t_idx": 1, "r": "P36"}]
+    assert dict(result.drops) == {"empty_field": 2}

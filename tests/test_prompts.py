@@ -271,3 +271,19 @@ def test_templates_are_found_and_shipped_in_wheels():
 def test_template_from_saved_text_renders_like_the_file(tmp_path):
     raw = (default_prompts_dir() / "rc.txt").read_text()
     assert parse_template("rc", raw, allow_none=True) == load_template("rc", allow_none=True)
+
+
+def test_rc_prompts_are_not_capped_at_18_pairs_but_direct_prompts_are(dev_docs, rel_info):
+    """LMRC Sec. 3.2: rc asks one prompt per document; the 18-pair cap is the direct baseline's k."""
+    from lmrc.stage2.config import Stage2Config
+
+    assert Stage2Config(mode="rc").max_pairs is None
+    assert Stage2Config(mode="direct").max_pairs == 18
+    doc = max(dev_docs, key=lambda d: len(d.entities))
+    pairs = doc.pairs()[:40]
+    template = load_template("rc")
+    words = lambda text: len(text.split())  # noqa: E731
+    uncapped = plan_prompts(doc, rel_info, pairs, template, words, max_context=100_000, max_pairs=None)
+    capped = plan_prompts(doc, rel_info, pairs, template, words, max_context=100_000, max_pairs=18)
+    assert [len(p.pairs) for p in uncapped] == [40]
+    assert [len(p.pairs) for p in capped] == [18, 18, 4]

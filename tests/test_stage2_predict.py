@@ -382,3 +382,21 @@ def test_direct_mode_asks_all_pairs_and_reads_none_answers(redocred_dir, tmp_pat
     assert records[1]["prompts"] == [] and echo.prompts == summary["prompts"]
     with pytest.raises(LmrcError, match="all pairs"):
         predict(adapter, docs, tmp_path / "r2.json", gold_pairs=True, generator=echo)
+
+
+def test_resume_after_a_torn_progress_line_leaves_a_readable_progress_file(adapter, docs_file, tmp_path):
+    out = tmp_path / "result.json"
+    chunk = ["generation.docs_per_chunk=1"]
+    with pytest.raises(KeyboardInterrupt):
+        predict(
+            adapter, docs_file, out, gold_pairs=True, overrides=chunk, generator=EchoGenerator(fail_on_call=2)
+        )
+    progress = sidecar(out, ".progress.jsonl")
+    with open(progress, "a", encoding="utf-8") as fh:  # a process killed in the middle of an append
+        fh.write('{"title": "torn')
+    predict(adapter, docs_file, out, gold_pairs=True, resume=True, overrides=chunk, generator=EchoGenerator())
+    records = read_jsonl(progress)  # the next append must not have been glued onto the torn line
+    assert len(records) == 4 and len({r["title"] for r in records[1:]}) == 3
+    again = EchoGenerator()
+    predict(adapter, docs_file, out, gold_pairs=True, resume=True, overrides=chunk, generator=again)
+    assert again.calls == 0

@@ -44,7 +44,16 @@ SCORERS: dict[str, Callable[..., int]] = {
     "WRatio": fuzz.WRatio,
 }
 RELATION_MODES = ("strict", "sbert")
-DROP_REASONS = ("unparsed", "below_cutoff", "self_loop", "pair_not_asked", "out_of_set_relation", "duplicate")
+# empty_field: a triple with an empty or "-" field, e.g. the input placeholder echoed as the relation (LMRC App. B).
+DROP_REASONS = (
+    "unparsed",
+    "empty_field",
+    "below_cutoff",
+    "self_loop",
+    "pair_not_asked",
+    "out_of_set_relation",
+    "duplicate",
+)
 
 
 def get_scorer(name: str) -> Callable[..., int]:
@@ -308,6 +317,8 @@ def align_output(
     )
     if parsed.n_unparsed:
         result.drops["unparsed"] += parsed.n_unparsed
+    if parsed.n_empty:
+        result.drops["empty_field"] += parsed.n_empty
     mapped = mapper.map_many([r for _, r, _ in parsed.triples])
     seen: set[tuple[int, int, str]] = set()
     for (head, rel, tail), (rid, rel_score) in zip(parsed.triples, mapped):

@@ -169,7 +169,9 @@ class Stage2Config:
     rc_allow_none: bool = False  # rc: offer None in the prompt (needed to train on stage-1 false positives)
     # Tokens per sequence (prompt + answer). The paper's Llama-2 has 4,096; 2,048 keeps CPU training affordable.
     max_seq_len: int = 2048
-    max_pairs: int = 18  # pairs per prompt at most: the authors' code's k (LMRC Sec. 3, "Fine-tuning LLaMA2")
+    # Pairs per prompt at most. None: 18 for direct (the authors' code's k, LMRC Sec. 2) and no cap for rc (LMRC
+    # Sec. 3.2: one input per document, "n(n-1)/k -> 1"); either way a prompt is split when it exceeds max_seq_len.
+    max_pairs: int | None = None
     answer_tokens_per_pair: int = 24  # answer room reserved per pair when splitting pairs over prompts
     # auto: bfloat16 on a CPU with native bf16 (measured faster than float32 for LoRA training here) or a CUDA
     # GPU that supports it, else float32.
@@ -187,7 +189,9 @@ class Stage2Config:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.max_pairs < 1 or self.answer_tokens_per_pair < 1:
+        if self.max_pairs is None and self.mode == "direct":
+            self.max_pairs = 18
+        if (self.max_pairs is not None and self.max_pairs < 1) or self.answer_tokens_per_pair < 1:
             raise ValueError("max_pairs and answer_tokens_per_pair must be at least 1")
         if self.max_seq_len < 64:
             raise ValueError("max_seq_len must be at least 64 tokens")

@@ -139,7 +139,7 @@ class ExampleBuilder:
         template: PromptTemplate,
         encoder: PromptEncoder,
         max_seq_len: int,
-        max_pairs: int = 18,
+        max_pairs: int | None = 18,
         answer_tokens_per_pair: int = 24,
     ) -> None:
         self.relations = relations

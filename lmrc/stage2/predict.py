@@ -15,6 +15,7 @@ tokens, drop reasons, out-of-set relations before/after mapping, timing) and the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from lmrc.data.candidates import load_candidates
 from lmrc.data.docred import Document, load_documents
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.io import append_jsonl, atomic_write_json, read_jsonl
+from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from lmrc.stage2.align import AlignResult, RelationMapper, align_output, entity_choices, get_scorer
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.examples import PromptEncoder
@@ -161,6 +162,9 @@ def _load_progress(path: Path, fingerprint: dict, resume: bool) -> dict[str, dic
                         f"{path}: cannot resume: {key} was {old.get(key)!r}, now {fingerprint.get(key)!r} "
                         "(run without --resume to start over)"
                     )
+            # Rewrite without a torn last line (a killed append), which the next append would extend into a
+            # malformed line in the middle of the file.
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             return {r["title"]: r for r in records[1:] if "title" in r}
         if records:
             raise LmrcError(f"{path}: not an lmrc stage-2 progress file")

@@ -329,7 +329,7 @@ def plan_prompts(
     template: PromptTemplate,
     count_tokens: Callable[[str], int],
     max_context: int,
-    max_pairs: int = 18,
+    max_pairs: int | None = 18,
     answer_tokens_per_pair: int = 24,
     names: Sequence[str] | None = None,
 ) -> list[Prompt]:
@@ -337,11 +337,14 @@ def plan_prompts(
 
     A prompt fits when its tokens plus `answer_tokens_per_pair` per pair (the expected answer) are within
     `max_context` - the paper's k "maximum number of entity pairs that can be accommodated in each input", capped
-    at 18 as the authors' code does. If the prefix leaves no room for even one pair, the document text is
+    at 18 as the authors' code does for direct fine-tuning (`max_pairs=None`: no cap, only the context limits a
+    prompt, as LMRC's rc stage with one input per document). If the prefix leaves no room for even one pair, the document text is
     truncated (logged, and flagged on every prompt of the document). No pairs: no prompts.
     """
     if not pairs:
         return []
+    if max_pairs is None:
+        max_pairs = len(pairs)
     if max_pairs < 1:
         raise LmrcError(f"max_pairs must be at least 1, got {max_pairs}")
     names = list(names) if names is not None else entity_names(doc)

@@ -61,6 +61,7 @@ RESUMABLE_CHANGES = (
     "train.save_every_steps",
     "train.log_every_steps",
     "train.num_threads",
+    "train.gradient_checkpointing",  # memory for compute; the same losses (tests/test_stage2_train.py)
     "generation",
     "align",
 )

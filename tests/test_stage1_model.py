@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from lmrc.errors import LmrcError
 from lmrc.stage1.encoder import encode, load_encoder, plan_segments, usable_window, window_spans
@@ -333,3 +334,21 @@ def test_load_encoder_minilm_eager_without_pooler_encodes_long_document(dev_docs
     with torch.no_grad():
         logits = model(*batch_of([f]))
     assert logits.shape == (len(f.hts), 2) and torch.isfinite(logits).all()
+
+
+def test_full_bilinear_head_runs_under_bf16_autocast():
+    """The LMRC BCE head's nn.Bilinear under CPU bf16 autocast (train.mixed_precision: bf16) gives float logits."""
+    torch.manual_seed(0)
+    layer = Stage1Model.__new__(Stage1Model)
+    nn.Module.__init__(layer)
+    layer.bilinear = "full"
+    classifier = nn.Bilinear(8, 8, 1)
+    z_h, z_t = torch.randn(5, 8), torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer._bilinear(classifier, z_h.bfloat16(), z_t.bfloat16())
+    expected = torch.einsum(
+        "pi,oij,pj->po", z_h.bfloat16().float(), classifier.weight, z_t.bfloat16().float()
+    )
+    assert out.dtype == torch.float32
+    # bf16 matmuls inside F.bilinear under autocast: close to the float32 value, not equal
+    assert torch.allclose(out, expected + classifier.bias, rtol=0.02, atol=0.02)

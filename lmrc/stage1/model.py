@@ -128,7 +128,10 @@ class Stage1Model(nn.Module):
 
     def _bilinear(self, classifier: nn.Module, z_h: Tensor, z_t: Tensor) -> Tensor:
         if self.bilinear == "full":
-            return classifier(z_h, z_t)
+            # F.bilinear is not on autocast's cast lists: under bf16 autocast its inputs arrive in bf16 while the
+            # weight stays float32, so this layer runs in the weight's dtype.
+            dtype = classifier.weight.dtype
+            return classifier(z_h.to(dtype), z_t.to(dtype))
         # ATLOP Eq. 7: the outer product within each block of `block_size` dimensions, then a linear layer.
         k = self.emb_size // self.block_size
         b1 = z_h.view(-1, k, self.block_size)

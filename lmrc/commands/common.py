@@ -22,6 +22,22 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> N
     )
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--output-dir / --resume / --stop-after-steps, shared by the long-running `train` commands."""
+    p.add_argument("--output-dir", help="output folder (default: the config's output_dir)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder exactly; without --config its saved config.yaml is used",
+    )
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        metavar="N",
+        help="save the resumable state and exit after N optimizer steps (time-box long runs; then --resume)",
+    )
+
+
 def data_dir() -> Path | None:
     """`LMRC_DATA_DIR`, the folder holding local copies of the data (e.g. ../shared/data)."""
     d = os.environ.get("LMRC_DATA_DIR")

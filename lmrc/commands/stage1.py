@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt
+from lmrc.commands.common import add_config_args, add_run_args, log_to_file, sigterm_as_interrupt
 from lmrc.errors import LmrcError
 
 
@@ -23,18 +23,7 @@ def register(sub) -> None:
         "every train.save_every_steps steps and on Ctrl-C / SIGTERM).",
     )
     add_config_args(t)
-    t.add_argument("--output-dir", help="output folder (default: the config's output_dir)")
-    t.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in the output folder exactly; without --config its saved config.yaml is used",
-    )
-    t.add_argument(
-        "--stop-after-steps",
-        type=int,
-        metavar="N",
-        help="save the resumable state and exit after N optimizer steps (time-box long runs; then --resume)",
-    )
+    add_run_args(t)
     t.set_defaults(func=cmd_train)
 
     pr = s1.add_parser(

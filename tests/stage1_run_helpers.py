@@ -93,3 +93,18 @@ def tiny_config(
         f"output_dir={out}",
     ]
     return load_stage1_config(None, base + list(overrides))
+
+
+def train_roberta_tokenizer(docs: list[Document]):
+    """A byte-level BPE (vocab 600) trained here on the documents' text, wrapped as a RoBERTa tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        [d.text() for d in docs],
+        vocab_size=600,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
+    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage1_run_helpers import train_roberta_tokenizer
 
 from lmrc.stage1 import features as F
 from lmrc.stage1.features import (
@@ -41,17 +42,7 @@ def bert_tok():
 @pytest.fixture(scope="module")
 def roberta_tok(dev_docs):
     """A byte-level BPE trained here on a few real documents, wrapped as a RoBERTa tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [d.text() for d in dev_docs[:6]],
-        vocab_size=600,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        show_progress=False,
-    )
-    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer)
+    return train_roberta_tokenizer(dev_docs[:6])
 
 
 def _mention_words(doc, m) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage1_run_helpers import train_roberta_tokenizer
 from torch import nn
 
 from lmrc.errors import LmrcError
@@ -259,17 +260,9 @@ def test_sdpa_encoder_switched_to_eager_and_bad_options_refused(bert_tok):
 
 @pytest.fixture(scope="module")
 def roberta(dev_docs):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+    from transformers import RobertaConfig, RobertaModel
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [d.text() for d in dev_docs[:6]],
-        vocab_size=600,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        show_progress=False,
-    )
-    tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer)
+    tok = train_roberta_tokenizer(dev_docs[:6])
     torch.manual_seed(0)
     cfg = RobertaConfig(
         vocab_size=len(tok),

@@ -178,8 +178,9 @@ def test_a_document_with_one_entity_gets_no_pairs(setup, tmp_path, dev_docs):
     assert len(cands.documents[0].pairs) > 0
 
 
-def _run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
-    code = main(args)
+def _predict_cli(ckpt: Path, docs: Path, out: Path, capsys) -> tuple[int, list[str]]:
+    """`lmrc stage1 predict` through the CLI: (exit code, stderr lines)."""
+    code = main(["stage1", "predict", "--checkpoint", str(ckpt), "--input", str(docs), "--output", str(out)])
     return code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -199,19 +200,7 @@ def test_a_checkpoint_with_another_encoder_config_fails_with_one_line(setup, tmp
     meta = json.loads((ckpt / "stage1.json").read_text())
     meta["encoder"]["hidden_size"] = 48
     (ckpt / "stage1.json").write_text(json.dumps(meta))
-    code, err = _run_cli(
-        [
-            "stage1",
-            "predict",
-            "--checkpoint",
-            str(ckpt),
-            "--input",
-            str(setup["test"]),
-            "--output",
-            str(tmp_path / "c.json"),
-        ],
-        capsys,
-    )
+    code, err = _predict_cli(ckpt, setup["test"], tmp_path / "c.json", capsys)
     assert code == 2 and len(err) == 1
     assert err[0].startswith("lmrc: error:") and "weights do not match the encoder config" in err[0]
 
@@ -222,19 +211,7 @@ def test_a_checkpoint_with_an_unknown_loss_fails_with_one_line(setup, tmp_path, 
     meta = json.loads((ckpt / "stage1.json").read_text())
     meta["loss"]["name"] = "focal"
     (ckpt / "stage1.json").write_text(json.dumps(meta))
-    code, err = _run_cli(
-        [
-            "stage1",
-            "predict",
-            "--checkpoint",
-            str(ckpt),
-            "--input",
-            str(setup["test"]),
-            "--output",
-            str(tmp_path / "c.json"),
-        ],
-        capsys,
-    )
+    code, err = _predict_cli(ckpt, setup["test"], tmp_path / "c.json", capsys)
     assert code == 2 and len(err) == 1
     assert "stage1.json: loss.name: unknown loss 'focal'" in err[0]
 

@@ -40,12 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (it may be replaced, e.g. under pytest)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging(console_level: int) -> None:
     """Console at the asked level; the root stays at INFO or lower so a run's log file (train.log) is complete."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_lmrc_console", False)]:
         root.removeHandler(old)  # main() may run several times in one process (tests)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._lmrc_console = True  # type: ignore[attr-defined]
     handler.setLevel(console_level)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -77,3 +78,54 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break
             raise LmrcError(f"{path}: line {i + 1}: malformed JSON line") from None
     return records
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a file (feature caches, run fingerprints, provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class JsonStreamWriter:
+    """Write a JSON list item by item into a temporary file, renamed into place by `commit()`.
+
+    The bytes equal `json.dumps(items, ensure_ascii=False)` plus a newline (as `atomic_write_json` writes), so a
+    list written in pieces is identical to one written at once; `opening`/`closing` wrap the list (e.g. an object
+    holding it). `discard()` removes an uncommitted file: readers never see half a file.
+    """
+
+    def __init__(self, path: str | os.PathLike, opening: str = "[", closing: str = "]") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._fh = os.fdopen(fd, "w", encoding="utf-8")
+        self._fh.write(opening)
+        self._closing = closing
+        self._first = True
+        self._done = False
+
+    def add(self, item: Any) -> None:
+        if not self._first:
+            self._fh.write(", ")
+        self._fh.write(json.dumps(item, ensure_ascii=False))
+        self._first = False
+
+    def commit(self) -> None:
+        self._fh.write(self._closing + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.chmod(self._tmp, 0o644)
+        os.replace(self._tmp, self.path)
+        self._done = True
+
+    def discard(self) -> None:
+        if self._done:
+            return
+        self._fh.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+        self._done = True

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json
+from lmrc.io import atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +418,7 @@ def _write_provenance(folder: Path, gguf: Path) -> None:
         folder / PROVENANCE_FILE,
         {
             "format": CONVERSION_FORMAT,
-            "source": {**_source_stamp(gguf), "sha256": _sha256(gguf)},
+            "source": {**_source_stamp(gguf), "sha256": file_sha256(gguf)},
             "dtype": "float32",
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
@@ -433,11 +432,3 @@ def _check_no_meta(model, gguf: Path) -> None:
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if meta:
         raise LmrcError(f"{gguf}: these tensors were not filled from the GGUF file: {meta[:5]}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -123,9 +123,21 @@ def test_calibrate_recall_picks_the_highest_threshold_reaching_the_target():
 def test_recall_target_calibration_reaches_the_target_on_the_tune_docs(setup, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(setup["atl"], ckpt)
-    result = predict(ckpt, setup["tune"], tmp_path / "c.json", recall_target=0.9, tune_path=setup["tune"])
+    before = {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    saved = tmp_path / "cal.json"
+    result = predict(
+        ckpt,
+        setup["tune"],
+        tmp_path / "c.json",
+        recall_target=0.9,
+        tune_path=setup["tune"],
+        save_calibration_path=saved,
+    )
     assert result.report.recall >= 0.9
-    stored = json.loads((ckpt / "calibration.json").read_text())
+    # predict leaves the checkpoint folder byte-identical; the calibration goes to the header and the named file
+    assert {p.name: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+    assert result.candidates.header.calibration["threshold"] == result.threshold
+    stored = json.loads(saved.read_text())
     assert stored["threshold"] == result.threshold and stored["target"] == 0.9
     # highest: one positive pair fewer (the threshold at the k-th positive score) misses the target
     scores = reference_scores(ckpt, setup["tune"])
@@ -141,12 +153,16 @@ def test_recall_target_calibration_reaches_the_target_on_the_tune_docs(setup, tm
     )
     k = sum(s > result.threshold for s in pos)
     assert (k - 1) / len(pos) < 0.9 <= k / len(pos)
-    # the stored calibration is reused without --tune; another target needs --tune
-    again = predict(ckpt, setup["test"], tmp_path / "c2.json", recall_target=0.9)
+    # the saved calibration is reused with --calibration; another target or other weights are refused
+    again = predict(ckpt, setup["test"], tmp_path / "c2.json", recall_target=0.9, calibration_path=saved)
     assert again.threshold == result.threshold
     assert again.candidates.header.calibration["method"] == "recall_target"
-    with pytest.raises(LmrcError, match="no calibration for recall target 0.8"):
-        predict(ckpt, setup["test"], tmp_path / "c3.json", recall_target=0.8)
+    with pytest.raises(LmrcError, match="calibrated for recall target 0.9, not 0.8"):
+        predict(ckpt, setup["test"], tmp_path / "c3.json", recall_target=0.8, calibration_path=saved)
+    with pytest.raises(LmrcError, match="pass --tune FILE"):
+        predict(ckpt, setup["test"], tmp_path / "c3.json", recall_target=0.9)
+    with pytest.raises(LmrcError, match="calibrated for other weights"):
+        predict(setup["bce"], setup["test"], tmp_path / "c4.json", recall_target=0.9, calibration_path=saved)
 
 
 def test_max_per_doc_keeps_the_k_best_pairs(setup, tmp_path):

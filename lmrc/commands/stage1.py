@@ -86,17 +86,25 @@ def _add_threshold_args(p: argparse.ArgumentParser, tune: bool = True) -> None:
         type=float,
         metavar="R",
         help="the highest threshold whose pair recall on the tuning file is >= R"
-        + (
-            " (--tune; stored in the checkpoint as calibration.json)"
-            if tune
-            else " (data.tune of the config)"
-        ),
+        + (" (--tune FILE, or a saved --calibration FILE)" if tune else " (data.tune of the config)"),
     )
     g.add_argument(
         "--max-per-doc", type=int, metavar="K", help="keep the K best-scored pairs of every document"
     )
     if tune:
         p.add_argument("--tune", type=Path, help="labelled tuning file for --recall-target")
+        p.add_argument(
+            "--calibration",
+            type=Path,
+            metavar="FILE",
+            help="a calibration saved earlier with --save-calibration",
+        )
+        p.add_argument(
+            "--save-calibration",
+            type=Path,
+            metavar="FILE",
+            help="also write the recall-target calibration to FILE (the checkpoint folder is never written)",
+        )
 
 
 def _load_config(args, output_dir: str | None):
@@ -170,6 +178,8 @@ def cmd_predict(args) -> int:
         threshold=args.threshold,
         recall_target=args.recall_target,
         tune_path=args.tune,
+        calibration_path=args.calibration,
+        save_calibration_path=args.save_calibration,
         max_per_doc=args.max_per_doc,
         gold_path=args.gold,
         train_path=args.train,

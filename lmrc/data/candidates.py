@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lmrc.data.docred import Document
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
 
@@ -163,3 +165,47 @@ def candidates_to_raw(c: Candidates) -> dict:
 
 def save_candidates(c: Candidates, path: str | os.PathLike) -> None:
     atomic_write_json(path, candidates_to_raw(c))
+
+
+def match_candidates(
+    candidates: Candidates,
+    docs: Sequence[Document],
+    candidates_path: str | os.PathLike,
+    input_path: str | os.PathLike,
+    relation_ids: Collection[str] | None = None,
+) -> list[DocumentCandidates | None]:
+    """Each document's candidates (None where the file has no entry), refusing a file made for other documents
+    (no title matches, entity counts or indices that do not fit) or another relation set."""
+    by_title = {dc.title: (i, dc) for i, dc in enumerate(candidates.documents)}
+    out: list[DocumentCandidates | None] = []
+    for d in docs:
+        hit = by_title.get(d.title)
+        if hit is None:
+            out.append(None)
+            continue
+        i, dc = hit
+        n = len(d.entities)
+        if dc.n_entities is not None and dc.n_entities != n:
+            raise LmrcError(
+                f'{candidates_path}: documents[{i}] ("{dc.title}"): n_entities={dc.n_entities}, but {input_path} '
+                f"has {n} entities for this document (candidates from another file?)"
+            )
+        for j, p in enumerate(dc.pairs):
+            if p.h >= n or p.t >= n:
+                raise LmrcError(
+                    f"{candidates_path}: documents[{i}].pairs[{j}]: entity {max(p.h, p.t)} out of range "
+                    f'(document "{dc.title}" has {n} entities)'
+                )
+            if relation_ids is not None and p.relations:
+                unknown = sorted(set(p.relations) - set(relation_ids))
+                if unknown:
+                    raise LmrcError(
+                        f"{candidates_path}: documents[{i}].pairs[{j}].relations: relation {unknown[0]!r} is not "
+                        "in the relation set of the models (candidates for another relation set?)"
+                    )
+        out.append(dc)
+    if docs and all(m is None for m in out):
+        raise LmrcError(
+            f"{candidates_path}: no document title matches {input_path} (candidates for other documents?)"
+        )
+    return out

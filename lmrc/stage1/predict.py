@@ -7,7 +7,8 @@ threshold. Thresholds:
 - the head's own rule (default): 0.5 for bce (LMRC), 0 for the margins of the multi-label heads;
 - an explicit value;
 - a recall target, calibrated on a labelled tuning file (our addition, not in the papers): the highest
-  threshold whose pair recall on that file reaches the target, stored in the checkpoint as calibration.json;
+  threshold whose pair recall on that file reaches the target, kept in the candidates header and, on request,
+  in a calibration file (`--save-calibration`, reused with `--calibration`); checkpoints are never written;
 - the K best pairs of every document (no threshold).
 
 A pair counts as positive for the candidate metrics when it holds at least one relation. Multi-label heads also
@@ -42,7 +43,7 @@ from lmrc.data.candidates import (
 from lmrc.data.docred import Document, load_documents
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json
+from lmrc.io import atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -260,11 +261,16 @@ def choose_threshold(
     threshold: float | None = None,
     recall_target: float | None = None,
     tune_path: str | os.PathLike | None = None,
+    calibration_path: str | os.PathLike | None = None,
     max_per_doc: int | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
 ) -> ThresholdChoice:
-    """Resolve the threshold options (at most one of threshold / recall_target / max_per_doc)."""
+    """Resolve the threshold options (at most one of threshold / recall_target / max_per_doc).
+
+    A recall target is calibrated on `tune_path`, or read from `calibration_path` (a file saved by an earlier
+    calibration); the checkpoint folder is never written.
+    """
     given = [
         name
         for name, v in (
@@ -280,6 +286,10 @@ def choose_threshold(
         )
     if tune_path is not None and recall_target is None:
         raise LmrcError("--tune is only used with --recall-target")
+    if calibration_path is not None and recall_target is None:
+        raise LmrcError("--calibration is only used with --recall-target")
+    if calibration_path is not None and tune_path is not None:
+        raise LmrcError("choose one of --tune (calibrate now) and --calibration (a saved calibration)")
     loss = checkpoint.loss
     if threshold is not None:
         if not math.isfinite(threshold):
@@ -290,16 +300,19 @@ def choose_threshold(
             raise LmrcError(f"--max-per-doc must be at least 1, got {max_per_doc}")
         return ThresholdChoice(None, max_per_doc, {"method": "max_per_doc", "k": max_per_doc})
     if recall_target is not None:
+        if calibration_path is not None:
+            cal = load_calibration(calibration_path, checkpoint, recall_target)
+            return ThresholdChoice(float(cal["threshold"]), None, cal)
         if tune_path is None:
-            cal = checkpoint.calibration
+            cal = checkpoint.calibration  # calibration.json written into checkpoints by lmrc 0.1
             if cal and cal.get("method") == "recall_target" and cal.get("target") == recall_target:
                 log.info(
                     "using the calibration stored in %s (recall target %s)", checkpoint.path, recall_target
                 )
                 return ThresholdChoice(float(cal["threshold"]), None, cal)
             raise LmrcError(
-                f"{checkpoint.path}: no calibration for recall target {recall_target} is stored; "
-                "pass --tune FILE (a labelled tuning file) to compute it"
+                f"recall target {recall_target}: pass --tune FILE (a labelled tuning file) to calibrate, or "
+                "--calibration FILE (saved earlier with --save-calibration)"
             )
         cal = calibrate_on_file(checkpoint, tune_path, recall_target, batch_size=batch_size, device=device)
         return ThresholdChoice(float(cal["threshold"]), None, cal)
@@ -313,8 +326,8 @@ def calibrate_on_file(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Calibrate the recall-target threshold on a labelled file and store it in the checkpoint."""
-    from lmrc.stage1.train import file_sha256, load_labelled_docs
+    """Calibrate the recall-target threshold on a labelled file (the checkpoint is left as it is)."""
+    from lmrc.stage1.train import load_labelled_docs
 
     tune_path = Path(tune_path)
     docs = load_labelled_docs(tune_path, checkpoint.relations, "tuning")
@@ -330,9 +343,6 @@ def calibrate_on_file(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     )
-    from lmrc.stage1.checkpoint import write_calibration
-
-    write_calibration(checkpoint.path, cal)
     log.info(
         "calibrated recall target %.3f on %s: threshold %.6g (recall %.4f, %d of %d pairs kept)",
         target,
@@ -343,6 +353,40 @@ def calibrate_on_file(
         cal["pairs"],
     )
     return cal
+
+
+CALIBRATION_FORMAT = "lmrc-calibration"
+
+
+def save_calibration(calibration: dict[str, Any], path: str | os.PathLike, checkpoint) -> None:
+    """A recall-target calibration as its own file, tied to the checkpoint's weights (reused with --calibration)."""
+    weights = Path(checkpoint.path) / "model.safetensors"
+    record = {
+        "format": CALIBRATION_FORMAT,
+        "checkpoint": str(checkpoint.path),
+        "weights_sha256": file_sha256(weights) if weights.is_file() else None,
+        **calibration,
+    }
+    atomic_write_json(path, record, indent=1)
+
+
+def load_calibration(path: str | os.PathLike, checkpoint, target: float) -> dict[str, Any]:
+    """A saved calibration, refused when it belongs to other weights, another head or another target."""
+    from lmrc.io import read_json
+
+    cal = read_json(path)
+    if not isinstance(cal, dict) or cal.get("format") != CALIBRATION_FORMAT:
+        raise LmrcError(f'{path}: not an lmrc calibration file (expected "format": "{CALIBRATION_FORMAT}")')
+    if not isinstance(cal.get("threshold"), (int, float)):
+        raise LmrcError(f"{path}: threshold: expected a number, got {cal.get('threshold')!r}")
+    weights = Path(checkpoint.path) / "model.safetensors"
+    if cal.get("weights_sha256") and weights.is_file() and cal["weights_sha256"] != file_sha256(weights):
+        raise LmrcError(
+            f"{path}: calibrated for other weights ({cal.get('checkpoint')}), not {checkpoint.path}"
+        )
+    if cal.get("target") != target:
+        raise LmrcError(f"{path}: calibrated for recall target {cal.get('target')}, not {target}")
+    return {k: v for k, v in cal.items() if k not in ("format", "weights_sha256")}
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -398,6 +442,8 @@ def predict(
     threshold: float | None = None,
     recall_target: float | None = None,
     tune_path: str | os.PathLike | None = None,
+    calibration_path: str | os.PathLike | None = None,
+    save_calibration_path: str | os.PathLike | None = None,
     max_per_doc: int | None = None,
     gold_path: str | os.PathLike | None = None,
     train_path: str | os.PathLike | None = None,
@@ -423,10 +469,15 @@ def predict(
         threshold=threshold,
         recall_target=recall_target,
         tune_path=tune_path,
+        calibration_path=calibration_path,
         max_per_doc=max_per_doc,
         batch_size=batch_size,
         device=device,
     )
+    if save_calibration_path is not None:
+        if choice.calibration.get("method") != "recall_target":
+            raise LmrcError("--save-calibration: only a recall-target calibration (--recall-target) is saved")
+        save_calibration(choice.calibration, save_calibration_path, ck)
     input_path = Path(input_path)
     docs = load_documents(input_path, ck.relations)
     logits = infer_logits(ck.model, _features(ck, docs, input_path), batch_size, device)
@@ -467,7 +518,6 @@ def _features(checkpoint, docs: Sequence[Document], source: Path):
     """Features of a whole file, through the feature cache (keyed by the file's content)."""
     from lmrc.models import default_cache_dir
     from lmrc.stage1.features import featurize_all
-    from lmrc.stage1.train import file_sha256
 
     cache = default_cache_dir() / "features"
     return featurize_all(
@@ -581,3 +631,73 @@ def crossfit(
     candidates = Candidates(header=header, documents=doc_cands)
     save_candidates(candidates, output_path)
     return CrossfitResult(candidates, candidate_report(doc_cands, docs), fold_dirs)
+
+
+# ------------------------------------------------------------------------------------------ batch by batch
+
+
+class Proposer:
+    """A loaded checkpoint with its threshold resolved: documents -> candidates (and relations), a batch at a
+    time, for the pipeline (which streams a corpus and never holds all logits at once).
+
+    Features are built per batch, without the file-level cache: a batch is small, and the cache is keyed by a
+    whole file.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        *,
+        threshold: float | None = None,
+        recall_target: float | None = None,
+        tune_path: str | os.PathLike | None = None,
+        calibration_path: str | os.PathLike | None = None,
+        max_per_doc: int | None = None,
+        batch_size: int = 8,
+        device: str | torch.device | None = None,
+        head_params: dict[str, Any] | None = None,
+    ) -> None:
+        from lmrc.stage1.checkpoint import load_checkpoint
+        from lmrc.stage1.features import tokenizer_info
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.checkpoint = load_checkpoint(checkpoint_dir, device=self.device, head_params=head_params)
+        self.batch_size = batch_size
+        self.choice = choose_threshold(
+            self.checkpoint,
+            threshold=threshold,
+            recall_target=recall_target,
+            tune_path=tune_path,
+            calibration_path=calibration_path,
+            max_per_doc=max_per_doc,
+            batch_size=batch_size,
+            device=self.device,
+        )
+        self._info = tokenizer_info(self.checkpoint.tokenizer)
+
+    @property
+    def relations(self) -> RelationSet:
+        return self.checkpoint.relations
+
+    @property
+    def per_relation(self) -> bool:
+        return bool(self.checkpoint.loss.per_relation)
+
+    def logits(self, docs: Sequence[Document]) -> list[Tensor]:
+        from lmrc.stage1.features import featurize
+
+        ck = self.checkpoint
+        feats = [featurize(d, ck.tokenizer, None, ck.max_length, self._info) for d in docs]
+        return infer_logits(ck.model, feats, self.batch_size, self.device)
+
+    def propose(self, docs: Sequence[Document]) -> tuple[list[DocumentCandidates], list[list[dict]] | None]:
+        """Candidates of every document, and (multi-label heads) its relation predictions."""
+        ck = self.checkpoint
+        logits = self.logits(docs)
+        cands = select_candidates(
+            docs, logits, ck.loss, ck.relations, self.choice.threshold, self.choice.max_per_doc
+        )
+        rels = None
+        if ck.loss.per_relation:
+            rels = [relation_predictions([d], [lg], ck.loss, ck.relations) for d, lg in zip(docs, logits)]
+        return cands, rels

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from lmrc.config import from_dict, read_yaml, save_config, to_dict
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.io import append_jsonl
+from lmrc.io import append_jsonl, file_sha256
 from lmrc.stage1 import checkpoint as ckpt
 from lmrc.stage1.config import Stage1Config, check_loss_name
 
@@ -125,14 +124,6 @@ def fold_indices(n_docs: int, folds: int, seed: int) -> list[list[int]]:
     order = list(range(n_docs))
     random.Random(seed).shuffle(order)
     return [sorted(order[k::folds]) for k in range(folds)]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def relation_counts(docs: list[Document], relations: RelationSet) -> list[int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmrc.config import save_config, to_dict
-from lmrc.data.candidates import load_candidates
+from lmrc.data.candidates import load_candidates, match_candidates
 from lmrc.data.docred import Document, load_documents
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
@@ -99,31 +99,9 @@ def select_pairs(
         return [sorted(d.relations_by_pair()) for d in docs], 0
     if candidates_path is None:
         raise LmrcError("an rc-mode adapter needs the pairs to classify: --candidates FILE or --gold-pairs")
-    cands = load_candidates(candidates_path)
-    by_title = {dc.title: (i, dc) for i, dc in enumerate(cands.documents)}
-    out, missing = [], 0
-    for d in docs:
-        hit = by_title.get(d.title)
-        if hit is None:
-            missing += 1
-            out.append([])
-            continue
-        i, dc = hit
-        n = len(d.entities)
-        if dc.n_entities is not None and dc.n_entities != n:
-            raise LmrcError(
-                f'{candidates_path}: documents[{i}] ("{dc.title}"): n_entities={dc.n_entities}, but {input_path} '
-                f"has {n} entities for this document (candidates from another file?)"
-            )
-        for j, p in enumerate(dc.pairs):
-            if p.h >= n or p.t >= n:
-                raise LmrcError(
-                    f"{candidates_path}: documents[{i}].pairs[{j}]: entity {max(p.h, p.t)} out of range "
-                    f'(document "{dc.title}" has {n} entities)'
-                )
-        out.append(sorted({(p.h, p.t) for p in dc.pairs}))
-    if docs and missing == len(docs):
-        raise LmrcError(f"{candidates_path}: no document title matches {input_path}")
+    matched = match_candidates(load_candidates(candidates_path), docs, candidates_path, input_path)
+    out = [sorted({(p.h, p.t) for p in dc.pairs}) if dc is not None else [] for dc in matched]
+    missing = sum(dc is None for dc in matched)
     if missing:
         log.warning(
             "%s: %d of %d documents have no entry (no pairs asked)", candidates_path, missing, len(docs)
@@ -208,6 +186,86 @@ class _Aligner:
         )
 
 
+class Stage2Runner:
+    """A trained adapter, ready to classify the pairs of documents batch by batch (stage-2 predict and the
+    pipeline share it). The generator loads on the first prompt: a batch without pairs costs no model load."""
+
+    def __init__(
+        self,
+        adapter_dir: str | os.PathLike,
+        overrides: Sequence[str] = (),
+        generator: Generator | None = None,
+        device: Any = None,
+    ) -> None:
+        self.adapter_dir = Path(adapter_dir)
+        cfg = load_adapter_config(self.adapter_dir, list(overrides))
+        trained = load_adapter_config(self.adapter_dir)
+        for key in _FIXED_BY_TRAINING:
+            if getattr(cfg, key) != getattr(trained, key):
+                raise LmrcError(
+                    f"--set {key}: fixed by the adapter's training ({self.adapter_dir}/config.yaml), cannot change"
+                )
+        self.cfg = cfg
+        self.relations = adapter_relations(self.adapter_dir, cfg)
+        self.template = adapter_template(self.adapter_dir, cfg)
+        self.tokenizer = generator.tokenizer if generator is not None else load_tokenizer(self.adapter_dir)
+        self.encoder = PromptEncoder(self.tokenizer, cfg.use_chat_template)
+        self.aligner = _Aligner(cfg, self.relations)
+        self._generator = generator
+        self._device = device
+        self._context: int | None = None
+        self._context_read = False
+
+    @property
+    def mode(self) -> str:
+        return self.cfg.mode
+
+    def generator(self) -> Generator:
+        if self._generator is None:
+            self._generator = create_generator(self.cfg, self.adapter_dir, self._device)
+        return self._generator
+
+    def context(self) -> int | None:
+        if not self._context_read:
+            self._context, self._context_read = _model_context(self.cfg), True
+        return self._context
+
+    def plan(self, doc: Document, pairs: list[tuple[int, int]]) -> tuple[list[str], list[Prompt]]:
+        return _plan_document(doc, pairs, self.relations, self.template, self.encoder, self.cfg)
+
+    def run(
+        self, docs: Sequence[Document], pairs_by_doc: Sequence[list[tuple[int, int]]]
+    ) -> list[tuple[dict, dict]]:
+        """(progress record, debug record) of every document; all prompts of the batch are generated together,
+        so the outputs depend only on the batch, not on what ran before it."""
+        t0 = time.perf_counter()
+        plans = []
+        jobs: list[tuple[int, int, list[int], int]] = []  # (position in docs, prompt number, ids, budget)
+        for k, (doc, pairs) in enumerate(zip(docs, pairs_by_doc)):
+            names, prompts = self.plan(doc, pairs)
+            plans.append((names, prompts))
+            for j, p in enumerate(prompts):
+                ids = self.encoder.encode_prompt(p.text)
+                budget = answer_budget(len(p.pairs), self.cfg.generation, len(ids), self.context())
+                jobs.append((k, j, ids, budget))
+        outputs = self.generator().generate([j[2] for j in jobs], [j[3] for j in jobs]) if jobs else []
+        if len(outputs) != len(jobs):
+            raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(jobs)} prompts")
+        by_doc: dict[int, list] = {}
+        for (k, j, ids, budget), gen in zip(jobs, outputs):
+            by_doc.setdefault(k, []).append((j, ids, budget, gen))
+        elapsed = time.perf_counter() - t0
+        n_timed = max(1, len(by_doc))
+        out = []
+        for k, doc in enumerate(docs):
+            record, debug = _finish_document(
+                doc, doc.index, plans[k], by_doc.get(k, []), self.aligner, self.cfg
+            )
+            record["seconds"] = round(elapsed / n_timed, 3) if k in by_doc else 0.0
+            out.append((record, debug))
+        return out
+
+
 def predict(
     adapter_dir: str | os.PathLike,
     input_path: str | os.PathLike,
@@ -227,16 +285,9 @@ def predict(
     adapter_dir = Path(adapter_dir)
     input_path, output_path = Path(input_path), Path(output_path)
     cands = Path(candidates_path) if candidates_path is not None else None
-    cfg = load_adapter_config(adapter_dir, list(overrides))
-    trained = load_adapter_config(adapter_dir)
-    for key in _FIXED_BY_TRAINING:
-        if getattr(cfg, key) != getattr(trained, key):
-            raise LmrcError(
-                f"--set {key}: fixed by the adapter's training ({adapter_dir}/config.yaml), cannot change"
-            )
-    relations = adapter_relations(adapter_dir, cfg)
-    template = adapter_template(adapter_dir, cfg)
-    docs = load_documents(input_path, relations)
+    runner = Stage2Runner(adapter_dir, overrides, generator=generator, device=device)
+    cfg = runner.cfg
+    docs = load_documents(input_path, runner.relations)
     pairs_by_doc, missing = select_pairs(docs, cfg.mode, input_path, cands, gold_pairs)
 
     progress_path = sidecar(output_path, ".progress.jsonl")
@@ -249,50 +300,19 @@ def predict(
     if debug_path is not None and not resume and debug_path.exists():
         debug_path.unlink()
 
-    tokenizer = generator.tokenizer if generator is not None else load_tokenizer(adapter_dir)
-    encoder = PromptEncoder(tokenizer, cfg.use_chat_template)
-    context: dict[str, int | None] = {}  # the model's context window, read when the first prompt needs it
-    aligner = _Aligner(cfg, relations)
-    state = {"generator": generator}
-
-    def get_generator() -> Generator:
-        if state["generator"] is None:  # loaded on the first prompt: no prompt, no model
-            state["generator"] = create_generator(cfg, adapter_dir, device)
-        return state["generator"]
-
     todo = [i for i, d in enumerate(docs) if d.title not in done]
     start = time.perf_counter()
     timed_docs = 0
     chunk = cfg.generation.docs_per_chunk
     for c in range(0, len(todo), chunk):
-        t0 = time.perf_counter()
         idxs = todo[c : c + chunk]
-        plans = []
-        jobs: list[tuple[int, int, list[int], int]] = []  # (position in idxs, prompt number, ids, budget)
-        for k, i in enumerate(idxs):
-            names, prompts = _plan_document(docs[i], pairs_by_doc[i], relations, template, encoder, cfg)
-            plans.append((names, prompts))
-            for j, p in enumerate(prompts):
-                ids = encoder.encode_prompt(p.text)
-                if "n" not in context:
-                    context["n"] = _model_context(cfg)
-                jobs.append((k, j, ids, answer_budget(len(p.pairs), cfg.generation, len(ids), context["n"])))
-        outputs = get_generator().generate([j[2] for j in jobs], [j[3] for j in jobs]) if jobs else []
-        if len(outputs) != len(jobs):
-            raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(jobs)} prompts")
-        by_doc: dict[int, list] = {}
-        for (k, j, ids, budget), gen in zip(jobs, outputs):
-            by_doc.setdefault(k, []).append((j, ids, budget, gen))
-        elapsed = time.perf_counter() - t0
-        n_timed = max(1, len(by_doc))
-        for k, i in enumerate(idxs):
-            record, debug = _finish_document(docs[i], i, plans[k], by_doc.get(k, []), aligner, cfg)
-            record["seconds"] = round(elapsed / n_timed, 3) if k in by_doc else 0.0
+        finished = runner.run([docs[i] for i in idxs], [pairs_by_doc[i] for i in idxs])
+        for i, (record, debug) in zip(idxs, finished):
             append_jsonl(progress_path, record)
             if debug_path is not None:
                 append_jsonl(debug_path, debug)
             done[docs[i].title] = record
-        timed_docs += len(by_doc)
+            timed_docs += int(bool(record["counts"].get("prompts")))
         spent = time.perf_counter() - start
         left = spent / (c + len(idxs)) * (len(todo) - c - len(idxs))
         log.info(

@@ -1,0 +1,141 @@
+"""`lmrc predict | merge | compare`: the two stages end to end, shards, and the LMRC comparison."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt  # noqa: F401
+from lmrc.errors import LmrcError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="run the pipeline over documents: stage-1 candidates -> LLM (or direct, or stage 1 alone)",
+        description="Batch inference over a DocRED-format file. Modes: classifier-llm (stage-1 candidates -> an "
+        "rc adapter, LMRC), direct (a direct adapter over all pairs, the baseline), stage1-only (the multi-label "
+        "head's relations); inferred from the models given. Documents go through in batches (stage 1, then "
+        "stage 2 on its candidates); finished batches are appended to <output>.progress.jsonl, so --resume "
+        "continues a killed run and gives the same file. Writes the official result file and "
+        "<output>.summary.json (models, settings, candidate counts, LLM prompts and tokens, drop reasons, "
+        "time, peak memory); prints the official scores when the input is labelled.",
+    )
+    p.add_argument("--input", required=True, type=Path, help="DocRED-format documents (labels optional)")
+    p.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
+    p.add_argument("--stage1", metavar="CHECKPOINT", help="stage-1 checkpoint folder")
+    p.add_argument("--stage2", metavar="ADAPTER", help="stage-2 adapter folder (rc or direct)")
+    p.add_argument("--candidates", metavar="FILE", help="a stage-1 candidates file instead of --stage1")
+    p.add_argument("--mode", help="classifier-llm, direct or stage1-only (default: inferred)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="stage-1 candidate threshold")
+    g.add_argument(
+        "--recall-target", type=float, metavar="R", help="calibrate the threshold to pair recall R"
+    )
+    g.add_argument("--max-per-doc", type=int, metavar="K", help="the K best-scored pairs of every document")
+    p.add_argument("--tune", metavar="FILE", help="labelled tuning file for --recall-target")
+    p.add_argument("--calibration", metavar="FILE", help="a saved calibration for --recall-target")
+    p.add_argument("--train", metavar="FILE", help="training documents for Ign F1 (default: the models')")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (same settings)")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run shard I of N (I from 0; whole batches in document order), e.g. --shard $SLURM_ARRAY_TASK_ID/8",
+    )
+    p.add_argument("--save-candidates", type=Path, metavar="FILE", help="also write the candidates file")
+    add_config_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser(
+        "merge",
+        help="join the outputs of `lmrc predict --shard i/n` into one result file",
+        description="Check that the shard outputs come from one run (same input, models and settings), that "
+        "every shard 0..n-1 is there once and finished, then write their predictions in document order: the "
+        "same file one unsharded run writes.",
+    )
+    m.add_argument("shards", nargs="+", type=Path, help="shard result files (e.g. shard_*.json)")
+    m.add_argument("--output", required=True, type=Path, help="merged result file to write")
+    m.set_defaults(func=cmd_merge)
+
+
+def _predict_config(args: argparse.Namespace):
+    from lmrc.config import load_config
+    from lmrc.pipeline.config import PredictConfig
+
+    overrides = list(args.overrides)
+    flags = {
+        "mode": args.mode,
+        "stage1.checkpoint": args.stage1,
+        "stage1.candidates": args.candidates,
+        "stage1.threshold": args.threshold,
+        "stage1.recall_target": args.recall_target,
+        "stage1.max_per_doc": args.max_per_doc,
+        "stage1.tune": args.tune,
+        "stage1.calibration": args.calibration,
+        "stage2.adapter": args.stage2,
+        "train": args.train,
+    }
+    import json
+
+    overrides += [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    return load_config(PredictConfig, args.config, overrides)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lmrc.pipeline.run import Shard, predict, sidecar
+
+    shard = Shard.parse(args.shard) if args.shard else None
+    cfg = _predict_config(args)
+    with sigterm_as_interrupt():  # finished batches are in the progress file; --resume continues
+        summary = predict(
+            cfg,
+            args.input,
+            args.output,
+            resume=args.resume,
+            shard=shard,
+            save_candidates=args.save_candidates,
+        )
+    print(
+        f"{args.output}: {summary['predictions']:,} predictions for {summary['documents']:,} documents "
+        f"({summary['mode']}{', shard ' + summary['shard'] if shard else ''})"
+    )
+    c = summary.get("candidates")
+    if c:
+        line = f"stage 1: {c['candidates']:,} candidate pairs of {c['pairs']:,} (reduction ratio {c['reduction']:.4f})"
+        if "recall" in c:
+            line += f", pair recall {100 * c['recall']:.2f}"
+        print(line)
+    llm = summary.get("llm")
+    if llm:
+        print(
+            f"LLM: {llm['prompts']:,} prompts, {llm['prompt_tokens_per_document']:,.0f} prompt and "
+            f"{llm['generated_tokens_per_document']:,.0f} generated tokens per document; "
+            f"dropped: {', '.join(f'{k} {v}' for k, v in llm['drops'].items()) or 'none'}"
+        )
+    if summary.get("seconds_per_document_this_run") is not None:
+        print(
+            f"{summary['seconds_per_document_this_run']:.2f} s per document this run, "
+            f"peak memory {summary['peak_rss_gib']:.2f} GiB"
+        )
+    for key, label in (("scores", "scores"), ("scores_strict", "scores (strict relation names)")):
+        s = summary.get(key)
+        if s:
+            print(
+                f"{label}: P {100 * s['precision']:.2f}  R {100 * s['recall']:.2f}  F1 {100 * s['f1']:.2f}  "
+                f"Ign F1 {100 * s['ign_f1']:.2f}  intra F1 {100 * s['intra_f1']:.2f}  inter F1 {100 * s['inter_f1']:.2f}"
+            )
+    print(f"summary: {sidecar(args.output, '.summary.json')}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lmrc.pipeline.merge import merge
+
+    if args.output in args.shards:
+        raise LmrcError(f"{args.output}: the merged file would overwrite a shard")
+    summary = merge(args.shards, args.output)
+    print(
+        f"{args.output}: {summary['predictions']:,} predictions for {summary['documents']:,} documents "
+        f"from {summary['merged_from_shards']} shards"
+    )
+    return 0

@@ -1,0 +1,75 @@
+"""Pipeline configuration (`lmrc predict`): which models, which mode, how candidates are chosen, batch size.
+
+The command-line flags (`--stage1`, `--stage2`, `--mode`, `--threshold`, ...) set the same keys as a YAML
+`--config` or `--set key=value`; flags win. Stage-2 settings of the adapter's own config (generation, alignment)
+are overridden under `stage2.overrides`, e.g. `--set stage2.overrides.align.relation_mapping=sbert`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# classifier-llm: stage-1 candidates -> an rc adapter (LMRC); direct: a direct adapter over all pairs (the
+# baseline); stage1-only: the multi-label head's own relations.
+MODES = ("classifier-llm", "direct", "stage1-only")
+
+
+@dataclass
+class Stage1Settings:
+    checkpoint: str | None = None  # stage-1 checkpoint folder (or training folder)
+    candidates: str | None = None  # a candidates file written earlier, instead of running a checkpoint
+    # Candidate threshold: at most one of these; none = the head's own rule.
+    threshold: float | None = None
+    recall_target: float | None = None  # calibrated on `tune` (a labelled file), or read from `calibration`
+    tune: str | None = None
+    calibration: str | None = (
+        None  # a calibration file saved earlier (`lmrc stage1 predict --save-calibration`)
+    )
+    max_per_doc: int | None = None
+    batch_size: int = 8  # documents per encoder forward pass
+    head_params: dict[str, Any] = field(default_factory=dict)  # prediction-time head parameters
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("stage1.batch_size must be at least 1")
+        if self.checkpoint is not None and self.candidates is not None:
+            raise ValueError("give stage1.checkpoint or stage1.candidates, not both")
+
+
+@dataclass
+class Stage2Settings:
+    adapter: str | None = None  # folder written by `lmrc stage2 train` (rc or direct)
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings of the adapter's config to change
+
+    def override_list(self) -> list[str]:
+        """`{generation: {batch_size: 4}}` -> `["generation.batch_size=4"]` (values as JSON, which YAML reads)."""
+        out: list[str] = []
+
+        def walk(node: dict, prefix: str) -> None:
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    out.append(f"{prefix}{key}={json.dumps(value)}")
+
+        walk(self.overrides, "")
+        return out
+
+
+@dataclass
+class PredictConfig:
+    mode: str | None = None  # None: inferred from the models given
+    stage1: Stage1Settings = field(default_factory=Stage1Settings)
+    stage2: Stage2Settings = field(default_factory=Stage2Settings)
+    # Documents per batch: stage 1 runs on a batch, then stage 2 on its candidates, then the batch is saved.
+    # Part of a run's identity: resumed runs and shards must use the same value.
+    docs_per_batch: int = 8
+    train: str | None = None  # training documents for Ign F1 when the input is labelled
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
+        if self.docs_per_batch < 1:
+            raise ValueError("docs_per_batch must be at least 1")

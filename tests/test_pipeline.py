@@ -1,0 +1,305 @@
+"""`lmrc predict` / `lmrc merge`: the pipeline end to end on tiny random models and real documents.
+
+What is checked: each mode's output against the stages run on their own; kill-and-resume and shard-and-merge give
+the bytes of one uninterrupted run; bad input is one clear line and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import FAST_GENERATION, adapter, data_files, other_relation_set, stage1_checkpoint
+from stage1_run_helpers import single_thread  # noqa: F401  (autouse fixture)
+
+from lmrc.cli import main
+from lmrc.config import load_config
+from lmrc.data.candidates import load_candidates
+from lmrc.errors import LmrcError
+from lmrc.io import read_json
+from lmrc.pipeline.config import PredictConfig
+from lmrc.pipeline.merge import merge
+from lmrc.pipeline.run import Shard, predict, sidecar
+
+
+@pytest.fixture(scope="module")
+def files(redocred_dir, cache_dir):
+    return data_files(redocred_dir)
+
+
+@pytest.fixture(scope="module")
+def ckpt(redocred_dir, files):
+    return stage1_checkpoint(redocred_dir)
+
+
+@pytest.fixture(scope="module")
+def rc(redocred_dir, files):
+    return adapter(redocred_dir, "rc")
+
+
+@pytest.fixture(scope="module")
+def direct(redocred_dir, files):
+    return adapter(redocred_dir, "direct")
+
+
+def config(**keys) -> PredictConfig:
+    """A PredictConfig from flat `a.b=value` keys, with the fast stage-2 settings."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in keys.items()]
+    cfg = load_config(PredictConfig, None, overrides)
+    for section, values in FAST_GENERATION.items():
+        cfg.stage2.overrides.setdefault(section, {}).update(values)
+    return cfg
+
+
+def llm_config(ckpt, rc, **keys) -> PredictConfig:
+    return config(**{"stage1.checkpoint": str(ckpt), "stage2.adapter": str(rc), "docs_per_batch": 2, **keys})
+
+
+# ------------------------------------------------------------------------------------------------ modes
+
+
+def test_classifier_llm_asks_the_llm_exactly_about_the_stage1_candidates(ckpt, rc, files, tmp_path):
+    from lmrc.stage1.predict import predict as stage1_predict
+
+    out = tmp_path / "result.json"
+    summary = predict(llm_config(ckpt, rc), files["test"], out, save_candidates=tmp_path / "c.json")
+    assert summary["mode"] == "classifier-llm" and summary["documents"] == 7
+    # stage 1 run on its own over the whole file proposes the same candidates as the streamed batches
+    alone = stage1_predict(ckpt, files["test"], tmp_path / "alone.json").candidates
+    streamed = load_candidates(tmp_path / "c.json")
+    assert [(d.title, [(p.h, p.t) for p in d.pairs]) for d in streamed.documents] == [
+        (d.title, [(p.h, p.t) for p in d.pairs]) for d in alone.documents
+    ]
+    for a, b in zip(alone.documents, streamed.documents):
+        assert [p.score for p in b.pairs] == pytest.approx([p.score for p in a.pairs], abs=1e-5)
+    n_cands = sum(len(d.pairs) for d in alone.documents)
+    c = summary["candidates"]
+    assert c["candidates"] == n_cands and c["reduction"] == pytest.approx(n_cands / c["pairs"])
+    # the LLM saw every candidate pair once and nothing else
+    records = [
+        r
+        for line in sidecar(out, ".progress.jsonl").read_text().splitlines()[1:]
+        for r in json.loads(line)["documents"]
+    ]
+    asked = {(r["title"], h, t) for r in records for raw in r["raw"] for h, t in raw["pairs"]}
+    assert asked == {(d.title, p.h, p.t) for d in alone.documents for p in d.pairs}
+    assert summary["llm"]["pairs_asked"] == n_cands
+    # every prediction is about a candidate pair
+    result = read_json(out)
+    assert {(p["title"], p["h_idx"], p["t_idx"]) for p in result} <= asked
+    assert "scores" in summary and 0.0 <= summary["scores"]["f1"] <= 1.0
+    assert summary["peak_rss_gib"] > 0
+
+
+def test_stage1_only_equals_the_heads_own_relation_predictions(ckpt, files, tmp_path):
+    from lmrc.stage1.predict import predict as stage1_predict
+
+    out = tmp_path / "result.json"
+    summary = predict(config(**{"stage1.checkpoint": str(ckpt)}), files["test"], out)
+    assert summary["mode"] == "stage1-only" and "llm" not in summary
+    stage1_predict(ckpt, files["test"], tmp_path / "c.json", relations_output=tmp_path / "alone.json")
+    key = lambda p: (p["title"], p["h_idx"], p["t_idx"], p["r"])  # noqa: E731
+    assert sorted(map(key, read_json(out))) == sorted(map(key, read_json(tmp_path / "alone.json")))
+
+
+def test_direct_mode_asks_all_pairs_of_every_document(direct, files, tmp_path):
+    out = tmp_path / "result.json"
+    summary = predict(
+        config(**{"stage2.adapter": str(direct), "docs_per_batch": 4}), files["unlabelled"], out
+    )
+    docs = read_json(files["unlabelled"])
+    n_pairs = sum(len(d["vertexSet"]) * (len(d["vertexSet"]) - 1) for d in docs)
+    assert summary["mode"] == "direct" and summary["llm"]["pairs_asked"] == n_pairs
+    assert "scores" not in summary and "candidates" not in summary  # unlabelled input, no stage 1
+
+
+def test_cli_predict_prints_scores_and_writes_the_summary(ckpt, rc, files, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(
+        ["predict", "--input", str(files["test"]), "--output", str(out), "--stage1", str(ckpt), "--stage2", str(rc),
+         "--max-per-doc", "3", "--set", "stage2.overrides.generation.max_new_tokens_cap=8"]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "classifier-llm" in text and "scores: P" in text and "pair recall" in text
+    summary = read_json(sidecar(out, ".summary.json"))
+    assert summary["fingerprint"]["stage1"]["max_per_doc"] == 3
+    assert summary["candidates"]["candidates"] <= 3 * 7
+
+
+# ------------------------------------------------------------------------------------------ resume, shards
+
+
+def _uninterrupted(ckpt, rc, files, tmp_path) -> bytes:
+    out = tmp_path / "whole" / "result.json"
+    predict(llm_config(ckpt, rc), files["test"], out, save_candidates=tmp_path / "whole" / "c.json")
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def whole(ckpt, rc, files, tmp_path_factory):
+    return _uninterrupted(ckpt, rc, files, tmp_path_factory.mktemp("whole"))
+
+
+class _FailingGenerator:
+    """The adapter's real generator, interrupted on its n-th call: a kill between stage 1 and stage 2."""
+
+    def __init__(self, rc, n):
+        from lmrc.stage2.generate import create_generator
+        from lmrc.stage2.modeling import load_adapter_config
+
+        self.inner = create_generator(load_adapter_config(rc, _fast()), Path(rc))
+        self.tokenizer = self.inner.tokenizer
+        self.n, self.calls = n, 0
+
+    def generate(self, prompts, budgets):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.inner.generate(prompts, budgets)
+
+
+def _fast() -> list[str]:
+    from lmrc.pipeline.config import Stage2Settings
+
+    return Stage2Settings(overrides=FAST_GENERATION).override_list()
+
+
+def test_a_run_killed_between_stage1_and_stage2_resumes_to_the_same_bytes(ckpt, rc, files, tmp_path, whole):
+    out = tmp_path / "result.json"
+    cfg = llm_config(ckpt, rc)
+    with pytest.raises(KeyboardInterrupt):  # batch 0 done, killed inside batch 1's generation
+        predict(cfg, files["test"], out, generator=_FailingGenerator(rc, 2))
+    lines = sidecar(out, ".progress.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and not out.exists()  # header + batch 0; no result file yet
+    with pytest.raises(KeyboardInterrupt):  # resumed, paused after one more batch
+        predict(cfg, files["test"], out, resume=True, stop_after_batches=1)
+    # a torn last line (killed mid-append) is dropped and its batch redone
+    with open(sidecar(out, ".progress.jsonl"), "a") as fh:
+        fh.write('{"batch": 2, "documents": [{"title": "half')
+    summary = predict(cfg, files["test"], out, resume=True)
+    assert out.read_bytes() == whole
+    assert summary["documents_this_run"] == 7 - 4  # batches 0 and 1 were not redone
+
+
+def test_a_killed_cli_run_resumes_to_the_same_bytes(ckpt, rc, files, tmp_path, whole):
+    out = tmp_path / "result.json"
+    args = [sys.executable, "-m", "lmrc.cli", "predict", "--input", str(files["test"]), "--output", str(out),
+            "--stage1", str(ckpt), "--stage2", str(rc), "--set", "docs_per_batch=2"]  # fmt: skip
+    args += [f"--set=stage2.overrides.{k}" for k in _fast()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = sidecar(out, ".progress.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and len(progress.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == whole
+
+
+def test_shards_merge_into_the_bytes_of_one_run(ckpt, rc, files, tmp_path, whole):
+    cfg = llm_config(ckpt, rc)
+    outs = [tmp_path / f"shard_{i}.json" for i in range(3)]
+    sizes = []
+    for i, out in enumerate(outs):
+        sizes.append(predict(cfg, files["test"], out, shard=Shard(i, 3))["documents"])
+    assert sum(sizes) == 7 and all(sizes)
+    merged = tmp_path / "merged.json"
+    summary = merge(list(reversed(outs)), merged)  # any order on the command line
+    assert merged.read_bytes() == whole
+    assert summary["documents"] == 7
+    # overlapping, missing and mismatched shards are refused, and nothing is written
+    bad = tmp_path / "bad.json"
+    with pytest.raises(LmrcError, match="given twice"):
+        merge([outs[0], outs[0], outs[1], outs[2]], bad)
+    with pytest.raises(LmrcError, match=r"shard\(s\) 1/3 missing"):
+        merge([outs[0], outs[2]], bad)
+    other = tmp_path / "other_1.json"
+    predict(llm_config(ckpt, rc, **{"stage1.max_per_doc": 2}), files["test"], other, shard=Shard(1, 3))
+    with pytest.raises(LmrcError, match="made with another stage1"):
+        merge([outs[0], other, outs[2]], bad)
+    assert not bad.exists()
+
+
+def test_shard_specs_are_checked():
+    assert Shard.parse("2/4") == Shard(2, 4)
+    assert [list(Shard(i, 3).batches(4)) for i in range(3)] == [[0], [1], [2, 3]]
+    for spec, msg in (
+        ("3/2", "between 0 and 1"),
+        ("a/b", "expected i/n"),
+        ("1", "expected i/n"),
+        ("0/0", "n >= 1"),
+    ):
+        with pytest.raises(LmrcError, match=msg):
+            Shard.parse(spec)
+
+
+def test_resume_with_other_settings_is_refused(ckpt, rc, files, tmp_path):
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        predict(llm_config(ckpt, rc), files["test"], out, stop_after_batches=1)
+    with pytest.raises(LmrcError, match="cannot resume: docs_per_batch was 2, now 3"):
+        predict(llm_config(ckpt, rc, docs_per_batch=3), files["test"], out, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _run(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(ckpt, rc, direct, files, redocred_dir, tmp_path, capsys):
+    out = tmp_path / "out" / "r.json"
+    base = ["predict", "--input", str(files["test"]), "--output", str(out)]
+    cases = [
+        (["--stage1", str(ckpt), "--stage2", str(rc), "--mode", "magic"], "unknown mode 'magic'"),
+        (["--stage1", str(ckpt), "--stage2", str(rc), "--shard", "3/2"], "--shard 3/2: shard index must be between 0 and 1"),
+        (["--stage1", str(ckpt), "--stage2", str(direct), "--mode", "classifier-llm"], "a direct-mode adapter cannot classify"),
+        (["--stage1", str(ckpt), "--stage2", str(direct)], "a direct-mode adapter asks about all pairs"),
+        (["--stage2", str(rc)], "needs stage-1 candidates"),
+        ([], "nothing to run"),
+    ]  # fmt: skip
+    # a candidates file made for other documents
+    from lmrc.stage1.predict import predict as stage1_predict
+
+    other_docs = tmp_path / "cands_other.json"
+    stage1_predict(ckpt, files["train"], other_docs)
+    cases.append((["--candidates", str(other_docs), "--stage2", str(rc)], "no document title matches"))
+    # an adapter trained on another relation set
+    other_rc = adapter(redocred_dir, "rc", other_relation_set(tmp_path, redocred_dir))
+    cases.append((["--stage1", str(ckpt), "--stage2", str(other_rc)], "use different relation sets"))
+    capsys.readouterr()
+    for extra, message in cases:
+        code, err = _run(capsys, *base, *extra)
+        assert code == 2, extra
+        assert err.count("\n") == 1 and err.startswith("lmrc: error:") and message in err, (extra, err)
+        assert not out.parent.exists() or not any(out.parent.iterdir()), extra
+
+
+def test_candidates_file_for_another_relation_set_is_refused(ckpt, rc, files, tmp_path):
+    from lmrc.stage1.predict import predict as stage1_predict
+
+    path = tmp_path / "c.json"
+    stage1_predict(ckpt, files["test"], path, max_per_doc=2)
+    raw = read_json(path)
+    raw["documents"][0]["pairs"][0]["relations"] = {"P99999": 1.0}
+    path.write_text(json.dumps(raw))
+    cfg = config(**{"stage1.candidates": str(path), "stage2.adapter": str(rc)})
+    with pytest.raises(LmrcError, match="'P99999' is not in the relation set"):
+        predict(cfg, files["test"], tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists() and not sidecar(tmp_path / "r.json", ".progress.jsonl").exists()

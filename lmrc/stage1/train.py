@@ -46,6 +46,7 @@ from lmrc.config import from_dict, read_yaml, save_config, to_dict
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
+from lmrc.hardware import cpu_capability, resolve_mixed_precision
 from lmrc.io import append_jsonl, file_sha256
 from lmrc.stage1 import checkpoint as ckpt
 from lmrc.stage1.config import Stage1Config, check_loss_name
@@ -279,11 +280,23 @@ class _Trainer:
         cfg = self.config
         resuming = self._check_output_dir()
         cuda = torch.cuda.is_available()
-        mp = cfg.train.mixed_precision
+        mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
+        log.info(
+            "mixed precision: %s (train.mixed_precision=%s, CPU %s)",
+            mp,
+            cfg.train.mixed_precision,
+            cpu_capability(),
+        )
         if mp == "fp16" and not cuda:
             # fp16 autocast needs CUDA; bf16 autocast also runs on CPUs (2x faster where avx512_bf16/AMX exist).
             log.info("mixed_precision=fp16 needs CUDA; training in float32 on the CPU")
             mp = "no"
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # One process may train several models (cross-fitting, lmrc compare, tests) with different precisions;
+            # accelerate keeps one global state and refuses a second mixed_precision unless it is reset.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
         # find_unused_parameters: a batch whose documents have no entity pairs leaves the heads without gradient.
         self.accelerator = Accelerator(
             cpu=not cuda,

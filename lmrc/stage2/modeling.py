@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmrc.errors import LmrcError
+from lmrc.hardware import cpu_supports_bf16
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,6 @@ def pick_device() -> Any:
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_dtype(name: str, device: Any) -> Any:

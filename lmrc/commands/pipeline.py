@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt  # noqa: F401
+from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt
 from lmrc.errors import LmrcError
 
 
@@ -56,6 +56,19 @@ def register(sub) -> None:
     m.add_argument("shards", nargs="+", type=Path, help="shard result files (e.g. shard_*.json)")
     m.add_argument("--output", required=True, type=Path, help="merged result file to write")
     m.set_defaults(func=cmd_merge)
+
+    c = sub.add_parser(
+        "compare",
+        help="the LMRC comparison: stage 1 alone vs direct fine-tuning vs classifier-LLM on the same documents",
+        description="Train what the config does not name (stage 1, an rc adapter, a direct adapter; resumable), "
+        "run every mode with `lmrc predict` on the same evaluation documents, and write results.md / "
+        "results.json (P, R, F1, Ign F1, intra / inter, frequent / long-tail F1, predictions, LLM prompts and "
+        "tokens, time and peak memory per document) and the pictures per_relation.png, theta.png and "
+        "candidates.png (with matplotlib). Re-running with the same config reuses finished parts.",
+    )
+    add_config_args(c)
+    c.add_argument("--output-dir", required=True, type=Path, help="folder for models, runs, tables, pictures")
+    c.set_defaults(func=cmd_compare)
 
 
 def _predict_config(args: argparse.Namespace):
@@ -138,4 +151,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"{args.output}: {summary['predictions']:,} predictions for {summary['documents']:,} documents "
         f"from {summary['merged_from_shards']} shards"
     )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lmrc.pipeline.compare import compare, load_compare_config, text_table
+
+    cfg = load_compare_config(args.config, args.overrides)
+    with sigterm_as_interrupt(), log_to_file(args.output_dir / "compare.log"):
+        result = compare(cfg, args.output_dir, on_stage=lambda msg: print(f"== {msg}", flush=True))
+    print()
+    print(text_table(result.rows))
+    if result.candidates:
+        c = result.candidates
+        recall = f", pair recall {100 * c['recall']:.2f}%" if "recall" in c else ""
+        print(
+            f"\nstage-1 candidates for the LLM: {c['candidates']:,} of {c['pairs']:,} pairs "
+            f"(reduction ratio {c['reduction']:.4f}){recall}"
+        )
+    print(f"\ntables: {result.results_md}  {result.results_json}")
+    if result.pictures:
+        print("pictures: " + "  ".join(str(p) for p in result.pictures))
+    if result.skipped_pictures:
+        print(
+            "pictures skipped (no matplotlib: pip install 'lmrc[plot]', or nothing to draw): "
+            + ", ".join(map(str, result.skipped_pictures))
+        )
     return 0

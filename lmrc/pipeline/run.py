@@ -493,6 +493,9 @@ def predict(
                 raise KeyboardInterrupt
             batch_docs = [docs[i] for i in batches[b]]
             records = run_batch(pipeline, batch_docs)
+            peak = _peak_memory()
+            for r in records:
+                r["peak_memory"] = peak
             append_jsonl(progress_path, {"batch": b, "documents": records})
             ran_docs += len(records)
             bar.update(len(records), sum(len(r["predictions"]) for r in records))
@@ -517,7 +520,6 @@ def predict(
             "seconds_this_run": round(seconds, 2),
             "documents_this_run": ran_docs,
             "seconds_per_document_this_run": round(seconds / ran_docs, 3) if ran_docs else None,
-            **_peak_memory(),
         }
     )
     atomic_write_json(sidecar(output_path, ".summary.json"), summary, indent=2)
@@ -562,6 +564,7 @@ def finalize(
     predictions: list[dict] = []
     strict: list[dict] = []
     seconds = 0.0
+    peaks: dict[str, float] = {}  # the largest peak of the processes that ran the batches
     n_records = with_prompts = truncated = missing = 0
     by_title = {d.title: d for d in docs}
     labelled = bool(docs) and all(d.labelled for d in docs)
@@ -596,6 +599,8 @@ def finalize(
             counts.update(record.get("counts", {}))
             drops.update(record.get("drops", {}))
             seconds += record.get("seconds", 0.0)
+            for k, v in record.get("peak_memory", {}).items():
+                peaks[k] = max(peaks.get(k, 0.0), v)
             with_prompts += int(bool(record.get("counts", {}).get("prompts")))
             truncated += int(bool(record.get("truncated")))
             missing += int(bool(record.get("missing_candidates")))
@@ -626,6 +631,7 @@ def finalize(
         "documents": len(docs),
         "predictions": len(predictions),
         "seconds_per_document": round(seconds / len(docs), 3) if docs else None,
+        **peaks,
     }
     if cand:
         pairs, kept = cand["pairs"], cand["candidates"]

@@ -180,7 +180,9 @@ class RelationMapper:
         key = _normalise_relation(name)
         if key not in self._memo:
             self._memo[key] = self._nearest([name])[0]
-        return self._memo[key]
+        rid, score = self._memo[key]
+        # theta is applied here, not when memoising: a theta sweep (lmrc compare) reuses the embeddings
+        return (rid, score) if score >= self.theta else (None, score)
 
     def map_many(self, names: Sequence[str]) -> list[tuple[str | None, float]]:
         """`map` for many names, encoding all unseen out-of-set names in one batch."""
@@ -190,16 +192,12 @@ class RelationMapper:
                 self._memo.update(zip(todo, self._nearest(todo)))
         return [self.map(n) for n in names]
 
-    def _nearest(self, names: Sequence[str]) -> list[tuple[str | None, float]]:
+    def _nearest(self, names: Sequence[str]) -> list[tuple[str, float]]:
+        """The most similar relation of each name and its cosine similarity (theta not applied)."""
         rel = self.relation_embeddings()
         query = self._encode(list(names))
         sims = query @ rel.T  # rows are unit-normalised, so this is cosine similarity
-        out = []
-        for row in sims:
-            j = int(np.argmax(row))
-            s = float(row[j])
-            out.append((self._ids[j], s) if s >= self.theta else (None, s))
-        return out
+        return [(self._ids[int(np.argmax(row))], float(row.max())) for row in sims]
 
     def _load(self) -> None:
         if self._model is not None:

@@ -77,6 +77,9 @@ class TrainConfig:
         None  # None: LMRC Table 7, rc 100 / direct 200 (linear warmup, then linear decay)
     )
     max_steps: int | None = None  # stop after this many optimizer steps (budgets, smoke tests)
+    # Stop at the step where the sequences trained on reach this many tokens (prompt + answer): the same
+    # budget for rc and direct adapters makes their comparison fair (lmrc compare). None: no token limit.
+    max_tokens: int | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # LMRC Table 6 (stage 1); Table 7 gives none for LoRA
     seed: int = 42
@@ -91,7 +94,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")
-        for name in ("epochs", "max_steps", "num_threads"):
+        for name in ("epochs", "max_steps", "max_tokens", "num_threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"train.{name} must be at least 1")

@@ -184,6 +184,29 @@ def length_grouped_batches(
     return batches
 
 
+def steps_for_tokens(
+    lengths: Sequence[int], cfg: Stage2Config, steps_per_epoch: int, world: int, budget: int
+) -> int:
+    """The first step at which the sequences trained on (prompt + answer tokens, no padding) reach `budget`.
+
+    The batch order depends on (seed, epoch) only, so the count is known before training: two adapters given
+    the same budget see the same number of LLM tokens (the comparison's fair budget for rc vs direct).
+    """
+    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
+    seen, step = 0, 0
+    for epoch in range(cfg.train.epochs or 1):
+        batches = length_grouped_batches(lengths, bs, cfg.train.seed + epoch)
+        windows = [batches[i : i + ga] for i in range(0, len(batches), ga)]
+        for in_epoch in range(steps_per_epoch):
+            for rank in range(world):
+                window = windows[(in_epoch * world + rank) % len(windows)]
+                seen += sum(lengths[j] for b in window for j in b)
+            step += 1
+            if seen >= budget:
+                return step
+    return step
+
+
 def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors; padding is masked in attention and labels."""
     import torch
@@ -422,6 +445,10 @@ def train(
     total_steps = steps_per_epoch * epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
+    if cfg.train.max_tokens is not None:
+        total_steps = min(
+            total_steps, steps_for_tokens(lengths, cfg, steps_per_epoch, world, cfg.train.max_tokens)
+        )
     warmup = cfg.train.warmup_steps or 0
     if warmup >= total_steps:
         log.warning(

@@ -1,0 +1,108 @@
+"""The comparison's pictures (matplotlib, an optional extra): per-relation F1 (LMRC Fig. 2), F1 against the SBERT
+threshold theta (LMRC Fig. 3), and stage-1 recall / LLM prompt tokens against the candidate threshold."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lmrc.data.relations import RelationSet
+from lmrc.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def per_relation(plt, results: dict[str, Any], relations: RelationSet, path: Path) -> Path | None:
+    """Per-relation F1 of every row, relations ordered by training frequency (most frequent first)."""
+    rows = results["per_relation_f1"]
+    counts = results.get("relation_train_counts") or {}
+    rels = sorted({r for scores in rows.values() for r in scores}, key=lambda r: (-counts.get(r, 0), r))
+    if not rels:
+        return None
+    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(rels)), 4.5))
+    for label, scores in rows.items():
+        ax.plot(
+            range(len(rels)), [100 * scores.get(r, 0.0) for r in rels], marker="o", ms=3, lw=1, label=label
+        )
+    ax.set_xticks(range(len(rels)))
+    ax.set_xticklabels([relations.names.get(r, r) for r in rels], rotation=90, fontsize=6)
+    ax.set_ylabel("F1 (%)")
+    ax.set_xlabel("relations of the evaluation documents, by training frequency")
+    ax.set_title("Per-relation F1")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def theta(plt, results: dict[str, Any], path: Path) -> Path | None:
+    curves = results["theta"]["f1"]
+    if not curves:
+        return None
+    thetas = results["theta"]["thetas"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, f1 in curves.items():
+        ax.plot(thetas, [100 * x for x in f1], marker="o", label=mode)
+    ax.set_xlabel("SBERT similarity threshold theta")
+    ax.set_ylabel("F1 (%)")
+    ax.set_title("F1 against theta (relation names mapped by SBERT)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def candidates(plt, results: dict[str, Any], path: Path) -> Path | None:
+    curve = results["candidate_curve"]
+    if not curve:
+        return None
+    x = [100 * p["share_of_pairs"] for p in curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [100 * p["recall"] for p in curve], marker="o", color="tab:blue", label="pair recall")
+    ax.set_xlabel("candidates kept (% of all pairs), by stage-1 threshold")
+    ax.set_ylabel("stage-1 pair recall (%)", color="tab:blue")
+    if "prompt_tokens_per_doc" in curve[0]:
+        ax2 = ax.twinx()
+        ax2.plot(x, [p["prompt_tokens_per_doc"] for p in curve], marker="s", color="tab:red")
+        ax2.set_ylabel("LLM prompt tokens per document", color="tab:red")
+    ax.set_title("Stage-1 candidate threshold: recall vs LLM cost")
+    return _save(fig, path)
+
+
+def draw_all(out: Path, results: dict[str, Any], relations: RelationSet) -> tuple[list[Path], list[str]]:
+    """The pictures written, and the names of those skipped (no matplotlib, or nothing to draw)."""
+    names = ("per_relation.png", "theta.png", "candidates.png")
+    plt = _pyplot()
+    if plt is None:
+        log.warning("matplotlib is not installed (pip install 'lmrc[plot]'): pictures skipped")
+        return [], list(names)
+    drawn, skipped = [], []
+    for name, draw in zip(
+        names,
+        (
+            lambda p: per_relation(plt, results, relations, p),
+            lambda p: theta(plt, results, p),
+            lambda p: candidates(plt, results, p),
+        ),
+    ):
+        path = draw(out / name)
+        plt.close("all")
+        (drawn if path is not None else skipped).append(path if path is not None else name)
+    return drawn, skipped

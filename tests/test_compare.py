@@ -1,0 +1,149 @@
+"""`lmrc compare` on tiny random models and real documents: every mode on the same documents, rows scored
+independently, pictures, reuse of finished parts, and training from configs (the `make demo` path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from pipeline_helpers import FAST_GENERATION, adapter, data_files, stage1_checkpoint
+from stage1_run_helpers import save_tiny_bert, single_thread  # noqa: F401  (autouse fixture)
+from stage2_helpers import tiny_model_dir
+
+from lmrc.cli import main
+from lmrc.data.docred import load_documents
+from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
+from lmrc.io import read_json
+from lmrc.pipeline.compare import load_compare_config
+
+
+@pytest.fixture(scope="module")
+def models(redocred_dir, cache_dir):
+    files = data_files(redocred_dir)
+    return {
+        "files": files,
+        "stage1": stage1_checkpoint(redocred_dir),
+        "rc": adapter(redocred_dir, "rc"),
+        "direct": adapter(redocred_dir, "direct"),
+    }
+
+
+def _write(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, capsys):
+    files = models["files"]
+    config = {
+        "eval": {"docs": str(files["test"]), "max_docs": 4, "train": str(files["train"])},
+        "stage1": {"path": str(models["stage1"])},
+        "rc": {"path": str(models["rc"])},
+        "direct": {"path": str(models["direct"])},
+        "candidates": {"max_per_doc": 4},
+        "stage2_overrides": FAST_GENERATION,
+        "thetas": [0.5, 0.9],
+        "candidate_points": 3,
+        "docs_per_batch": 2,
+    }
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", _write(tmp_path / "c.yaml", config), "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = read_json(out / "results.json")
+    labels = [r["label"] for r in results["rows"]]
+    assert labels == ["stage1-only", "direct", "direct + SBERT", "classifier-llm", "classifier-llm + SBERT"]
+    assert all(label in printed for label in labels) and "results.md" in printed
+    # each row is the official scorer on that mode's result file, recomputed here
+    docs = load_documents(out / "data" / "eval.json")
+    assert len(docs) == 4
+    ref = TrainReference.from_documents(load_documents(files["train"]))
+    for row, path in zip(
+        results["rows"],
+        [
+            "stage1-only.json",
+            "direct.strict.json",
+            "direct.json",
+            "classifier-llm.strict.json",
+            "classifier-llm.json",
+        ],
+    ):
+        m = evaluate(load_predictions(out / "runs" / path), docs, ref)
+        assert row["f1"] == pytest.approx(m.relation.f1) and row["predicted"] == m.relation.predicted
+        assert row["ign_f1"] == pytest.approx(m.ign.f1)
+    rows = {r["label"]: r for r in results["rows"]}
+    assert rows["stage1-only"]["llm_prompts_per_doc"] == 0
+    assert rows["direct"]["prompt_tokens_per_doc"] > rows["classifier-llm"]["prompt_tokens_per_doc"] > 0
+    assert results["stage1_candidates"]["candidates"] <= 4 * 4
+    # theta sweep from the saved raw answers; candidate curve is monotone in the share of pairs kept
+    assert set(results["theta"]["f1"]) == {"direct", "classifier-llm"}
+    curve = results["candidate_curve"]
+    assert [p["share_of_pairs"] for p in curve] == sorted(p["share_of_pairs"] for p in curve)
+    assert [p["recall"] for p in curve] == sorted(p["recall"] for p in curve)
+    assert curve[-1]["share_of_pairs"] == pytest.approx(1.0) and curve[-1]["recall"] == pytest.approx(1.0)
+    for name in ("per_relation.png", "theta.png", "candidates.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "| classifier-llm + SBERT |" in md and "reduction ratio" in md
+
+    # a second run reuses every finished part: no document is predicted again
+    def result_files():
+        return {p.name: p.read_bytes() for p in (out / "runs").glob("*.json") if "summary" not in p.name}
+
+    before, peaks = result_files(), {r["label"]: r["peak_rss_gib"] for r in results["rows"]}
+    assert main(["compare", "--config", str(tmp_path / "c.yaml"), "--output-dir", str(out)]) == 0
+    assert result_files() == before
+    # the peak memory reported is the one of the run that did the work
+    assert {r["label"]: r["peak_rss_gib"] for r in read_json(out / "results.json")["rows"]} == peaks
+    for mode in ("stage1-only", "direct", "classifier-llm"):
+        assert read_json(out / "runs" / f"{mode}.summary.json")["documents_this_run"] == 0
+
+
+def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp_path, capsys):
+    """The `make demo` path: a data split made by compare, stage 1 and both adapters trained, same token budget."""
+    files = data_files(redocred_dir)
+    encoder = save_tiny_bert(tmp_path / "bert")
+    stage1 = {
+        "model": {"encoder": str(encoder), "emb_size": 64, "block_size": 16},
+        "data": {"rel_info": str(files["rel_info"])},
+        "train": {"epochs": 1, "batch_size": 2, "mixed_precision": "no", "log_every_steps": 0},
+    }
+    llm = {
+        "model": str(tiny_model_dir()),
+        "max_seq_len": 1024,
+        "dtype": "float32",
+        "data": {"rel_info": str(files["rel_info"])},
+        "train": {"max_tokens": 3000, "warmup_steps": 0, "batch_size": 1},
+    }
+    config = {
+        "eval": {"docs": str(files["test"]), "max_docs": 2, "train": str(files["train"])},
+        "data": {"train": str(files["train"]), "tune_fraction": 0.25},
+        "stage1": {"config": _write(tmp_path / "s1.yaml", stage1)},
+        "rc": {"config": _write(tmp_path / "rc.yaml", llm)},
+        "direct": {"config": _write(tmp_path / "direct.yaml", llm)},
+        "candidates": {"recall_target": 0.9},
+        "stage2_overrides": FAST_GENERATION,
+        "thetas": [0.55],
+        "candidate_points": 2,
+    }
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", _write(tmp_path / "c.yaml", config), "--output-dir", str(out)]) == 0
+    train = load_documents(out / "data" / "train.json")
+    tune = load_documents(out / "data" / "tune.json")
+    assert (len(train), len(tune)) == (3, 1)
+    s1cfg = yaml.safe_load((out / "models" / "stage1" / "config.yaml").read_text())
+    assert s1cfg["data"]["train"] == str(out / "data" / "train.json")
+    # rc and direct trained to the same token budget: the first step that reaches it
+    for kind in ("rc", "direct"):
+        metrics = [json.loads(x) for x in (out / "models" / kind / "metrics.jsonl").read_text().splitlines()]
+        assert metrics and read_json(out / "models" / kind / "train_summary.json")["finished"]
+    cal = read_json(out / "runs" / "classifier-llm.summary.json")["fingerprint"]["stage1"]
+    assert cal["threshold_method"] == "recall_target"
+    assert len(read_json(out / "results.json")["rows"]) == 5
+
+
+def test_compare_config_refuses_unknown_modes():
+    from lmrc.errors import LmrcError
+
+    with pytest.raises(LmrcError, match="unknown mode 'llm-only'"):
+        load_compare_config(None, ["modes=[llm-only]"])

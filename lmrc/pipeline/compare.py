@@ -65,11 +65,14 @@ class DataSpec:
 class EvalSpec:
     docs: str = "${LMRC_DATA_DIR}/redocred/dev_50.json"
     max_docs: int | None = None  # the first N documents; None: all
+    indices: list[int] | None = None  # or these documents (0-based positions in the file)
     train: str | None = "${LMRC_DATA_DIR}/redocred/train_450.json"  # Ign F1, frequent / long-tail, plot order
 
     def __post_init__(self) -> None:
         if self.max_docs is not None and self.max_docs < 1:
             raise ValueError("eval.max_docs must be at least 1")
+        if self.indices is not None and self.max_docs is not None:
+            raise ValueError("eval: give max_docs or indices, not both")
 
 
 @dataclass
@@ -139,6 +142,11 @@ def prepare_data(cfg: CompareConfig, out: Path, relations: RelationSet) -> dict[
             )
     if cfg.eval.max_docs is not None:
         docs = docs[: cfg.eval.max_docs]
+    if cfg.eval.indices is not None:
+        bad = [i for i in cfg.eval.indices if not 0 <= i < len(docs)]
+        if bad:
+            raise LmrcError(f"eval.indices: {bad[0]} is out of range ({eval_path} has {len(docs)} documents)")
+        docs = [docs[i] for i in cfg.eval.indices]
     paths: dict[str, Path | None] = {"eval": _same_or_write(out / "data" / "eval.json", docs)}
     paths["train"] = paths["tune"] = None
     if cfg.data.train is not None:

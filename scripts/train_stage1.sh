@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Stage 1 on one or more GPUs (DDP through accelerate), resumable: rerun the same line after an interruption.
+#   bash scripts/train_stage1.sh [CONFIG] [--set key=value ...]
+# Environment: NUM_GPUS (default: all visible), ACCELERATE_CONFIG (an accelerate config file), DRY_RUN=1 (print
+# the command instead of running it), LMRC_DATA_DIR (the data folder the configs point at).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:-configs/redocred_stage1.yaml}
+shift || true
+source scripts/launch.sh
+run_lmrc stage1 train --config "$CONFIG" --resume "$@"

@@ -1,0 +1,125 @@
+"""The GPU scripts dry-run here (DRY_RUN=1): every command they would run parses, and every config resolves."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lmrc.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dry_run(*args: str, **env: str) -> list[list[str]]:
+    out = subprocess.run(
+        ["bash", *args],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "DRY_RUN": "1",
+            "NUM_GPUS": "8",
+            "LMRC_DATA_DIR": "/data",
+            "BACKEND": "vllm",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = [
+        shlex.split(line[len("DRY_RUN:") :]) for line in out.splitlines() if line.startswith("DRY_RUN:")
+    ]
+    assert commands, out
+    return commands
+
+
+def _lmrc_args(cmd: list[str]) -> list[str]:
+    i = cmd.index("-m", cmd.index("-m") + 1) if "accelerate.commands.launch" in cmd else cmd.index("-m")
+    assert cmd[i + 1] == "lmrc"
+    return cmd[i + 2 :]
+
+
+def _resolve(args: list[str]) -> str:
+    """Parse the lmrc command line and load the config it names, as lmrc would."""
+    ns = build_parser().parse_args(args)
+    if args[:2] == ["stage1", "train"]:
+        from lmrc.stage1.config import load_stage1_config
+
+        cfg = load_stage1_config(ns.config, ns.overrides)
+        return f"stage1 {cfg.model.encoder} {cfg.train.epochs}"
+    if args[:2] == ["stage2", "train"]:
+        from lmrc.stage2.config import load_stage2_config
+
+        cfg = load_stage2_config(ns.config, ns.overrides)
+        return f"stage2 {cfg.mode} {cfg.model} {cfg.train.epochs} {cfg.train.warmup_steps}"
+    if args[0] == "predict":
+        from lmrc.commands.pipeline import _predict_config
+
+        cfg = _predict_config(ns)
+        return f"predict {cfg.stage2.override_list()}"
+    if args[0] == "compare":
+        from lmrc.pipeline.compare import load_compare_config
+
+        return f"compare {load_compare_config(ns.config, ns.overrides).rc.path}"
+    return args[0]
+
+
+def test_run_redocred_trains_both_stages_with_the_papers_settings_then_predicts_and_compares():
+    commands = _dry_run("scripts/run_redocred.sh", "runs/x")
+    resolved = [_resolve(_lmrc_args(c)) for c in commands]
+    assert resolved[:3] == [
+        "stage1 roberta-large 30",
+        "stage2 rc meta-llama/Llama-2-13b-chat-hf 8 100",
+        "stage2 direct meta-llama/Llama-2-13b-chat-hf 2 200",
+    ]
+    for c in commands[:3]:
+        assert c[c.index("--num_processes") + 1] == "8"
+    assert resolved[3:5] == ["predict ['generation.backend=\"vllm\"']"] * 2
+    assert resolved[5:] == ["evaluate", "compare runs/x/rc"]
+
+
+def test_run_redocred_runs_one_shard_of_the_predictions():
+    commands = _dry_run("scripts/run_redocred.sh", "runs/x", PREDICT_SHARD="3/8")
+    predicts = [c for c in commands if "predict" in c]
+    assert len(predicts) == 2 and len(commands) == 5  # no evaluate / compare before the shards are merged
+    for c in predicts:
+        assert c[c.index("--shard") + 1] == "3/8" and c[c.index("--output") + 1].endswith(".shard3.json")
+
+
+@pytest.mark.parametrize("mode", ["rc", "direct"])
+def test_train_stage2_uses_the_accelerate_config_and_the_mode(mode):
+    (cmd,) = _dry_run("scripts/train_stage2.sh", mode, "--set", "train.epochs=1",
+                      ACCELERATE_CONFIG="configs/accelerate/fsdp.yaml")  # fmt: skip
+    assert cmd[cmd.index("--config_file") + 1] == "configs/accelerate/fsdp.yaml"
+    assert _resolve(_lmrc_args(cmd)).startswith(f"stage2 {mode} ")
+    assert _lmrc_args(cmd)[-2:] == ["--set", "train.epochs=1"]
+
+
+def test_train_stage1_and_bad_mode():
+    (cmd,) = _dry_run("scripts/train_stage1.sh")
+    assert _resolve(_lmrc_args(cmd)) == "stage1 roberta-large 30"
+    bad = subprocess.run(
+        ["bash", "scripts/train_stage2.sh", "both"], cwd=REPO, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "mode must be rc or direct" in bad.stderr
+
+
+def test_every_shipped_config_resolves():
+    import yaml
+
+    from lmrc.pipeline.compare import load_compare_config
+    from lmrc.stage1.config import load_stage1_config
+    from lmrc.stage2.config import load_stage2_config
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if "eval" in raw:
+            load_compare_config(path)
+        elif "mode" in raw:
+            load_stage2_config(path)
+        else:
+            load_stage1_config(path)

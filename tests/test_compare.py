@@ -147,3 +147,14 @@ def test_compare_config_refuses_unknown_modes():
 
     with pytest.raises(LmrcError, match="unknown mode 'llm-only'"):
         load_compare_config(None, ["modes=[llm-only]"])
+
+
+def test_without_matplotlib_the_pictures_are_skipped_by_name(monkeypatch, tmp_path):
+    from lmrc.data.relations import RelationSet
+    from lmrc.pipeline import plots
+
+    monkeypatch.setattr(plots, "_pyplot", lambda: None)
+    results = {"per_relation_f1": {"a": {"P1": 0.5}}, "theta": {"f1": {}, "thetas": []}, "candidate_curve": []}
+    drawn, skipped = plots.draw_all(tmp_path, results, RelationSet(("P1",), {"P1": "one"}))
+    assert drawn == [] and skipped == ["per_relation.png", "theta.png", "candidates.png"]
+    assert not list(tmp_path.iterdir())

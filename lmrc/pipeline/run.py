@@ -401,10 +401,22 @@ def iter_progress(path: Path) -> Iterator[dict]:
                 yield from json.loads(line)["documents"]
 
 
-def _peak_memory() -> dict[str, float]:
+def peak_rss_gib() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec (ru_maxrss would count the
+    parent's memory in a child that compare started); elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 2**20, 3)  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss = peak / 2**20 if sys.platform != "darwin" else peak / 2**30  # Linux: KiB; macOS: bytes
-    out = {"peak_rss_gib": round(rss, 3)}
+    return round(peak / 2**20 if sys.platform != "darwin" else peak / 2**30, 3)  # Linux KiB, macOS bytes
+
+
+def _peak_memory() -> dict[str, float]:
+    out = {"peak_rss_gib": peak_rss_gib()}
     try:
         import torch
 

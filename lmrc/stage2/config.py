@@ -129,6 +129,9 @@ class GenerationConfig:
     # Documents generated together; their results are appended to the progress file when the chunk finishes.
     docs_per_chunk: int = 8
     gpu_memory_utilization: float = 0.85  # vllm only
+    # Grammar-constrained answers (lmrc.stage2.grammar): only `(head| relation| tail)` lines of the asked pairs
+    # with relation-set names can be generated. Off by default: LMRC generates freely.
+    constrained: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -37,8 +37,13 @@ class Generator(Protocol):
     tokenizer: Any
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]
-    ) -> list[Generation]: ...
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        grammars: Sequence[str] | None = None,
+    ) -> list[Generation]:
+        """`grammars`: one EBNF per prompt (lmrc.stage2.grammar) that its answer must follow, or None."""
+        ...
 
 
 def answer_budget(
@@ -75,6 +80,7 @@ class HFGenerator:
         self.eos_ids = _eos_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.device = next(model.parameters()).device
+        self._compiler = None  # xgrammar's, built on the first constrained batch
 
     @classmethod
     def load(cls, cfg: Stage2Config, adapter_dir: Path, device: Any = None) -> HFGenerator:
@@ -85,13 +91,28 @@ class HFGenerator:
         loaded = load_adapter(adapter_dir, cfg, device=device, merge=merge)
         return cls(loaded.model, loaded.tokenizer, cfg.generation)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[Generation]:
+    def _grammar_compiler(self):
+        if self._compiler is None:
+            from lmrc.stage2.grammar import GrammarCompiler
+
+            vocab = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
+            self._compiler = GrammarCompiler(self.tokenizer, vocab, self.eos_ids)
+        return self._compiler
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        grammars: Sequence[str] | None = None,
+    ) -> list[Generation]:
         import torch
         from transformers import GenerationConfig as HFGenerationConfig
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if len(prompts) != len(max_new_tokens):
             raise ValueError("one max_new_tokens per prompt")
+        if grammars is not None and len(grammars) != len(prompts):
+            raise ValueError("one grammar per prompt")
         results: list[Generation | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         bs = self.cfg.batch_size
@@ -120,12 +141,24 @@ class HFGenerator:
             stopper = _RowStopper(
                 width, [max_new_tokens[i] for i in idx], self.tokenizer, self.cfg.stop_repeated_lines
             )
+            processors = LogitsProcessorList()
+            if grammars is not None:
+                from lmrc.stage2.grammar import GrammarLogitsProcessor
+
+                compiler = self._grammar_compiler()
+                compiled = [compiler.compile(grammars[i]) for i in idx]
+                processors.append(
+                    GrammarLogitsProcessor(
+                        compiler, compiled, lambda row, s=stopper: s.stopped_at[row] is not None
+                    )
+                )
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     generation_config=gen_cfg,
                     stopping_criteria=StoppingCriteriaList([stopper]),
+                    logits_processor=processors,
                 )
             new = out[:, width:].tolist()
             for row, i in enumerate(idx):
@@ -223,7 +256,17 @@ class VLLMGenerator:
 
         return cls(cfg, resolve_model_path(cfg.model), adapter_dir)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        grammars: Sequence[str] | None = None,
+    ) -> list[Generation]:
+        structured: list[dict] = [{} for _ in prompts]
+        if grammars is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            structured = [{"structured_outputs": StructuredOutputsParams(grammar=g)} for g in grammars]
         params = [
             self._sampling_params(
                 max_tokens=int(n),
@@ -231,8 +274,9 @@ class VLLMGenerator:
                 top_p=self.cfg.top_p if self.cfg.do_sample else 1.0,
                 seed=self.cfg.seed if self.cfg.do_sample else None,
                 skip_special_tokens=True,
+                **extra,
             )
-            for n in max_new_tokens
+            for n, extra in zip(max_new_tokens, structured)
         ]
         inputs = [{"prompt_token_ids": list(p)} for p in prompts]
         outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)

@@ -215,6 +215,14 @@ class Stage2Runner:
         self._device = device
         self._context: int | None = None
         self._context_read = False
+        self.rel_rule = None
+        if cfg.generation.constrained:
+            from lmrc.stage2.grammar import relation_rule
+
+            # The relation-set part of every prompt's grammar, rendered once per run.
+            self.rel_rule = relation_rule(
+                [self.relations.name(r) for r in self.relations.ids], cfg.allow_none
+            )
 
     @property
     def mode(self) -> str:
@@ -241,6 +249,7 @@ class Stage2Runner:
         t0 = time.perf_counter()
         plans = []
         jobs: list[tuple[int, int, list[int], int]] = []  # (position in docs, prompt number, ids, budget)
+        grammars: list[str] | None = [] if self.rel_rule is not None else None
         for k, (doc, pairs) in enumerate(zip(docs, pairs_by_doc)):
             names, prompts = self.plan(doc, pairs)
             plans.append((names, prompts))
@@ -248,7 +257,19 @@ class Stage2Runner:
                 ids = self.encoder.encode_prompt(p.text)
                 budget = answer_budget(len(p.pairs), self.cfg.generation, len(ids), self.context())
                 jobs.append((k, j, ids, budget))
-        outputs = self.generator().generate([j[2] for j in jobs], [j[3] for j in jobs]) if jobs else []
+                if grammars is not None:
+                    from lmrc.stage2.grammar import answer_grammar
+
+                    grammars.append(answer_grammar([(names[h], names[t]) for h, t in p.pairs], self.rel_rule))
+        outputs = []
+        if jobs:
+            prompts_ids, budgets = [j[2] for j in jobs], [j[3] for j in jobs]
+            gen = self.generator()
+            outputs = (
+                gen.generate(prompts_ids, budgets, grammars)
+                if grammars is not None
+                else gen.generate(prompts_ids, budgets)
+            )
         if len(outputs) != len(jobs):
             raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(jobs)} prompts")
         by_doc: dict[int, list] = {}

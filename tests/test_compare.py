@@ -154,7 +154,11 @@ def test_without_matplotlib_the_pictures_are_skipped_by_name(monkeypatch, tmp_pa
     from lmrc.pipeline import plots
 
     monkeypatch.setattr(plots, "_pyplot", lambda: None)
-    results = {"per_relation_f1": {"a": {"P1": 0.5}}, "theta": {"f1": {}, "thetas": []}, "candidate_curve": []}
+    results = {
+        "per_relation_f1": {"a": {"P1": 0.5}},
+        "theta": {"f1": {}, "thetas": []},
+        "candidate_curve": [],
+    }
     drawn, skipped = plots.draw_all(tmp_path, results, RelationSet(("P1",), {"P1": "one"}))
     assert drawn == [] and skipped == ["per_relation.png", "theta.png", "candidates.png"]
     assert not list(tmp_path.iterdir())

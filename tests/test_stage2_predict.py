@@ -223,9 +223,15 @@ def test_sbert_mapping_maps_near_names_and_keeps_a_strict_result(adapter, docs_f
     assert read_json(sidecar(out, ".strict.json")) == []
 
 
-def test_settings_fixed_by_training_cannot_be_overridden(adapter, docs_file, tmp_path):
-    with pytest.raises(LmrcError, match="mode"):
-        predict(adapter, docs_file, tmp_path / "r.json", overrides=["mode=direct"], generator=EchoGenerator())
+@pytest.mark.parametrize(
+    "override",
+    ["mode=direct", "model=smollm2-135m", "max_seq_len=4096", "max_pairs=5", "answer_tokens_per_pair=8"],
+)
+def test_settings_fixed_by_training_cannot_be_overridden(adapter, docs_file, tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(LmrcError, match=f"--set {key}: the adapter was trained with {key}="):
+        predict(adapter, docs_file, tmp_path / "r.json", overrides=[override], generator=EchoGenerator())
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_rc_adapter_needs_candidates_or_gold_pairs(adapter, docs_file, tmp_path):
@@ -281,14 +287,57 @@ def test_sampling_is_seeded():
     assert a == b
 
 
-def test_answer_budget_scales_with_pairs_is_capped_and_stays_in_the_context():
+def test_answer_budget_scales_with_pairs_and_stays_in_the_room_the_prompt_leaves():
     from lmrc.stage2.config import GenerationConfig
     from lmrc.stage2.generate import answer_budget
 
-    cfg = GenerationConfig(max_new_tokens_per_pair=40, max_new_tokens_cap=500)
+    cfg = GenerationConfig(max_new_tokens_per_pair=40)
     assert answer_budget(3, cfg) == 120
-    assert answer_budget(18, cfg) == 500
+    assert answer_budget(98, cfg, prompt_len=1000, context=8192) == 3920  # no fixed cap by default
     assert answer_budget(18, cfg, prompt_len=8000, context=8192) == 192
+    assert answer_budget(18, GenerationConfig(max_new_tokens_per_pair=40, max_new_tokens_cap=500)) == 500
+
+
+class CuttingEcho(EchoGenerator):
+    """EchoGenerator whose answer stops at its token budget, as a real model's would."""
+
+    def generate(self, prompts, max_new_tokens):
+        out = []
+        for g, budget in zip(super().generate(prompts, max_new_tokens), max_new_tokens):
+            ids = self.tokenizer(g.text, add_special_tokens=False)["input_ids"]
+            cut = len(ids) > budget
+            text = self.tokenizer.decode(ids[:budget]) if cut else g.text
+            out.append(Generation(text, n_tokens=min(len(ids), budget), hit_limit=cut))
+        return out
+
+
+def test_a_long_pair_list_is_answered_whole_and_a_cut_answer_is_counted(adapter, docs_file, tmp_path):
+    from lmrc.data.docred import load_documents
+
+    doc = max(load_documents(docs_file), key=lambda d: len(d.pairs()))
+    pairs = doc.pairs()[:60]
+    cands = tmp_path / "c.json"
+    save_candidates(
+        Candidates(
+            CandidatesHeader(model="m", head="atl", threshold=0.0),
+            [
+                DocumentCandidates(
+                    doc.title, tuple(CandidatePair(h, t, 1.0) for h, t in pairs), len(doc.entities)
+                )
+            ],
+        ),
+        cands,
+    )
+    whole = predict(adapter, docs_file, tmp_path / "a.json", candidates_path=cands, generator=CuttingEcho())
+    assert whole["pairs"] == 60 and whole["pairs_cut"] == 0 and whole["outputs_hit_token_limit"] == 0
+    assert len(read_json(tmp_path / "a.json")) == 60  # one relation for every pair: nothing lost
+    cut = predict(
+        adapter, docs_file, tmp_path / "b.json", candidates_path=cands, generator=CuttingEcho(),
+        overrides=["generation.max_new_tokens_cap=100"],
+    )  # fmt: skip
+    kept = len(read_json(tmp_path / "b.json"))
+    assert cut["outputs_hit_token_limit"] >= 1 and 0 < kept < 60
+    assert cut["pairs_cut"] == 60 - kept
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(adapter):

@@ -678,6 +678,7 @@ def finalize(
             "prompt_tokens_per_document": counts["prompt_tokens"] / n,
             "generated_tokens_per_document": counts["generated_tokens"] / n,
             "outputs_hit_token_limit": counts["hit_token_limit"],
+            "pairs_cut": counts["pairs_cut"],
             "outputs_stopped_on_repeat": counts["stopped_on_repeat"],
             "triples_parsed": counts["triples"],
             "none_answers": counts["none_answers"],

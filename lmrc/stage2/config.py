@@ -114,12 +114,15 @@ class GenerationConfig:
     temperature: float = 1.0  # only when do_sample
     top_p: float = 1.0  # only when do_sample
     seed: int = 42  # only when do_sample
-    # Answer budget: pairs in the prompt x tokens per pair, capped. A pair can hold several relations, so the
-    # per-pair budget is larger than the planning estimate (`answer_tokens_per_pair`); runaway output stops here.
+    # Answer budget: pairs in the prompt x tokens per pair, within the room the prompt leaves in max_seq_len (the
+    # planner splits pairs over prompts so that each pair's expected answer fits). A pair can hold several
+    # relations, so the per-pair budget is larger than the planning estimate (`answer_tokens_per_pair`).
     max_new_tokens_per_pair: int = (
         32  # training answers average ~19 tokens per pair (Re-DocRED, SmolLM2 tokens)
     )
-    max_new_tokens_cap: int = 1024
+    # An extra hard cap on new tokens per prompt (None: none). A cap below pairs x per-pair budget cuts the answers
+    # of the last pairs; such cuts are counted (`pairs_cut`).
+    max_new_tokens_cap: int | None = None
     # hf: stop an answer once the same line came this many times in a row (a greedy loop; the copies would be
     # dropped as duplicates anyway). 0: never.
     stop_repeated_lines: int = 3
@@ -137,7 +140,7 @@ class GenerationConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"generation.backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("batch_size", "max_new_tokens_per_pair", "max_new_tokens_cap", "docs_per_chunk"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"generation.{name} must be at least 1")
         if self.stop_repeated_lines < 0 or self.stop_repeated_lines == 1:
             raise ValueError("generation.stop_repeated_lines must be 0 (off) or at least 2")

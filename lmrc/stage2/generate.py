@@ -49,8 +49,11 @@ class Generator(Protocol):
 def answer_budget(
     n_pairs: int, cfg: GenerationConfig, prompt_len: int = 0, context: int | None = None
 ) -> int:
-    """New-token budget of a prompt: pairs x per-pair budget, capped, and within the model's context window."""
-    budget = min(n_pairs * cfg.max_new_tokens_per_pair, cfg.max_new_tokens_cap)
+    """New-token budget of a prompt: pairs x per-pair budget, within the room left by the prompt in `context`
+    (max_seq_len, or the model's window when smaller) and the optional hard cap."""
+    budget = n_pairs * cfg.max_new_tokens_per_pair
+    if cfg.max_new_tokens_cap is not None:
+        budget = min(budget, cfg.max_new_tokens_cap)
     if context is not None:
         budget = min(budget, context - prompt_len)
     return max(1, budget)

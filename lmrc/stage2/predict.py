@@ -44,7 +44,12 @@ PROGRESS_FORMAT = "lmrc-stage2-progress"
 # Settings that may change between a run and its resume without changing any result.
 _NEUTRAL = ("batch_size", "docs_per_chunk", "gpu_memory_utilization")
 # Settings that shape the prompts the adapter learned; predicting with others would silently mismatch.
-_FIXED_BY_TRAINING = ("mode", "template", "use_chat_template", "rc_allow_none", "lora")
+# Settings that shape the prompts the adapter learned, or its base model: predicting with others would silently
+# mismatch (another base model would load the adapter onto the wrong weights).
+_FIXED_BY_TRAINING = (
+    "mode", "model", "template", "use_chat_template", "rc_allow_none", "lora", "max_seq_len", "max_pairs",
+    "answer_tokens_per_pair",
+)  # fmt: skip
 
 
 def sidecar(output: Path, suffix: str) -> Path:
@@ -203,7 +208,9 @@ class Stage2Runner:
         for key in _FIXED_BY_TRAINING:
             if getattr(cfg, key) != getattr(trained, key):
                 raise LmrcError(
-                    f"--set {key}: fixed by the adapter's training ({self.adapter_dir}/config.yaml), cannot change"
+                    f"--set {key}: the adapter was trained with {key}={to_dict(getattr(trained, key))!r} "
+                    f"({self.adapter_dir}/config.yaml), not {to_dict(getattr(cfg, key))!r}; it cannot change at "
+                    "predict time (train another adapter)"
                 )
         self.cfg = cfg
         self.relations = adapter_relations(self.adapter_dir, cfg)
@@ -233,9 +240,13 @@ class Stage2Runner:
             self._generator = create_generator(self.cfg, self.adapter_dir, self._device)
         return self._generator
 
-    def context(self) -> int | None:
+    def context(self) -> int:
+        """Tokens a prompt and its answer may fill: max_seq_len, or the model's window when smaller."""
         if not self._context_read:
-            self._context, self._context_read = _model_context(self.cfg), True
+            window = _model_context(self.cfg)
+            self._context = min(self.cfg.max_seq_len, window) if window else self.cfg.max_seq_len
+            self._context_read = True
+        assert self._context is not None
         return self._context
 
     def plan(self, doc: Document, pairs: list[tuple[int, int]]) -> tuple[list[str], list[Prompt]]:
@@ -414,9 +425,13 @@ def _finish_document(doc: Document, index: int, plan, generated, aligner: _Align
             for p in aligner.align(gen.text, prompt, doc, names, choices, mapper=aligner.strict).predictions:
                 strict.setdefault((p["h_idx"], p["t_idx"], p["r"]), p)
         drops.update(res.drops)
+        answered = {(p["h_idx"], p["t_idx"]) for p in res.predictions}
+        answered |= {(d["h_idx"], d["t_idx"]) for d in res.details if d["h_idx"] is not None}
         counts.update(
             prompts=1,
             pairs=len(prompt.pairs),
+            # pairs left without any line in an answer the token budget cut: their relations may be lost
+            pairs_cut=sum(p not in answered for p in set(prompt.pairs)) if gen.hit_limit else 0,
             prompt_tokens=len(ids),
             generated_tokens=gen.n_tokens,
             hit_token_limit=int(gen.hit_limit),
@@ -485,6 +500,7 @@ def _summary(records, cfg, missing, seconds, timed_docs, adapter_dir, input_path
         "prompt_tokens": counts["prompt_tokens"],
         "generated_tokens": counts["generated_tokens"],
         "outputs_hit_token_limit": counts["hit_token_limit"],
+        "pairs_cut": counts["pairs_cut"],
         "outputs_stopped_on_repeat": counts["stopped_on_repeat"],
         "empty_outputs": counts["empty_outputs"],
         "triples_parsed": counts["triples"],

@@ -42,6 +42,10 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
         "rc": {"path": str(models["rc"])},
         "direct": {"path": str(models["direct"])},
         "candidates": {"max_per_doc": 4},
+        "variants": [
+            {"name": "classifier-llm + constrained", "set": ["stage2.overrides.generation.constrained=true"]},
+            {"name": "classifier-llm + refine", "set": ["fusion=refine", "refine.upper=0.0"]},
+        ],
         "stage2_overrides": FAST_GENERATION,
         "thetas": [0.5, 0.9],
         "candidate_points": 3,
@@ -52,7 +56,11 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
     printed = capsys.readouterr().out
     results = read_json(out / "results.json")
     labels = [r["label"] for r in results["rows"]]
-    assert labels == ["stage1-only", "direct", "direct + SBERT", "classifier-llm", "classifier-llm + SBERT"]
+    assert labels == [
+        "stage1-only", "direct", "direct + SBERT", "classifier-llm", "classifier-llm + SBERT",
+        "classifier-llm + constrained", "classifier-llm + constrained + SBERT",
+        "classifier-llm + refine", "classifier-llm + refine + SBERT",
+    ]  # fmt: skip
     assert all(label in printed for label in labels) and "results.md" in printed
     # each row is the official scorer on that mode's result file, recomputed here
     docs = load_documents(out / "data" / "eval.json")
@@ -76,7 +84,18 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
     assert rows["direct"]["prompt_tokens_per_doc"] > rows["classifier-llm"]["prompt_tokens_per_doc"] > 0
     assert results["stage1_candidates"]["candidates"] <= 4 * 4
     # theta sweep from the saved raw answers; candidate curve is monotone in the share of pairs kept
-    assert set(results["theta"]["f1"]) == {"direct", "classifier-llm"}
+    assert set(results["theta"]["f1"]) == {
+        "direct",
+        "classifier-llm",
+        "classifier-llm + constrained",
+        "classifier-llm + refine",
+    }
+    assert rows["classifier-llm + constrained"]["out_of_set_relations"] == 0
+    # refine with upper 0: every candidate with a stage-1 relation skips the LLM
+    assert (
+        rows["classifier-llm + refine"]["prompt_tokens_per_doc"]
+        <= rows["classifier-llm"]["prompt_tokens_per_doc"]
+    )
     curve = results["candidate_curve"]
     assert [p["share_of_pairs"] for p in curve] == sorted(p["share_of_pairs"] for p in curve)
     assert [p["recall"] for p in curve] == sorted(p["recall"] for p in curve)
@@ -95,7 +114,7 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
     assert result_files() == before
     # the peak memory reported is the one of the run that did the work
     assert {r["label"]: r["peak_rss_gib"] for r in read_json(out / "results.json")["rows"]} == peaks
-    for mode in ("stage1-only", "direct", "classifier-llm"):
+    for mode in ("stage1-only", "direct", "classifier-llm", "classifier-llm___refine"):
         assert read_json(out / "runs" / f"{mode}.summary.json")["documents_this_run"] == 0
 
 

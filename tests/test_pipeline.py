@@ -317,3 +317,64 @@ def test_candidates_file_for_another_relation_set_is_refused(ckpt, rc, files, tm
     with pytest.raises(LmrcError, match="'P99999' is not in the relation set"):
         predict(cfg, files["test"], tmp_path / "r.json")
     assert not (tmp_path / "r.json").exists() and not sidecar(tmp_path / "r.json", ".progress.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ refine and fuse
+
+
+def test_calibrate_upper_is_the_lowest_threshold_reaching_the_precision():
+    from lmrc.stage1.predict import calibrate_upper
+
+    # one document, pairs by score: 3.0 right, 2.0 right, 1.0 wrong, 0.5 right, -1.0 (no relation predicted)
+    scores = [[3.0, 2.0, 1.0, 0.5, -1.0]]
+    predicted = [[{"a"}, {"b"}, {"c"}, {"d"}, set()]]
+    gold = [[{"a"}, {"b"}, {"x"}, {"d"}, {"e"}]]
+    # precision above 1.5: 2/2; above 0.75: 2/3; above 0.25: 3/4
+    assert calibrate_upper(scores, predicted, gold, 1.0)["upper"] == pytest.approx(1.5)
+    assert calibrate_upper(scores, predicted, gold, 0.75)["upper"] == pytest.approx(0.0)  # (0.5 + -1.0)/2 < 0
+    assert calibrate_upper(scores, predicted, gold, 0.7)["upper"] == pytest.approx(0.0)
+    assert calibrate_upper([[1.0]], [[{"a"}]], [[{"b"}]], 0.9)["upper"] is None  # never reached
+
+
+def test_refine_sends_only_the_uncertain_band_to_the_llm_and_keeps_stage1_above_it(ckpt, rc, files, tmp_path):
+    from lmrc.stage1.predict import predict as stage1_predict
+
+    alone = stage1_predict(ckpt, files["test"], tmp_path / "s1.json").candidates
+    with_rel = sorted(p.score for d in alone.documents for p in d.pairs if p.relations)
+    assert len(with_rel) >= 4
+    upper = with_rel[len(with_rel) // 2]
+    cfg = llm_config(ckpt, rc, fusion="refine", **{"refine.upper": upper})
+    out = tmp_path / "r.json"
+    summary = predict(cfg, files["test"], out)
+    confident = {
+        (d.title, p.h, p.t) for d in alone.documents for p in d.pairs if p.score > upper and p.relations
+    }
+    band = {(d.title, p.h, p.t) for d in alone.documents for p in d.pairs} - confident
+    records = [
+        r
+        for line in sidecar(out, ".progress.jsonl").read_text().splitlines()[1:]
+        for r in json.loads(line)["documents"]
+    ]
+    asked = {(r["title"], h, t) for r in records for raw in r["raw"] for h, t in raw["pairs"]}
+    assert asked == band and summary["llm"]["pairs_kept_by_stage1"] == len(confident) > 0
+    result = {(p["title"], p["h_idx"], p["t_idx"], p["r"]) for p in read_json(out)}
+    stage1_rel = {
+        (d.title, p.h, p.t, r)
+        for d in alone.documents
+        for p in d.pairs
+        if p.score > upper and p.relations
+        for r in p.relations
+    }
+    assert stage1_rel <= result
+    assert summary["fingerprint"]["fusion"]["calibration"] == {"method": "manual", "upper": upper}
+
+
+def test_refine_calibrates_its_upper_threshold_on_the_tuning_file(ckpt, rc, files, tmp_path):
+    cfg = llm_config(
+        ckpt, rc, fusion="refine", **{"refine.precision": 0.01, "stage1.tune": str(files["tune"])}
+    )
+    with pytest.raises(LmrcError, match="stage1.tune"):
+        predict(llm_config(ckpt, rc, fusion="refine"), files["test"], tmp_path / "x.json")
+    cal = predict(cfg, files["test"], tmp_path / "r.json")["fingerprint"]["fusion"]["calibration"]
+    assert cal["method"] == "relation_precision" and cal["target"] == 0.01
+    assert cal["upper"] is None or cal["precision"] >= 0.01

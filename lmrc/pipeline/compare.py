@@ -86,6 +86,21 @@ class CandidateSpec:
 
 
 @dataclass
+class Variant:
+    """A further row: a mode run with other `lmrc predict` settings (e.g. constrained answers, refine)."""
+
+    name: str
+    mode: str = "classifier-llm"
+    set: list[str] = field(default_factory=list)  # overrides of the mode's predict config (`--set` keys)
+
+    def __post_init__(self) -> None:
+        if self.mode not in LLM_MODES:
+            raise ValueError(f"variant {self.name!r}: mode must be one of {', '.join(LLM_MODES)}")
+        if not self.name.strip() or "/" in self.name:
+            raise ValueError(f"variant name {self.name!r}: a non-empty name without '/'")
+
+
+@dataclass
 class CompareConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -94,6 +109,7 @@ class CompareConfig:
     direct: ModelSpec = field(default_factory=ModelSpec)
     candidates: CandidateSpec = field(default_factory=CandidateSpec)
     modes: list[str] = field(default_factory=lambda: list(ALL_MODES))
+    variants: list[Variant] = field(default_factory=list)
     # Rows with the LLM's relation names mapped by SBERT (LMRC Appendix B) beside the strict rows.
     sbert: bool = True
     theta: float = 0.55  # LMRC Appendix B
@@ -108,6 +124,13 @@ class CompareConfig:
             raise ValueError(f"modes: unknown mode {unknown[0]!r} (expected {', '.join(ALL_MODES)})")
         if not self.modes:
             raise ValueError("modes: name at least one mode")
+        names = [v.name for v in self.variants]
+        clash = [n for n in names if n in ALL_MODES or names.count(n) > 1]
+        if clash:
+            raise ValueError(f"variants: name {clash[0]!r} is taken (a mode or another variant)")
+        missing = [v.name for v in self.variants if v.mode not in self.modes]
+        if missing:
+            raise ValueError(f"variant {missing[0]!r}: its mode is not in modes")
 
 
 def load_compare_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> CompareConfig:
@@ -224,9 +247,18 @@ class ModeRun:
     mode: str
     result: Path
     summary: dict[str, Any]
+    name: str = ""  # the row label: the mode, or the variant's name
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.mode
 
 
-def _predict_config(cfg: CompareConfig, mode: str, models: dict[str, Path], tune: Path | None) -> dict:
+def _predict_config(
+    cfg: CompareConfig, mode: str, models: dict[str, Path], tune: Path | None, extra: Sequence[str] = ()
+) -> dict:
+    from lmrc.config import apply_overrides
+    from lmrc.pipeline.config import PredictConfig
+
     overrides = json.loads(json.dumps(cfg.stage2_overrides))
     if cfg.sbert and mode in LLM_MODES:
         overrides.setdefault("align", {}).update({"relation_mapping": "sbert", "theta": cfg.theta})
@@ -236,16 +268,7 @@ def _predict_config(cfg: CompareConfig, mode: str, models: dict[str, Path], tune
         stage1 = {"checkpoint": str(models["stage1"])}
     if mode == "classifier-llm":
         stage1.update(
-            {
-                "threshold": c.threshold,
-                "recall_target": c.recall_target,
-                "tune": (
-                    str(expand_path(c.tune, "candidates.tune")) if c.tune else str(tune) if tune else None
-                )
-                if c.recall_target is not None
-                else None,
-                "max_per_doc": c.max_per_doc,
-            }
+            {"threshold": c.threshold, "recall_target": c.recall_target, "max_per_doc": c.max_per_doc}
         )
     stage2: dict[str, Any] = {}
     if mode in LLM_MODES:
@@ -253,27 +276,43 @@ def _predict_config(cfg: CompareConfig, mode: str, models: dict[str, Path], tune
             "adapter": str(models["rc" if mode == "classifier-llm" else "direct"]),
             "overrides": overrides,
         }
-    return {
+    out = {
         "mode": mode,
         "stage1": {k: v for k, v in stage1.items() if v is not None},
         "stage2": stage2,
         "docs_per_batch": cfg.docs_per_batch,
     }
+    apply_overrides(out, list(extra))
+    if mode == "classifier-llm" and (c.recall_target is not None or out.get("fusion") == "refine"):
+        tune_file = expand_path(c.tune, "candidates.tune") if c.tune else tune
+        if tune_file is not None:
+            out["stage1"].setdefault("tune", str(tune_file))
+    from lmrc.config import from_dict
+
+    from_dict(PredictConfig, json.loads(json.dumps(out)), f"variant of {mode}")  # refuse a bad key now
+    return out
 
 
 def run_mode(
-    cfg: CompareConfig, mode: str, models: dict[str, Path], paths: dict[str, Path | None], out: Path
+    cfg: CompareConfig,
+    mode: str,
+    models: dict[str, Path],
+    paths: dict[str, Path | None],
+    out: Path,
+    variant: Variant | None = None,
 ) -> ModeRun:
-    """`lmrc predict` for one mode in a child process (its own peak memory), resuming a finished or killed run."""
+    """`lmrc predict` for one mode (or variant) in a child process (its own peak memory), resuming a finished or
+    killed run."""
     from lmrc.pipeline.run import sidecar
 
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    config_path = runs / f"{mode}.yaml"
-    atomic_write_text(
-        config_path, yaml.safe_dump(_predict_config(cfg, mode, models, paths["tune"]), sort_keys=False)
-    )
-    result = runs / f"{mode}.json"
+    name = variant.name if variant is not None else mode
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    config_path = runs / f"{slug}.yaml"
+    predict_cfg = _predict_config(cfg, mode, models, paths["tune"], variant.set if variant else ())
+    atomic_write_text(config_path, yaml.safe_dump(predict_cfg, sort_keys=False))
+    result = runs / f"{slug}.json"
     cmd = [
         sys.executable,
         "-m",
@@ -293,7 +332,7 @@ def run_mode(
         raise LmrcError(
             f"lmrc predict --config {config_path} failed (exit {proc.returncode}); see the lines above"
         )
-    return ModeRun(mode, result, read_json(sidecar(result, ".summary.json")))
+    return ModeRun(mode, result, read_json(sidecar(result, ".summary.json")), name)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -342,7 +381,7 @@ def score_runs(
             variants = [("strict", strict), ("sbert", run.result)]
         for variant, path in variants:
             metrics = evaluate(load_predictions(path), docs, ref)
-            label = run.mode if variant == "strict" else f"{run.mode} + SBERT"
+            label = run.name if variant == "strict" else f"{run.name} + SBERT"
             rows.append(_row(label, run.mode, metrics, run.summary, variant))
             per_relation[label] = {rid: sc.f1 for rid, sc in metrics.per_relation.items()}
     return rows, per_relation
@@ -400,7 +439,7 @@ def theta_curves(
                             seen.add(key)
                             preds.append(p)
             f1s.append(evaluate(preds, docs, ref).relation.f1)
-        curves[run.mode] = f1s
+        curves[run.name] = f1s
     return curves
 
 
@@ -543,10 +582,14 @@ def compare(
             continue
         say(f"predict: {mode} on {len(docs)} documents")
         runs.append(run_mode(cfg, mode, models, paths, out))
+        for v in cfg.variants:
+            if v.mode == mode:
+                say(f"predict: {v.name} ({mode} with {' '.join(v.set) or 'the same settings'})")
+                runs.append(run_mode(cfg, mode, models, paths, out, v))
 
     say("scoring")
     rows, per_relation = score_runs(runs, docs, ref, relations)
-    cand = next((r.summary.get("candidates") for r in runs if r.mode == "classifier-llm"), None)
+    cand = next((r.summary.get("candidates") for r in runs if r.name == "classifier-llm"), None)
     thetas = theta_curves(runs, docs, ref, relations, cfg.thetas) if cfg.sbert else {}
     curve = []
     if "stage1" in models:

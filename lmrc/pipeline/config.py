@@ -58,6 +58,29 @@ class Stage2Settings:
         return out
 
 
+FUSIONS = ("none", "refine")
+
+
+@dataclass
+class RefineConfig:
+    """Refine-and-fuse (after "Refiner", NAACL 2025): the LLM decides only the pairs stage 1 is unsure about.
+
+    Candidates come from the stage-1 threshold as usual (the lower threshold). Pairs scored above an upper
+    threshold keep stage 1's relations without an LLM call; the upper threshold is the lowest score at which
+    stage 1's relations reach `precision` on the tuning file (`stage1.tune`), or `upper` when given.
+    """
+
+    precision: float = 0.9
+    upper: float | None = None  # a fixed upper threshold instead of the calibrated one
+    # Fusion in the uncertain band: also keep a stage-1 relation the LLM did not name when its margin is above
+    # this value (None: the LLM alone decides the band).
+    keep_margin: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.precision <= 1.0:
+            raise ValueError("refine.precision must be in (0, 1]")
+
+
 @dataclass
 class PredictConfig:
     mode: str | None = None  # None: inferred from the models given
@@ -67,8 +90,13 @@ class PredictConfig:
     # Part of a run's identity: resumed runs and shards must use the same value.
     docs_per_batch: int = 8
     train: str | None = None  # training documents for Ign F1 when the input is labelled
+    # classifier-llm: "none" (LMRC: the LLM decides every candidate) or "refine" (see RefineConfig).
+    fusion: str = "none"
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r} (expected one of {', '.join(FUSIONS)})")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
         if self.docs_per_batch < 1:

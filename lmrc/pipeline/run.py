@@ -123,6 +123,8 @@ class Pipeline:
     candidates: list[DocumentCandidates | None] | None  # from a candidates file, per document
     runner: Any | None  # lmrc.stage2.predict.Stage2Runner
     fingerprint: dict[str, Any]
+    upper: float | None = None  # refine: pairs scored above it keep stage 1's relations, no LLM call
+    keep_margin: float | None = None  # refine: stage-1 relations kept in the band above this margin
 
 
 def _infer_mode(cfg: PredictConfig, adapter_mode: str | None, has_stage1: bool) -> str:
@@ -201,6 +203,8 @@ def build_pipeline(
     mode = _infer_mode(cfg, adapter_mode, has_stage1)
     _check_mode(mode, cfg, adapter_mode, has_stage1)
 
+    if s1.tune is not None and s1.recall_target is None and cfg.fusion != "refine":
+        raise LmrcError("--tune (stage1.tune) is used by --recall-target or fusion refine")
     proposer = None
     if s1.checkpoint is not None:
         from lmrc.stage1.predict import Proposer
@@ -209,7 +213,7 @@ def build_pipeline(
             s1.checkpoint,
             threshold=s1.threshold,
             recall_target=s1.recall_target,
-            tune_path=s1.tune,
+            tune_path=s1.tune if s1.recall_target is not None else None,
             calibration_path=s1.calibration,
             max_per_doc=s1.max_per_doc,
             batch_size=s1.batch_size,
@@ -227,6 +231,31 @@ def build_pipeline(
         raise LmrcError(
             "a candidates file is used as it is: the threshold options apply to --stage1 CHECKPOINT"
         )
+
+    upper, refine_cal = None, None
+    if cfg.fusion == "refine":
+        if mode != "classifier-llm" or proposer is None:
+            raise LmrcError(
+                "fusion refine needs --mode classifier-llm with --stage1 CHECKPOINT (a multi-label head)"
+            )
+        if not proposer.per_relation:
+            raise LmrcError(
+                f"fusion refine keeps stage 1's relations: the {proposer.checkpoint.loss_name!r} head has none"
+            )
+        if cfg.refine.upper is not None:
+            upper, refine_cal = cfg.refine.upper, {"method": "manual", "upper": cfg.refine.upper}
+        else:
+            if s1.tune is None:
+                raise LmrcError(
+                    "fusion refine calibrates its upper threshold on a labelled file: set stage1.tune"
+                )
+            refine_cal = proposer.calibrate_upper(s1.tune, cfg.refine.precision)
+            upper = refine_cal["upper"]
+            if upper is None:
+                log.warning(
+                    "refine: no stage-1 threshold reaches precision %.2f: every candidate goes to the LLM",
+                    cfg.refine.precision,
+                )
 
     relations = _shared_relations(proposer, runner, s1.checkpoint, s2.adapter)
     docs = load_documents(docs_path, relations)
@@ -278,7 +307,15 @@ def build_pipeline(
             "generation": {k: v for k, v in to_dict(c.generation).items() if k not in _STAGE2_NEUTRAL},
             "align": to_dict(c.align),
         }
-    pipeline = Pipeline(mode, relations, proposer, candidates, runner, fingerprint)
+    if cfg.fusion != "none":
+        fingerprint["fusion"] = {
+            "mode": cfg.fusion,
+            "calibration": refine_cal,
+            "keep_margin": cfg.refine.keep_margin,
+        }
+    pipeline = Pipeline(
+        mode, relations, proposer, candidates, runner, fingerprint, upper, cfg.refine.keep_margin
+    )
     return pipeline, docs
 
 
@@ -338,21 +375,50 @@ def run_batch(pipeline: Pipeline, docs: Sequence[Document]) -> list[dict]:
             )
     else:
         runner = pipeline.runner
+        refine = pipeline.fingerprint.get("fusion") is not None
         if mode == "direct":
             pairs = [d.pairs() for d in docs]
         else:
-            pairs = [sorted({(p.h, p.t) for p in dc.pairs}) if dc is not None else [] for dc in cands]
-        for dc, (record, debug) in zip(cands, runner.run(docs, pairs)):
+            pairs = [
+                sorted({(p.h, p.t) for p in dc.pairs if not _confident(p, pipeline)})
+                if dc is not None
+                else []
+                for dc in cands
+            ]
+        for doc, dc, (record, debug) in zip(docs, cands, runner.run(docs, pairs)):
             record.pop("seconds", None)
             if mode == "classifier-llm":
                 record["candidates"] = _candidate_rows(dc)
                 record["missing_candidates"] = dc is None
+                if refine and dc is not None:
+                    _fuse(record, doc, dc, pipeline)
             record["raw"] = [{"pairs": p["pairs"], "text": p["raw_output"]} for p in debug["prompts"]]
             records.append(record)
     share = round((time.perf_counter() - t0) / max(1, len(docs)), 3)
     for r in records:
         r["seconds"] = share
     return records
+
+
+def _confident(p: CandidatePair, pipeline: Pipeline) -> bool:
+    return pipeline.upper is not None and p.score > pipeline.upper and bool(p.relations)
+
+
+def _fuse(record: dict, doc: Document, dc: DocumentCandidates, pipeline: Pipeline) -> None:
+    """Refine: stage 1's relations for its confident pairs (no LLM call), and in the band those above keep_margin
+    that the LLM did not name, added to the LLM's predictions (strict and mapped alike)."""
+    extra, kept = [], 0
+    for p in dc.pairs:
+        confident = _confident(p, pipeline)
+        kept += confident
+        for rid, margin in (p.relations or {}).items():
+            if confident or (pipeline.keep_margin is not None and margin > pipeline.keep_margin):
+                extra.append({"title": doc.title, "h_idx": p.h, "t_idx": p.t, "r": rid})
+    for key in ("predictions", "strict_predictions"):
+        if key in record:
+            seen = {(x["h_idx"], x["t_idx"], x["r"]) for x in record[key]}
+            record[key] = record[key] + [x for x in extra if (x["h_idx"], x["t_idx"], x["r"]) not in seen]
+    record["counts"]["pairs_kept_by_stage1"] = kept
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -679,6 +745,7 @@ def finalize(
             "generated_tokens_per_document": counts["generated_tokens"] / n,
             "outputs_hit_token_limit": counts["hit_token_limit"],
             "pairs_cut": counts["pairs_cut"],
+            "pairs_kept_by_stage1": counts["pairs_kept_by_stage1"],
             "outputs_stopped_on_repeat": counts["stopped_on_repeat"],
             "triples_parsed": counts["triples"],
             "none_answers": counts["none_answers"],

@@ -355,6 +355,45 @@ def calibrate_on_file(
     return cal
 
 
+def calibrate_upper(
+    scores: Sequence[Sequence[float]],
+    predicted: Sequence[Sequence[set[str]]],
+    gold: Sequence[Sequence[set[str]]],
+    precision: float,
+) -> dict:
+    """The refine mode's upper threshold: the lowest score u >= 0 such that the head's relations of the pairs
+    scored above u reach `precision` (relation level) on labelled documents; those pairs skip the LLM.
+
+    Candidate values are the pairs' own scores (midpoints to the next lower score, as calibrate_recall); None
+    when no u reaches the target (every candidate goes to the LLM).
+    """
+    if not 0.0 < precision <= 1.0:
+        raise LmrcError(f"refine precision target must be in (0, 1], got {precision}")
+    rows = sorted(
+        (
+            (s, len(p), len(p & g))
+            for ds, dp, dg in zip(scores, predicted, gold)
+            for s, p, g in zip(ds, dp, dg)
+            if p
+        ),
+        key=lambda r: -r[0],
+    )
+    best = None
+    n_pred = n_hit = 0
+    for k, (s, n_p, n_h) in enumerate(rows):
+        n_pred += n_p
+        n_hit += n_h
+        nxt = rows[k + 1][0] if k + 1 < len(rows) else None
+        if nxt is not None and nxt == s:
+            continue  # a threshold cannot separate equal scores
+        if s <= 0:
+            break
+        if n_hit / n_pred >= precision:
+            cut = max(0.0, (s + nxt) / 2) if nxt is not None else 0.0
+            best = {"upper": cut, "precision": n_hit / n_pred, "relations_kept": n_pred}
+    return {"method": "relation_precision", "target": precision, **(best or {"upper": None})}
+
+
 CALIBRATION_FORMAT = "lmrc-calibration"
 
 
@@ -682,6 +721,30 @@ class Proposer:
     @property
     def per_relation(self) -> bool:
         return bool(self.checkpoint.loss.per_relation)
+
+    def calibrate_upper(self, tune_path: str | os.PathLike, precision: float) -> dict:
+        """The refine mode's upper threshold, calibrated on a labelled tuning file (see calibrate_upper)."""
+        from lmrc.stage1.train import load_labelled_docs
+
+        ck = self.checkpoint
+        if not ck.loss.per_relation:
+            raise LmrcError(
+                f"refine needs stage-1 relations: the {ck.loss_name!r} head only scores pairs (use a multi-label head)"
+            )
+        docs = load_labelled_docs(Path(tune_path), ck.relations, "tuning")
+        logits = self.logits(docs)
+        scores, predicted, gold = [], [], []
+        for doc, lg in zip(docs, logits):
+            rel_of = doc.relations_by_pair()
+            decided = ck.loss.predict(lg)[:, 1:] if len(lg) else torch.zeros((0, len(ck.relations)))
+            scores.append(ck.loss.score(lg).double().tolist() if len(lg) else [])
+            predicted.append(
+                [{ck.relations.ids[c] for c in row.nonzero().flatten().tolist()} for row in decided]
+            )
+            gold.append([set(rel_of.get(p, ())) for p in doc.pairs()])
+        cal = calibrate_upper(scores, predicted, gold, precision)
+        cal.update({"tune": str(tune_path), "tune_sha256": file_sha256(tune_path)})
+        return cal
 
     def logits(self, docs: Sequence[Document]) -> list[Tensor]:
         from lmrc.stage1.features import featurize

@@ -51,13 +51,14 @@ def stage1_checkpoint(redocred_dir: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def adapter(redocred_dir: Path, mode: str, rel_info: Path | None = None) -> Path:
+def adapter(redocred_dir: Path, mode: str, rel_info: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
     """A tiny rc or direct adapter trained for one step (answers are noise: the plumbing is what is tested)."""
     from lmrc.stage2.config import load_stage2_config
     from lmrc.stage2.train import train
 
     files = data_files(redocred_dir)
-    out = _root() / f"adapter-{mode}-{'own' if rel_info is None else Path(rel_info).stem}"
+    tag = "own" if rel_info is None else Path(rel_info).stem
+    out = _root() / f"adapter-{mode}-{tag}-{abs(hash(extra)) if extra else 0}"
     cfg = load_stage2_config(
         None,
         [
@@ -70,6 +71,7 @@ def adapter(redocred_dir: Path, mode: str, rel_info: Path | None = None) -> Path
             "dtype=float32",
             "train.max_steps=1",
             "train.warmup_steps=0",
+            *extra,
         ],
     )
     train(cfg, out)

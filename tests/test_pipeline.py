@@ -378,3 +378,28 @@ def test_refine_calibrates_its_upper_threshold_on_the_tuning_file(ckpt, rc, file
     cal = predict(cfg, files["test"], tmp_path / "r.json")["fingerprint"]["fusion"]["calibration"]
     assert cal["method"] == "relation_precision" and cal["target"] == 0.01
     assert cal["upper"] is None or cal["precision"] >= 0.01
+
+
+def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_hints(
+    ckpt, files, redocred_dir, tmp_path
+):
+    from lmrc.stage1.predict import predict as stage1_predict
+    from lmrc.stage2.predict import Stage2Runner
+
+    train_cands = tmp_path / "train.cands.json"  # stands in for `lmrc stage1 crossfit` output
+    stage1_predict(ckpt, files["train"], train_cands, max_per_doc=6)
+    assert all(p.top and len(p.top) == 3 for d in load_candidates(train_cands).documents for p in d.pairs)
+    hinted = adapter(redocred_dir, "rc", None, ("hints=2", f"data.candidates={train_cands}"))
+    out = tmp_path / "r.json"
+    summary = predict(llm_config(ckpt, hinted, **{"stage1.max_per_doc": 3}), files["test"], out)
+    assert summary["llm"]["pairs_asked"] > 0
+    runner = Stage2Runner(hinted)
+    from lmrc.data.docred import load_documents
+
+    doc = load_documents(files["test"])[0]
+    dc = stage1_predict(ckpt, files["test"], tmp_path / "c.json", max_per_doc=3).candidates.documents[0]
+    _, prompts = runner.plan(doc, sorted((p.h, p.t) for p in dc.pairs), runner.hints_for(dc))
+    assert prompts[0].suffix.count("| hints: ") == len(dc.pairs)
+    assert "best guesses of a relation classifier" in prompts[0].prefix
+    with pytest.raises(LmrcError, match="data.candidates"):
+        adapter(redocred_dir, "rc", None, ("hints=2",))

@@ -287,3 +287,27 @@ def test_rc_prompts_are_not_capped_at_18_pairs_but_direct_prompts_are(dev_docs, 
     capped = plan_prompts(doc, rel_info, pairs, template, words, max_context=100_000, max_pairs=18)
     assert [len(p.pairs) for p in uncapped] == [40]
     assert [len(p.pairs) for p in capped] == [18, 18, 4]
+
+
+def test_rc_prompt_with_stage1_hints_matches_golden_file(quokka, rel_info):
+    """Each asked pair carries stage 1's best relations from the candidates file's `top` scores."""
+    from lmrc.data.candidates import CandidatePair, DocumentCandidates, hint_names
+
+    gold = sorted(quokka.relations_by_pair())
+    ids = list(rel_info.ids)
+    pairs = tuple(
+        CandidatePair(h, t, 1.0 - i / 10, top={ids[i % 7]: 2.0, ids[(i + 3) % 7]: 2.5, ids[9]: -1.0})
+        for i, (h, t) in enumerate(gold)
+    )
+    other = next(p for p in quokka.pairs() if p not in gold)
+    dc = DocumentCandidates(quokka.title, pairs + (CandidatePair(*other, 0.1),), len(quokka.entities))
+    hints = hint_names(dc, rel_info.names, 2)
+    assert all(len(v) == 2 for v in hints.values()) and other not in hints  # no scores, no hint
+    (h, t) = gold[0]
+    assert hints[(h, t)] == [rel_info.name(ids[3]), rel_info.name(ids[0])]  # best first
+    template = load_template("rc", hints=True)
+    assert "hints: relation; relation" in template.text and "hints" not in load_template("rc").text
+    prompts = plan_prompts(
+        quokka, rel_info, sorted(gold + [other]), template, words, max_context=100_000, hints=hints
+    )
+    _golden("rc_hints_quokka.txt", prompts[0].text)

@@ -17,7 +17,8 @@ Schema (JSON object, version 1)::
 
 `pairs` lists the candidates only (pairs that passed the threshold), best score first. `score` is the
 candidate score of the head (sigmoid probability for `bce`, the margin max_r logit_r - threshold for the
-multi-label heads); `relations` (optional) holds the relations a multi-label head predicted, with their margins.
+multi-label heads); `relations` (optional) holds the relations a multi-label head predicted, with their margins;
+`top` (optional) the head's best relations by margin whether predicted or not (stage-2 hints).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class CandidatePair:
     t: int
     score: float
     relations: dict[str, float] | None = None
+    top: dict[str, float] | None = None  # multi-label heads: the best relations by margin, predicted or not
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,10 @@ def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
             rels = p.get("relations")
             if rels is not None and not (isinstance(rels, dict) and all(_num(v) for v in rels.values())):
                 raise fail(f"{pw}.relations", "expected an object mapping relation id to a number")
-            pairs.append(CandidatePair(h=p["h"], t=p["t"], score=float(p["score"]), relations=rels))
+            top = p.get("top")
+            if top is not None and not (isinstance(top, dict) and all(_num(v) for v in top.values())):
+                raise fail(f"{pw}.top", "expected an object mapping relation id to a number")
+            pairs.append(CandidatePair(h=p["h"], t=p["t"], score=float(p["score"]), relations=rels, top=top))
         docs.append(DocumentCandidates(title=d["title"], pairs=tuple(pairs), n_entities=n_ent))
     return Candidates(header=header, documents=docs)
 
@@ -154,6 +159,8 @@ def candidates_to_raw(c: Candidates) -> dict:
             item: dict[str, Any] = {"h": p.h, "t": p.t, "score": p.score}
             if p.relations is not None:
                 item["relations"] = p.relations
+            if p.top is not None:
+                item["top"] = p.top
             pairs.append(item)
         entry: dict[str, Any] = {"title": d.title}
         if d.n_entities is not None:
@@ -165,6 +172,19 @@ def candidates_to_raw(c: Candidates) -> dict:
 
 def save_candidates(c: Candidates, path: str | os.PathLike) -> None:
     atomic_write_json(path, candidates_to_raw(c))
+
+
+def hint_names(dc: DocumentCandidates, names: dict[str, str], k: int) -> dict[tuple[int, int], list[str]]:
+    """Stage 1's k best relations of each candidate pair, as relation names (best first): the rc prompt's hints.
+
+    From `top` (the head's best relations, predicted or not), else `relations` (the predicted ones)."""
+    out = {}
+    for p in dc.pairs:
+        ranked = p.top if p.top else p.relations
+        if ranked:
+            best = sorted(ranked.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+            out[(p.h, p.t)] = [names[rid] for rid, _ in best if rid in names]
+    return out
 
 
 def match_candidates(
@@ -196,8 +216,8 @@ def match_candidates(
                     f"{candidates_path}: documents[{i}].pairs[{j}]: entity {max(p.h, p.t)} out of range "
                     f'(document "{dc.title}" has {n} entities)'
                 )
-            if relation_ids is not None and p.relations:
-                unknown = sorted(set(p.relations) - set(relation_ids))
+            if relation_ids is not None and (p.relations or p.top):
+                unknown = sorted((set(p.relations or ()) | set(p.top or ())) - set(relation_ids))
                 if unknown:
                     raise LmrcError(
                         f"{candidates_path}: documents[{i}].pairs[{j}].relations: relation {unknown[0]!r} is not "

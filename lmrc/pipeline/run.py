@@ -385,7 +385,8 @@ def run_batch(pipeline: Pipeline, docs: Sequence[Document]) -> list[dict]:
                 else []
                 for dc in cands
             ]
-        for doc, dc, (record, debug) in zip(docs, cands, runner.run(docs, pairs)):
+        hints = [runner.hints_for(dc) for dc in cands] if mode == "classifier-llm" else None
+        for doc, dc, (record, debug) in zip(docs, cands, runner.run(docs, pairs, hints)):
             record.pop("seconds", None)
             if mode == "classifier-llm":
                 record["candidates"] = _candidate_rows(dc)

@@ -438,9 +438,10 @@ def select_candidates(
     relations: RelationSet,
     threshold: float | None,
     max_per_doc: int | None = None,
+    top_k: int = 3,
 ) -> list[DocumentCandidates]:
     """The candidate pairs of every document, best score first; multi-label heads add their predicted
-    relations with their margins."""
+    relations with their margins, and their `top_k` best relations whether predicted or not (stage-2 hints)."""
     out = []
     for doc, lg, scores in zip(docs, logits, pair_scores(loss, logits)):
         pairs = doc.pairs()
@@ -449,14 +450,24 @@ def select_candidates(
         if max_per_doc is not None:
             keep = keep[:max_per_doc]
         rel_of: dict[int, dict[str, float]] = {}
+        top_of: dict[int, dict[str, float]] = {}
         if loss.per_relation and keep:
             margins = loss.margins(lg).double()
             decided = loss.predict(lg)[:, 1:]
+            k = min(top_k, margins.shape[1])
             for i in keep:
                 cols = decided[i].nonzero().flatten().tolist()
                 rel_of[i] = {relations.ids[c]: float(margins[i, c]) for c in cols}
+                if k > 0:
+                    best = torch.topk(margins[i], k)
+                    top_of[i] = {
+                        relations.ids[c]: float(v)
+                        for v, c in zip(best.values.tolist(), best.indices.tolist())
+                    }
         cands = tuple(
-            CandidatePair(h=pairs[i][0], t=pairs[i][1], score=scores[i], relations=rel_of.get(i))
+            CandidatePair(
+                h=pairs[i][0], t=pairs[i][1], score=scores[i], relations=rel_of.get(i), top=top_of.get(i)
+            )
             for i in keep
         )
         out.append(DocumentCandidates(title=doc.title, pairs=cands, n_entities=len(doc.entities)))

@@ -176,6 +176,10 @@ class Stage2Config:
     template: str | None = None  # None: the shipped prompts/<mode>.txt
     use_chat_template: bool = False  # False: the Alpaca frame as plain text (LMRC Tables 11-12)
     rc_allow_none: bool = False  # rc: offer None in the prompt (needed to train on stage-1 false positives)
+    # rc: each asked pair carries stage 1's k best relations, `(head| hints: r1; r2| tail)` (0: off, as LMRC).
+    # Training takes them from data.candidates, which must be cross-fitted (lmrc stage1 crossfit), so the LLM
+    # learns how far to trust them.
+    hints: int = 0
     # Tokens per sequence (prompt + answer). The paper's Llama-2 has 4,096; 2,048 keeps CPU training affordable.
     max_seq_len: int = 2048
     # Pairs per prompt at most. None: 18 for direct (the authors' code's k, LMRC Sec. 2) and no cap for rc (LMRC
@@ -204,6 +208,10 @@ class Stage2Config:
             raise ValueError("max_pairs and answer_tokens_per_pair must be at least 1")
         if self.max_seq_len < 64:
             raise ValueError("max_seq_len must be at least 64 tokens")
+        if self.hints < 0:
+            raise ValueError("hints must be 0 (off) or a number of relations per pair")
+        if self.mode == "direct" and self.hints:
+            raise ValueError("hints apply to mode rc (direct mode asks about all pairs, without stage 1)")
         if self.mode == "direct" and self.rc_allow_none:
             raise ValueError("rc_allow_none applies to mode rc (direct prompts always offer None)")
         if self.train.epochs is None:

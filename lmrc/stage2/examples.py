@@ -156,6 +156,7 @@ class ExampleBuilder:
         pairs: Sequence[tuple[int, int]],
         names: Sequence[str],
         max_pairs: int | None = None,
+        hints=None,
     ) -> list[Prompt]:
         return plan_prompts(
             doc,
@@ -167,21 +168,22 @@ class ExampleBuilder:
             max_pairs=max_pairs or self.max_pairs,
             answer_tokens_per_pair=self.answer_tokens_per_pair,
             names=names,
+            hints=hints,
         )
 
     def document_examples(
-        self, doc: Document, pairs: Sequence[tuple[int, int]], stats: ExampleStats
+        self, doc: Document, pairs: Sequence[tuple[int, int]], stats: ExampleStats, hints=None
     ) -> list[TrainExample]:
         names = entity_names(doc)
         gold = doc.relations_by_pair()
         out: list[TrainExample] = []
-        prompts = self.plan(doc, pairs, names)
+        prompts = self.plan(doc, pairs, names, hints=hints)
         if any(p.truncated_doc for p in prompts):
             stats.truncated_documents += 1
-        self._fit(doc, prompts, names, gold, out, stats)
+        self._fit(doc, prompts, names, gold, out, stats, hints)
         return out
 
-    def _fit(self, doc, prompts, names, gold, out, stats) -> None:
+    def _fit(self, doc, prompts, names, gold, out, stats, hints=None) -> None:
         for prompt in prompts:
             prompt_ids = self.encoder.encode_prompt(prompt.text)
             answer = render_answer(prompt.pairs, names, gold, self.relations, self.template)
@@ -189,8 +191,10 @@ class ExampleBuilder:
             if len(prompt_ids) + len(answer_ids) > self.max_seq_len and len(prompt.pairs) > 1:
                 # The answer was longer than planned (pairs with several relations): halve the chunk.
                 stats.resplit_prompts += 1
-                smaller = self.plan(doc, prompt.pairs, names, max_pairs=max(1, len(prompt.pairs) // 2))
-                self._fit(doc, smaller, names, gold, out, stats)
+                smaller = self.plan(
+                    doc, prompt.pairs, names, max_pairs=max(1, len(prompt.pairs) // 2), hints=hints
+                )
+                self._fit(doc, smaller, names, gold, out, stats, hints)
                 continue
             cut = False
             room = self.max_seq_len - len(prompt_ids)
@@ -225,11 +229,13 @@ class ExampleBuilder:
         candidates: dict[str, Sequence[tuple[int, int]]] | None = None,
         na_chunk_fraction: float = 1.0,
         seed: int = 0,
+        hints: dict[str, dict] | None = None,
     ) -> tuple[list[TrainExample], ExampleStats]:
         """All training examples of `docs`, in document order, and what was done to build them.
 
         `candidates` (rc with None answers): title -> stage-1 candidate pairs of that training document.
         `na_chunk_fraction` (direct): keep each all-NA example with this probability (seeded, reproducible).
+        `hints` (rc with hints): title -> the stage-1 hints of that document's pairs (cross-fitted candidates).
         """
         if candidates is not None and not self.template.allow_none:
             raise ValueError("candidate pairs need a template that offers None (rc_allow_none)")
@@ -252,7 +258,8 @@ class ExampleBuilder:
             if extra is not None:
                 stats.false_positive_pairs += sum(1 for p in pairs if p not in gold)
             kept = []
-            for ex in self.document_examples(doc, pairs, stats):
+            doc_hints = hints.get(doc.title) if hints is not None else None
+            for ex in self.document_examples(doc, pairs, stats, doc_hints):
                 if mode == "direct" and not any(p in gold for p in ex.pairs):
                     stats.na_chunks += 1
                     if na_chunk_fraction < 1.0 and rng.random() >= na_chunk_fraction:

@@ -48,7 +48,7 @@ _NEUTRAL = ("batch_size", "docs_per_chunk", "gpu_memory_utilization")
 # mismatch (another base model would load the adapter onto the wrong weights).
 _FIXED_BY_TRAINING = (
     "mode", "model", "template", "use_chat_template", "rc_allow_none", "lora", "max_seq_len", "max_pairs",
-    "answer_tokens_per_pair",
+    "answer_tokens_per_pair", "hints",
 )  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def adapter_template(adapter_dir: Path, cfg: Stage2Config) -> PromptTemplate:
         from lmrc.config import expand_path
 
         path = expand_path(cfg.template, "template")
-    return load_template(cfg.mode, path, allow_none=cfg.allow_none)
+    return load_template(cfg.mode, path, allow_none=cfg.allow_none, hints=cfg.hints > 0)
 
 
 def select_pairs(
@@ -249,11 +249,22 @@ class Stage2Runner:
         assert self._context is not None
         return self._context
 
-    def plan(self, doc: Document, pairs: list[tuple[int, int]]) -> tuple[list[str], list[Prompt]]:
-        return _plan_document(doc, pairs, self.relations, self.template, self.encoder, self.cfg)
+    def plan(self, doc: Document, pairs: list[tuple[int, int]], hints=None) -> tuple[list[str], list[Prompt]]:
+        return _plan_document(doc, pairs, self.relations, self.template, self.encoder, self.cfg, hints)
+
+    def hints_for(self, dc) -> dict | None:
+        """The hints of a document's candidates (None when the adapter was trained without hints)."""
+        if not self.cfg.hints or dc is None:
+            return None
+        from lmrc.data.candidates import hint_names
+
+        return hint_names(dc, self.relations.names, self.cfg.hints)
 
     def run(
-        self, docs: Sequence[Document], pairs_by_doc: Sequence[list[tuple[int, int]]]
+        self,
+        docs: Sequence[Document],
+        pairs_by_doc: Sequence[list[tuple[int, int]]],
+        hints_by_doc: Sequence[dict | None] | None = None,
     ) -> list[tuple[dict, dict]]:
         """(progress record, debug record) of every document; all prompts of the batch are generated together,
         so the outputs depend only on the batch, not on what ran before it."""
@@ -262,7 +273,7 @@ class Stage2Runner:
         jobs: list[tuple[int, int, list[int], int]] = []  # (position in docs, prompt number, ids, budget)
         grammars: list[str] | None = [] if self.rel_rule is not None else None
         for k, (doc, pairs) in enumerate(zip(docs, pairs_by_doc)):
-            names, prompts = self.plan(doc, pairs)
+            names, prompts = self.plan(doc, pairs, hints_by_doc[k] if hints_by_doc is not None else None)
             plans.append((names, prompts))
             for j, p in enumerate(prompts):
                 ids = self.encoder.encode_prompt(p.text)
@@ -321,6 +332,14 @@ def predict(
     cfg = runner.cfg
     docs = load_documents(input_path, runner.relations)
     pairs_by_doc, missing = select_pairs(docs, cfg.mode, input_path, cands, gold_pairs)
+    hints_by_doc = None
+    if cfg.hints:
+        if cands is None:
+            raise LmrcError(
+                f"{adapter_dir}: the adapter was trained with stage-1 hints: pass --candidates FILE"
+            )
+        matched = match_candidates(load_candidates(cands), docs, cands, input_path)
+        hints_by_doc = [runner.hints_for(dc) for dc in matched]
 
     progress_path = sidecar(output_path, ".progress.jsonl")
     done = _load_progress(
@@ -338,7 +357,11 @@ def predict(
     chunk = cfg.generation.docs_per_chunk
     for c in range(0, len(todo), chunk):
         idxs = todo[c : c + chunk]
-        finished = runner.run([docs[i] for i in idxs], [pairs_by_doc[i] for i in idxs])
+        finished = runner.run(
+            [docs[i] for i in idxs],
+            [pairs_by_doc[i] for i in idxs],
+            [hints_by_doc[i] for i in idxs] if hints_by_doc is not None else None,
+        )
         for i, (record, debug) in zip(idxs, finished):
             append_jsonl(progress_path, record)
             if debug_path is not None:
@@ -376,6 +399,7 @@ def _plan_document(
     template: PromptTemplate,
     encoder: PromptEncoder,
     cfg: Stage2Config,
+    hints=None,
 ) -> tuple[list[str], list[Prompt]]:
     """Display names and prompts of one document, planned exactly as for training; no pairs, no prompt."""
     names = entity_names(doc)
@@ -391,6 +415,7 @@ def _plan_document(
         max_pairs=cfg.max_pairs,
         answer_tokens_per_pair=cfg.answer_tokens_per_pair,
         names=names,
+        hints=hints,
     )
     return names, prompts
 

@@ -12,6 +12,8 @@ paper (Tables 11 and 12). The code fills named slots and writes no prose of its 
 
 A line that starts with `{if none}` is kept only when the template allows `None` answers, one that starts with
 `{if not none}` only when it does not (rc mode adds a None option with `rc_allow_none`; direct mode always has it).
+A line that starts with `{if hints}` is kept only when the pairs carry stage-1 hints (`hints` > 0): such a pair is
+written `(head| hints: relation; relation| tail)` instead of `(head| -| tail)`.
 
 Slots are substituted in a single regex pass, so braces or slot-like text inside a document are never expanded.
 The template splits at the start of the line holding the first per-prompt slot (`{n_pairs}` or `{pairs}`): the
@@ -25,7 +27,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,11 +44,13 @@ REQUIRED_SLOTS = ("text", "pairs")
 NONE_ANSWER = "None"  # the answer for a pair without relations (LMRC: "we use None to represent NA")
 # The relation field of an input pair, as in the paper's '(head entity| -| tail entity)'.
 PAIR_PLACEHOLDER = "-"
+HINT_PREFIX = "hints: "  # the relation field of an input pair that carries stage 1's best relations
 
 _SLOT = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")
 _STRAY = re.compile(r"[{}]")
 _IF_NONE = "{if none}"
 _IF_NOT_NONE = "{if not none}"
+_IF_HINTS = "{if hints}"
 
 
 def triple_line(head: str, relation: str, tail: str) -> str:
@@ -61,6 +65,7 @@ class PromptTemplate:
     mode: str  # "rc" or "direct"
     text: str
     allow_none: bool
+    hints: bool = False  # the pairs carry stage-1 hints (the template's `{if hints}` lines are kept)
     source: str = field(default="<string>", compare=False)  # file name, for error messages
     prefix_text: str = field(init=False, repr=False, compare=False)  # the document's shared part
     suffix_text: str = field(init=False, repr=False, compare=False)  # the per-prompt part
@@ -116,10 +121,13 @@ def _split(text: str, source: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _resolve_conditionals(raw: str, allow_none: bool) -> str:
+def _resolve_conditionals(raw: str, allow_none: bool, hints: bool = False) -> str:
     lines = []
     for line in raw.splitlines(keepends=True):
-        if line.startswith(_IF_NOT_NONE):
+        if line.startswith(_IF_HINTS):
+            if hints:
+                lines.append(line[len(_IF_HINTS) :])
+        elif line.startswith(_IF_NOT_NONE):
             if not allow_none:
                 lines.append(line[len(_IF_NOT_NONE) :])
         elif line.startswith(_IF_NONE):
@@ -144,7 +152,7 @@ def default_prompts_dir() -> Path:
 
 
 def load_template(
-    mode: str, path: str | os.PathLike | None = None, allow_none: bool | None = None
+    mode: str, path: str | os.PathLike | None = None, allow_none: bool | None = None, hints: bool = False
 ) -> PromptTemplate:
     """Load `prompts/<mode>.txt` (or `path`); `allow_none` defaults to False for rc and True for direct."""
     if mode not in MODES:
@@ -156,19 +164,19 @@ def load_template(
         raise LmrcError(f"{file}: prompt template not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise LmrcError(f"{file}: cannot read prompt template: {exc}") from None
-    return parse_template(mode, raw, allow_none, source=str(file))
+    return parse_template(mode, raw, allow_none, source=str(file), hints=hints)
 
 
 def parse_template(
-    mode: str, raw: str, allow_none: bool | None = None, source: str = "<string>"
+    mode: str, raw: str, allow_none: bool | None = None, source: str = "<string>", hints: bool = False
 ) -> PromptTemplate:
     """A template from its raw text (e.g. the copy saved next to an adapter); see `load_template`."""
     if allow_none is None:
         allow_none = mode == "direct"
-    text = _resolve_conditionals(raw.replace("\r\n", "\n"), allow_none)
+    text = _resolve_conditionals(raw.replace("\r\n", "\n"), allow_none, hints)
     if not text.endswith("\n"):
         text += "\n"
-    return PromptTemplate(mode=mode, text=text, allow_none=allow_none, source=source)
+    return PromptTemplate(mode=mode, text=text, allow_none=allow_none, hints=hints, source=source)
 
 
 def _fill(text: str, values: dict[str, str]) -> str:
@@ -278,13 +286,29 @@ def render_prefix(
     return _fill(template.prefix_text, values), truncated
 
 
-def render_pairs(pairs: Sequence[tuple[int, int]], names: Sequence[str]) -> str:
-    return "\n".join(triple_line(names[h], PAIR_PLACEHOLDER, names[t]) for h, t in pairs)
+Hints = Mapping[tuple[int, int], Sequence[str]]  # pair -> stage 1's best relation names, best first
 
 
-def render_suffix(template: PromptTemplate, pairs: Sequence[tuple[int, int]], names: Sequence[str]) -> str:
+def render_pairs(pairs: Sequence[tuple[int, int]], names: Sequence[str], hints: Hints | None = None) -> str:
+    """`(head| -| tail)` per pair, or `(head| hints: r1; r2| tail)` for a pair with hints."""
+
+    def field_(pair: tuple[int, int]) -> str:
+        rels = hints.get(pair) if hints else None
+        return HINT_PREFIX + "; ".join(_clean_name(r) for r in rels) if rels else PAIR_PLACEHOLDER
+
+    return "\n".join(triple_line(names[h], field_((h, t)), names[t]) for h, t in pairs)
+
+
+def render_suffix(
+    template: PromptTemplate,
+    pairs: Sequence[tuple[int, int]],
+    names: Sequence[str],
+    hints: Hints | None = None,
+) -> str:
     """The per-prompt part: number of pairs, the pairs as `(head| -| tail)`, and the response header."""
-    return _fill(template.suffix_text, {"n_pairs": str(len(pairs)), "pairs": render_pairs(pairs, names)})
+    return _fill(
+        template.suffix_text, {"n_pairs": str(len(pairs)), "pairs": render_pairs(pairs, names, hints)}
+    )
 
 
 def render_answer(
@@ -332,6 +356,7 @@ def plan_prompts(
     max_pairs: int | None = 18,
     answer_tokens_per_pair: int = 24,
     names: Sequence[str] | None = None,
+    hints: Hints | None = None,
 ) -> list[Prompt]:
     """Split `pairs` (kept in order) into prompts of at most `max_pairs` pairs that fit `max_context` tokens.
 
@@ -351,14 +376,22 @@ def plan_prompts(
     pairs = [(int(h), int(t)) for h, t in pairs]
 
     def fits(prefix_tokens: int, chunk: Sequence[tuple[int, int]]) -> bool:
-        used = prefix_tokens + count_tokens(render_suffix(template, chunk, names))
+        used = prefix_tokens + count_tokens(render_suffix(template, chunk, names, hints))
         return used + answer_tokens_per_pair * len(chunk) <= max_context
 
     prefix, truncated = render_prefix(template, doc, relations, names)
     prefix_tokens = count_tokens(prefix)
     if not fits(prefix_tokens, pairs[:1]):
         prefix, prefix_tokens = _truncated_prefix(
-            doc, relations, template, names, pairs[0], count_tokens, max_context, answer_tokens_per_pair
+            doc,
+            relations,
+            template,
+            names,
+            pairs[0],
+            count_tokens,
+            max_context,
+            answer_tokens_per_pair,
+            hints,
         )
         truncated = True
 
@@ -375,17 +408,19 @@ def plan_prompts(
             chunk.append(pairs[i + len(chunk)])
         # The prefix and suffix were counted apart; check the joined text and shrink if the seam cost a token.
         while len(chunk) > 1 and not _fits_joined(
-            prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair
+            prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair, hints
         ):
             chunk.pop()
-        suffix = render_suffix(template, chunk, names)
+        suffix = render_suffix(template, chunk, names, hints)
         prompts.append(Prompt(doc.title, prefix, suffix, tuple(chunk), truncated))
         i += len(chunk)
     return prompts
 
 
-def _fits_joined(prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair) -> bool:
-    total = count_tokens(prefix + render_suffix(template, chunk, names))
+def _fits_joined(
+    prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair, hints=None
+) -> bool:
+    total = count_tokens(prefix + render_suffix(template, chunk, names, hints))
     return total + answer_tokens_per_pair * len(chunk) <= max_context
 
 
@@ -398,9 +433,10 @@ def _truncated_prefix(
     count_tokens: Callable[[str], int],
     max_context: int,
     answer_tokens_per_pair: int,
+    hints: Hints | None = None,
 ) -> tuple[str, int]:
     """Cut the document text so that the prefix plus one pair and its answer fit the context."""
-    suffix = render_suffix(template, [first_pair], names)
+    suffix = render_suffix(template, [first_pair], names, hints)
     fixed = _fill(
         template.prefix_text,
         {"title": _clean_name(doc.title), "relations": _relation_lines(relations), "text": ""},

@@ -92,7 +92,7 @@ def template_source(cfg: Stage2Config) -> Path:
 def load_training_template(cfg: Stage2Config) -> tuple[PromptTemplate, str]:
     """The template and its raw text (saved with the adapter so that predict renders identical prompts)."""
     path = template_source(cfg)
-    template = load_template(cfg.mode, path, allow_none=cfg.allow_none)
+    template = load_template(cfg.mode, path, allow_none=cfg.allow_none, hints=cfg.hints > 0)
     return template, path.read_text(encoding="utf-8")
 
 
@@ -122,8 +122,8 @@ def load_false_positive_candidates(cfg: Stage2Config, docs: Sequence[Document]) 
     """rc_allow_none: title -> stage-1 candidate pairs of the training documents (cross-fitted predictions)."""
     path = cfg.data.path("candidates")
     if not cfg.rc_allow_none:
-        if path is not None:
-            log.warning("data.candidates is ignored: it is used only with rc_allow_none: true")
+        if path is not None and not cfg.hints:
+            log.warning("data.candidates is ignored: it is used only with rc_allow_none: true or hints")
         return None
     if path is None:
         log.warning(
@@ -161,8 +161,31 @@ def build_training_examples(
     )
     candidates = load_false_positive_candidates(cfg, docs)
     return builder.build(
-        docs, cfg.mode, candidates, na_chunk_fraction=cfg.data.direct_na_chunk_fraction, seed=cfg.train.seed
+        docs,
+        cfg.mode,
+        candidates,
+        na_chunk_fraction=cfg.data.direct_na_chunk_fraction,
+        seed=cfg.train.seed,
+        hints=load_training_hints(cfg, relations, docs),
     )
+
+
+def load_training_hints(cfg: Stage2Config, relations: RelationSet, docs: Sequence[Document]) -> dict | None:
+    """hints: title -> pair -> stage 1's best relation names, from the cross-fitted candidates (data.candidates)."""
+    if not cfg.hints:
+        return None
+    path = cfg.data.path("candidates")
+    if path is None:
+        raise LmrcError(
+            "hints: the training prompts take their hints from data.candidates (cross-fitted stage-1 candidates "
+            "of the training file: lmrc stage1 crossfit ... --output FILE)"
+        )
+    from lmrc.data.candidates import hint_names, match_candidates
+
+    matched = match_candidates(load_candidates(path), docs, path, cfg.data.path("train"), relations.ids)
+    return {
+        d.title: hint_names(dc, relations.names, cfg.hints) for d, dc in zip(docs, matched) if dc is not None
+    }
 
 
 def length_grouped_batches(

@@ -16,7 +16,7 @@ $(VENV)/.lmrc-setup-done: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.lmrc-setup-done
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests   # -rs: every skipped test is listed with its reason
 
 lint: setup
 	$(VENV)/bin/ruff check lmrc tests scripts benchmarks

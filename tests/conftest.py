@@ -19,11 +19,35 @@ def _data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+def must_have() -> bool:
+    """Missing data or models fail the tests (instead of skipping them) when LMRC_DATA_DIR is set or in CI."""
+    return bool(os.environ.get("LMRC_DATA_DIR") or os.environ.get("CI"))
+
+
+def missing(what: str) -> None:
+    """Skip a test for a missing resource on a developer's machine; fail it where the resource is expected."""
+    if must_have():
+        pytest.fail(f"{what} (LMRC_DATA_DIR or CI is set, so this is an error, not a skip)", pytrace=False)
+    pytest.skip(what)
+
+
+def minilm_dir() -> Path:
+    """The packaged MiniLM, found by the model resolver (any Python version or venv layout)."""
+    from lmrc.errors import LmrcError
+    from lmrc.models import resolve
+
+    try:
+        return resolve("minilm")
+    except LmrcError as exc:
+        missing(f"packaged MiniLM not installed: {exc}")
+        raise
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = _data_dir()
     if not (d / "redocred" / "dev_50.json").exists():
-        pytest.skip(f"real data not found at {d} (set LMRC_DATA_DIR)")
+        missing(f"real data not found at {d} (set LMRC_DATA_DIR)")
     return d
 
 

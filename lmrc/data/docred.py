@@ -345,3 +345,23 @@ def document_to_raw(doc: Document) -> dict:
         raw["labels"] = [{"h": f.h, "t": f.t, "r": f.r, "evidence": list(f.evidence)} for f in doc.facts]
     raw.update(doc.extra)
     return raw
+
+
+def load_labelled(
+    path: str | os.PathLike, relations: RelationSet | None = None, role: str = "gold"
+) -> list[Document]:
+    """A DocRED file whose documents all carry `labels` (a gold, training or tuning file), and at least one."""
+    docs = load_documents(path, relations)
+    if not docs:
+        raise LmrcError(f"{path}: no documents (a {role} file needs at least one)")
+    for doc in docs:
+        if not doc.labelled:
+            raise LmrcError(
+                f"{path}: document {doc.index} (\"{doc.title}\"): missing field 'labels' (a {role} file must be labelled)"
+            )
+    return docs
+
+
+def load_labelled_docs(path: str | os.PathLike, relations: RelationSet | None, role: str) -> list[Document]:
+    """`load_labelled` with the role named (the stage-1 code's spelling)."""
+    return load_labelled(path, relations, role=role)

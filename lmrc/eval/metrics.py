@@ -40,8 +40,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lmrc.data.docred import Document, load_documents
-from lmrc.data.relations import RelationSet
+from lmrc.data.docred import (
+    Document,
+    load_labelled,  # noqa: F401  (re-exported)
+)
 from lmrc.errors import LmrcError
 from lmrc.io import read_json
 
@@ -202,19 +204,6 @@ def load_predictions(path: str | os.PathLike) -> list[dict]:
     data = read_json(path)
     check_predictions(data, path)
     return data
-
-
-def load_labelled(
-    path: str | os.PathLike, relations: RelationSet | None = None, role: str = "gold"
-) -> list[Document]:
-    """A DocRED file whose documents must all carry `labels` (a gold or train file for scoring)."""
-    docs = load_documents(path, relations)
-    for doc in docs:
-        if not doc.labelled:
-            raise LmrcError(
-                f"{path}: document {doc.index} (\"{doc.title}\"): missing field 'labels' (a {role} file must be labelled)"
-            )
-    return docs
 
 
 def _gold_index(gold: Sequence[Document]) -> dict[str, Document]:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from lmrc.config import from_dict, read_yaml, save_config, to_dict
-from lmrc.data.docred import Document
+from lmrc.data.docred import Document, load_labelled_docs
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.hardware import cpu_capability, resolve_mixed_precision
@@ -180,15 +180,6 @@ def feature_cache_dir(config: Stage1Config) -> Path:
         if config.data.cache_dir
         else default_cache_dir() / "features"
     )
-
-
-def load_labelled_docs(path: Path, relations: RelationSet, role: str) -> list[Document]:
-    from lmrc.eval.metrics import load_labelled
-
-    docs = load_labelled(path, relations, role=role)
-    if not docs:
-        raise LmrcError(f"{path}: no documents (a {role} file needs at least one)")
-    return docs
 
 
 def saved_run_config(output_dir: str | Path) -> Stage1Config:
@@ -482,7 +473,7 @@ class _Trainer:
     # ------------------------------------------------------------------------------------------- evaluation
 
     def _evaluate(self) -> dict[str, Any]:
-        from lmrc.stage1.predict import infer_logits, tune_metrics
+        from lmrc.stage1.inference import infer_logits, tune_metrics
 
         model = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():

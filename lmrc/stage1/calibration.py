@@ -1,0 +1,250 @@
+"""Stage-1 thresholds: the head's own rule, an explicit value, a recall target calibrated on a labelled tuning
+file (our addition, not in the papers), the K best pairs per document, and the refine mode's upper threshold.
+
+Calibrations go to the candidates header and, on request, to a file the user names (`--save-calibration`,
+reused with `--calibration`); checkpoint folders are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmrc.data.docred import load_labelled_docs
+from lmrc.errors import LmrcError
+from lmrc.io import atomic_write_json, file_sha256
+from lmrc.stage1.inference import CandidateReport, file_features, gold_pair_flags, infer_logits, pair_scores
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+
+
+def calibrate_recall(
+    scores: Sequence[Sequence[float]], gold: Sequence[Sequence[bool]], target: float
+) -> dict:
+    """The highest threshold t with pair recall (share of positive pairs with score > t) >= `target`.
+
+    With s_k the k-th highest positive score, k = ceil(target * #positives), every t in [s', s_k) gives the same
+    candidates on these documents, s' being the next lower score of any pair; the midpoint is taken, so that
+    tiny numerical differences (another batch composition, another machine) do not flip the boundary pair.
+    """
+    if not 0.0 < target <= 1.0:
+        raise LmrcError(f"recall target must be in (0, 1], got {target}")
+    flat = [s for doc in scores for s in doc]
+    positives = sorted(
+        (s for doc_s, doc_g in zip(scores, gold) for s, g in zip(doc_s, doc_g) if g), reverse=True
+    )
+    if not positives:
+        raise LmrcError("recall calibration: the tuning documents have no positive pair (no relation facts)")
+    k = max(1, math.ceil(round(target * len(positives), 9)))
+    s_k = positives[k - 1]
+    lower = [s for s in flat if s < s_k]
+    if lower:
+        below = max(lower)
+        threshold = (s_k + below) / 2
+        if not below <= threshold < s_k:  # adjacent floats
+            threshold = below
+    else:
+        threshold = s_k - 1e-6 * max(1.0, abs(s_k))
+    n_cand = sum(s > threshold for s in flat)
+    n_hit = sum(s > threshold for s in positives)
+    report = CandidateReport.from_counts(len(scores), len(flat), len(positives), n_cand, n_hit)
+    return {
+        "method": "recall_target",
+        "target": target,
+        "threshold": threshold,
+        "recall": report.recall,
+        "precision": report.precision,
+        "reduction": report.reduction,
+        "pairs": report.pairs,
+        "positive_pairs": report.positive_pairs,
+        "candidates": report.candidates,
+    }
+
+
+@dataclass
+class ThresholdChoice:
+    threshold: float | None  # None: no threshold (max_per_doc)
+    max_per_doc: int | None
+    calibration: dict[str, Any]
+
+
+def choose_threshold(
+    checkpoint,
+    *,
+    threshold: float | None = None,
+    recall_target: float | None = None,
+    tune_path: str | os.PathLike | None = None,
+    calibration_path: str | os.PathLike | None = None,
+    max_per_doc: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> ThresholdChoice:
+    """Resolve the threshold options (at most one of threshold / recall_target / max_per_doc).
+
+    A recall target is calibrated on `tune_path`, or read from `calibration_path` (a file saved by an earlier
+    calibration); the checkpoint folder is never written.
+    """
+    given = [
+        name
+        for name, v in (
+            ("threshold", threshold),
+            ("recall target", recall_target),
+            ("max per doc", max_per_doc),
+        )
+        if v is not None
+    ]
+    if len(given) > 1:
+        raise LmrcError(
+            f"choose one of --threshold, --recall-target, --max-per-doc (got {' and '.join(given)})"
+        )
+    if tune_path is not None and recall_target is None:
+        raise LmrcError("--tune is only used with --recall-target")
+    if calibration_path is not None and recall_target is None:
+        raise LmrcError("--calibration is only used with --recall-target")
+    if calibration_path is not None and tune_path is not None:
+        raise LmrcError("choose one of --tune (calibrate now) and --calibration (a saved calibration)")
+    loss = checkpoint.loss
+    if threshold is not None:
+        if not math.isfinite(threshold):
+            raise LmrcError(f"--threshold must be a finite number, got {threshold}")
+        return ThresholdChoice(float(threshold), None, {"method": "manual"})
+    if max_per_doc is not None:
+        if max_per_doc < 1:
+            raise LmrcError(f"--max-per-doc must be at least 1, got {max_per_doc}")
+        return ThresholdChoice(None, max_per_doc, {"method": "max_per_doc", "k": max_per_doc})
+    if recall_target is not None:
+        if calibration_path is not None:
+            cal = load_calibration(calibration_path, checkpoint, recall_target)
+            return ThresholdChoice(float(cal["threshold"]), None, cal)
+        if tune_path is None:
+            cal = checkpoint.calibration  # calibration.json written into checkpoints by lmrc 0.1
+            if cal and cal.get("method") == "recall_target" and cal.get("target") == recall_target:
+                log.info(
+                    "using the calibration stored in %s (recall target %s)", checkpoint.path, recall_target
+                )
+                return ThresholdChoice(float(cal["threshold"]), None, cal)
+            raise LmrcError(
+                f"recall target {recall_target}: pass --tune FILE (a labelled tuning file) to calibrate, or "
+                "--calibration FILE (saved earlier with --save-calibration)"
+            )
+        cal = calibrate_on_file(checkpoint, tune_path, recall_target, batch_size=batch_size, device=device)
+        return ThresholdChoice(float(cal["threshold"]), None, cal)
+    return ThresholdChoice(float(loss.score_threshold), None, {"method": "default"})
+
+
+def calibrate_on_file(
+    checkpoint,
+    tune_path: str | os.PathLike,
+    target: float,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Calibrate the recall-target threshold on a labelled file (the checkpoint is left as it is)."""
+    tune_path = Path(tune_path)
+    docs = load_labelled_docs(tune_path, checkpoint.relations, "tuning")
+    features = file_features(checkpoint, docs, tune_path)
+    logits = infer_logits(checkpoint.model, features, batch_size, device)
+    cal = calibrate_recall(pair_scores(checkpoint.loss, logits), [gold_pair_flags(d) for d in docs], target)
+    cal.update(
+        {
+            "head": checkpoint.loss_name,
+            "tune": str(tune_path),
+            "tune_sha256": file_sha256(tune_path),
+            "documents": len(docs),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    log.info(
+        "calibrated recall target %.3f on %s: threshold %.6g (recall %.4f, %d of %d pairs kept)",
+        target,
+        tune_path,
+        cal["threshold"],
+        cal["recall"],
+        cal["candidates"],
+        cal["pairs"],
+    )
+    return cal
+
+
+def calibrate_upper(
+    scores: Sequence[Sequence[float]],
+    predicted: Sequence[Sequence[set[str]]],
+    gold: Sequence[Sequence[set[str]]],
+    precision: float,
+) -> dict:
+    """The refine mode's upper threshold: the lowest score u >= 0 such that the head's relations of the pairs
+    scored above u reach `precision` (relation level) on labelled documents; those pairs skip the LLM.
+
+    Candidate values are the pairs' own scores (midpoints to the next lower score, as calibrate_recall); None
+    when no u reaches the target (every candidate goes to the LLM).
+    """
+    if not 0.0 < precision <= 1.0:
+        raise LmrcError(f"refine precision target must be in (0, 1], got {precision}")
+    rows = sorted(
+        (
+            (s, len(p), len(p & g))
+            for ds, dp, dg in zip(scores, predicted, gold)
+            for s, p, g in zip(ds, dp, dg)
+            if p
+        ),
+        key=lambda r: -r[0],
+    )
+    best = None
+    n_pred = n_hit = 0
+    for k, (s, n_p, n_h) in enumerate(rows):
+        n_pred += n_p
+        n_hit += n_h
+        nxt = rows[k + 1][0] if k + 1 < len(rows) else None
+        if nxt is not None and nxt == s:
+            continue  # a threshold cannot separate equal scores
+        if s <= 0:
+            break
+        if n_hit / n_pred >= precision:
+            cut = max(0.0, (s + nxt) / 2) if nxt is not None else 0.0
+            best = {"upper": cut, "precision": n_hit / n_pred, "relations_kept": n_pred}
+    return {"method": "relation_precision", "target": precision, **(best or {"upper": None})}
+
+
+CALIBRATION_FORMAT = "lmrc-calibration"
+
+
+def save_calibration(calibration: dict[str, Any], path: str | os.PathLike, checkpoint) -> None:
+    """A recall-target calibration as its own file, tied to the checkpoint's weights (reused with --calibration)."""
+    weights = Path(checkpoint.path) / "model.safetensors"
+    record = {
+        "format": CALIBRATION_FORMAT,
+        "checkpoint": str(checkpoint.path),
+        "weights_sha256": file_sha256(weights) if weights.is_file() else None,
+        **calibration,
+    }
+    atomic_write_json(path, record, indent=1)
+
+
+def load_calibration(path: str | os.PathLike, checkpoint, target: float) -> dict[str, Any]:
+    """A saved calibration, refused when it belongs to other weights, another head or another target."""
+    from lmrc.io import read_json
+
+    cal = read_json(path)
+    if not isinstance(cal, dict) or cal.get("format") != CALIBRATION_FORMAT:
+        raise LmrcError(f'{path}: not an lmrc calibration file (expected "format": "{CALIBRATION_FORMAT}")')
+    if not isinstance(cal.get("threshold"), (int, float)):
+        raise LmrcError(f"{path}: threshold: expected a number, got {cal.get('threshold')!r}")
+    weights = Path(checkpoint.path) / "model.safetensors"
+    if cal.get("weights_sha256") and weights.is_file() and cal["weights_sha256"] != file_sha256(weights):
+        raise LmrcError(
+            f"{path}: calibrated for other weights ({cal.get('checkpoint')}), not {checkpoint.path}"
+        )
+    if cal.get("target") != target:
+        raise LmrcError(f"{path}: calibrated for recall target {cal.get('target')}, not {target}")
+    return {k: v for k, v in cal.items() if k not in ("format", "weights_sha256")}

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,50 @@ class JsonStreamWriter:
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)
         self._done = True
+
+
+def open_progress(
+    path: str | os.PathLike, fmt: str, fingerprint: dict, resume: bool, keep: Callable[[dict], Any]
+) -> list[Any]:
+    """A long run's progress file (JSON lines: a header naming `fmt` and the run's `fingerprint`, then records).
+
+    Resuming: refuses a run with another fingerprint (naming the first setting that differs), drops a torn last
+    line left by a killed append (the file is truncated after the last whole line, so the next append starts a
+    clean line) and returns `keep(record)` of every record, reading one line at a time. Otherwise: a new file
+    holding the header only, and [].
+    """
+    path = Path(path)
+    if resume and path.exists():
+        kept: list[Any] = []
+        good_end = 0
+        with open(path, "rb") as fh:
+            lines = iter(fh)
+            for n, line in enumerate(lines):
+                try:
+                    record = json.loads(line) if line.endswith(b"\n") else None
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    record = None
+                if record is None:
+                    if next(lines, None) is not None:
+                        raise LmrcError(f"{path}: line {n + 1}: malformed JSON line")
+                    break  # a torn last line
+                if n == 0:
+                    if not isinstance(record, dict) or record.get("format") != fmt:
+                        raise LmrcError(f"{path}: not an lmrc progress file of this kind (expected {fmt})")
+                    old = record.get("fingerprint", {})
+                    for key in sorted(set(old) | set(fingerprint)):
+                        if old.get(key) != fingerprint.get(key):
+                            raise LmrcError(
+                                f"{path}: cannot resume: {key} was {json.dumps(old.get(key))}, now "
+                                f"{json.dumps(fingerprint.get(key))} (run without --resume to start over)"
+                            )
+                else:
+                    kept.append(keep(record))
+                good_end += len(line)
+        if good_end:
+            os.truncate(path, good_end)
+            return kept
+    if path.exists():
+        path.unlink()
+    append_jsonl(path, {"format": fmt, "fingerprint": fingerprint})
+    return []

@@ -52,9 +52,8 @@ from lmrc.io import (
     JsonStreamWriter,
     append_jsonl,
     atomic_write_json,
-    atomic_write_text,
     file_sha256,
-    read_jsonl,
+    open_progress,
 )
 from lmrc.pipeline.config import PredictConfig
 
@@ -427,25 +426,7 @@ def _fuse(record: dict, doc: Document, dc: DocumentCandidates, pipeline: Pipelin
 
 def _load_progress(path: Path, fingerprint: dict, resume: bool) -> set[int]:
     """The finished batches; a fresh progress file (header only) when not resuming."""
-    if resume and path.exists():
-        records = read_jsonl(path)
-        if records and records[0].get("format") == PROGRESS_FORMAT:
-            old = records[0].get("fingerprint", {})
-            for key in sorted(set(old) | set(fingerprint)):
-                if old.get(key) != fingerprint.get(key):
-                    raise LmrcError(
-                        f"{path}: cannot resume: {key} was {json.dumps(old.get(key))}, now "
-                        f"{json.dumps(fingerprint.get(key))} (run without --resume to start over)"
-                    )
-            # Drop a torn last line (a killed append) before appending after it.
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            return {int(r["batch"]) for r in records[1:]}
-        if records:
-            raise LmrcError(f"{path}: not an lmrc predict progress file")
-    if path.exists():
-        path.unlink()
-    append_jsonl(path, {"format": PROGRESS_FORMAT, "fingerprint": fingerprint})
-    return set()
+    return set(open_progress(path, PROGRESS_FORMAT, fingerprint, resume, lambda r: int(r["batch"])))
 
 
 def iter_progress(path: Path) -> Iterator[dict]:

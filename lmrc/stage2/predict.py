@@ -29,7 +29,7 @@ from lmrc.data.candidates import load_candidates, match_candidates
 from lmrc.data.docred import Document, load_documents
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from lmrc.io import append_jsonl, atomic_write_json, open_progress
 from lmrc.stage2.align import AlignResult, RelationMapper, align_output, entity_choices, get_scorer
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.examples import PromptEncoder
@@ -135,26 +135,8 @@ def _fingerprint(
 
 def _load_progress(path: Path, fingerprint: dict, resume: bool) -> dict[str, dict]:
     """Finished documents by title; a fresh header when not resuming."""
-    if resume and path.exists():
-        records = read_jsonl(path)
-        if records and records[0].get("format") == PROGRESS_FORMAT:
-            old = records[0].get("fingerprint", {})
-            for key in sorted(set(old) | set(fingerprint)):
-                if old.get(key) != fingerprint.get(key):
-                    raise LmrcError(
-                        f"{path}: cannot resume: {key} was {old.get(key)!r}, now {fingerprint.get(key)!r} "
-                        "(run without --resume to start over)"
-                    )
-            # Rewrite without a torn last line (a killed append), which the next append would extend into a
-            # malformed line in the middle of the file.
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            return {r["title"]: r for r in records[1:] if "title" in r}
-        if records:
-            raise LmrcError(f"{path}: not an lmrc stage-2 progress file")
-    if path.exists():
-        path.unlink()
-    append_jsonl(path, {"format": PROGRESS_FORMAT, "fingerprint": fingerprint})
-    return {}
+    records = open_progress(path, PROGRESS_FORMAT, fingerprint, resume, lambda r: r)
+    return {r["title"]: r for r in records if "title" in r}
 
 
 class _Aligner:
@@ -422,7 +404,6 @@ def _plan_document(
 
 def _model_context(cfg: Stage2Config) -> int | None:
     """The base model's context window (from its config), to keep prompt + answer inside it."""
-    import json
 
     from lmrc.stage2.modeling import resolve_model_path
 

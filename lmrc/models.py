@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, file_sha256
+from lmrc.training import make_readable, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -307,31 +308,13 @@ def _ensure_converted(model: PackagedModel, gguf: Path, cache_root: Path) -> Pat
         try:
             convert_gguf(gguf, tmp)
             _write_provenance(tmp, gguf)
-            _make_readable(tmp)
-            _replace_dir(tmp, target)
+            make_readable(tmp)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         logger.info("converted %s in %.1f s", model.name, time.perf_counter() - start)
     return target
-
-
-def _make_readable(folder: Path) -> None:
-    """Open the folder to other users like a normal download (mkdtemp/mkstemp create them private)."""
-    folder.chmod(0o755)
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; a stale `target` is first moved aside, so readers see old or new, never half."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}.{time.monotonic_ns()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:

@@ -15,13 +15,12 @@ from lmrc.stage2.config import load_stage2_config
 from lmrc.stage2.train import (
     STATE_DIR,
     build_training_examples,
-    length_grouped_batches,
-    linear_warmup_decay,
     load_training_documents,
     load_training_template,
     prepare_output_dir,
     train,
 )
+from lmrc.training import length_grouped_batches, linear_schedule
 
 
 def _cfg(redocred_dir, *extra: str):
@@ -198,11 +197,23 @@ def test_export_merges_the_adapter_into_a_plain_model(reference_run, tmp_path):
         export_merged(out, merged_dir)
 
 
-def test_linear_warmup_then_linear_decay_factors():
-    f = linear_warmup_decay(warmup=2, total=6)
-    assert [f(k) for k in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
-    g = linear_warmup_decay(warmup=0, total=4)
-    assert [g(k) for k in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+def test_both_stages_share_one_schedule_warmup_from_zero_then_linear_decay():
+    """transformers' get_linear_schedule_with_warmup: the lr of step k (0-based) is lr * k / warmup during the
+    warmup, then lr * (total - k) / (total - warmup), recomputed here by hand."""
+    import torch
+
+    def lrs(warmup, total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched = linear_schedule(opt, warmup, total)
+        out = []
+        for _ in range(total):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(2, 6) == pytest.approx([0.0, 1.0, 2.0, 1.5, 1.0, 0.5])
+    assert lrs(0, 4) == pytest.approx([2.0, 1.5, 1.0, 0.5])
 
 
 def test_length_grouped_batches_cover_every_example_once_with_similar_lengths():

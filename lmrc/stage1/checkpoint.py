@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
 from lmrc.stage1.config import Stage1Config
+from lmrc.training import capture_rng, recover_dir, restore_rng, write_dir_atomically  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -324,78 +323,7 @@ def load_training_state(path: Path) -> TrainingState:
     return TrainingState(trainer=trainer, optimizer=optimizer, scheduler=scheduler, rng=rng)
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU, every CUDA device), JSON + tensors."""
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def write_dir_atomically(path: Path, write) -> None:
-    """Fill a temporary sibling folder with `write(folder)`, then swap it in for `path`.
-
-    POSIX cannot rename a folder over a non-empty one, so the old folder is first moved aside; for that short
-    moment only `.<name>.old` exists, which `recover_dir` puts back.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-        _make_readable(tmp)
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_readable(folder: Path) -> None:
-    """Give the folder the usual umask permissions (mkdtemp and some writers create private files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def recover_dir(path: Path) -> None:
-    """Undo an interrupted swap: put `.<name>.old` back when `path` itself is missing."""
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.exists():
-        os.replace(old, path)
 
 
 def _load_encoder_config(encoder_dir: Path):

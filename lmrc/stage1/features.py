@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,26 +393,7 @@ def collate(batch: list[DocFeatures]) -> dict:
 def length_grouped_batches(
     features: Sequence[DocFeatures], batch_size: int, seed: int, shuffle: bool = True
 ) -> list[list[int]]:
-    """Batches of indices of documents of similar length, to cut padding.
+    """Batches of documents of similar length (lmrc.training.length_grouped_batches on their token counts)."""
+    from lmrc.training import length_grouped_batches as by_length
 
-    Without shuffling: all documents sorted by length (longest first). With shuffling (as Hugging Face's
-    LengthGroupedSampler): a seeded permutation is cut into mega-batches of 50 batches, each sorted by length
-    and cut into batches, and the batch order is shuffled; pass a different seed per epoch.
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    n = len(features)
-    lengths = [len(f.input_ids) for f in features]
-    if not shuffle:
-        order = sorted(range(n), key=lambda i: (-lengths[i], i))
-        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    rng = random.Random(seed)
-    perm = list(range(n))
-    rng.shuffle(perm)
-    mega = 50 * batch_size
-    batches: list[list[int]] = []
-    for m in range(0, n, mega):
-        chunk = sorted(perm[m : m + mega], key=lambda i: -lengths[i])
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
+    return by_length([len(f.input_ids) for f in features], batch_size, seed, shuffle)

@@ -50,6 +50,7 @@ from lmrc.hardware import cpu_capability, resolve_mixed_precision
 from lmrc.io import append_jsonl, file_sha256
 from lmrc.stage1 import checkpoint as ckpt
 from lmrc.stage1.config import Stage1Config, check_loss_name
+from lmrc.training import changed_setting, linear_schedule
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +254,14 @@ class _Trainer:
             log.info("%s: nothing to resume, starting a new run", self.out)
             return False
         saved = saved_run_config(self.out)
-        a, b = _flatten(to_dict(saved)), _flatten(to_dict(self.config))
-        for key in sorted(set(a) | set(b)):
-            if key not in _RESUMABLE_CHANGES and a.get(key) != b.get(key):
-                raise LmrcError(
-                    f"{self.out / ckpt.CONFIG_FILE}: cannot resume with a different config: {key} was "
-                    f"{a.get(key)!r}, now {b.get(key)!r}"
-                )
+        diff = changed_setting(
+            to_dict(saved), to_dict(self.config), _RESUMABLE_CHANGES, keep=("loss.params",)
+        )
+        if diff is not None:
+            key, old, new = diff
+            raise LmrcError(
+                f"{self.out / ckpt.CONFIG_FILE}: cannot resume with a different config: {key} was {old!r}, now {new!r}"
+            )
         return True
 
     def _setup(self) -> bool:
@@ -380,7 +382,7 @@ class _Trainer:
         )
         warmup = int(cfg.warmup_ratio * self.pos.total_steps)  # ATLOP: warmup_steps = int(total * ratio)
         total = self.pos.total_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupLinear(warmup, total))
+        scheduler = linear_schedule(optimizer, warmup, total)
         return optimizer, scheduler
 
     # ------------------------------------------------------------------------------------------- batches
@@ -765,38 +767,12 @@ class _Trainer:
         )
 
 
-class _WarmupLinear:
-    """LR factor: linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total` (ATLOP Sec. 4.1).
-
-    A callable object rather than a closure, so the scheduler's state_dict records its settings."""
-
-    def __init__(self, warmup: int, total: int) -> None:
-        self.warmup = warmup
-        self.total = total
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return step / self.warmup
-        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
-
-
 def _progress(total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total, initial=initial, desc="stage1 train", unit="step", disable=not sys.stderr.isatty()
     )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "loss.params":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _fmt(value: float | None) -> str:

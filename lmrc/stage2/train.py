@@ -48,6 +48,15 @@ from lmrc.stage2.modeling import (
     wrap_lora,
 )
 from lmrc.stage2.prompts import PromptTemplate, default_prompts_dir, load_template
+from lmrc.training import (
+    capture_rng,
+    changed_setting,
+    length_grouped_batches,
+    linear_schedule,
+    recover_dir,
+    replace_dir,
+    restore_rng,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,25 +197,6 @@ def load_training_hints(cfg: Stage2Config, relations: RelationSet, docs: Sequenc
     }
 
 
-def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, group: int = 50
-) -> list[list[int]]:
-    """Shuffled batches of similar lengths: shuffle, sort within mega-batches of `group` batches, shuffle batches.
-
-    Similar lengths waste little compute on padding, while the shuffles keep the order random between epochs.
-    """
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches = []
-    mega = batch_size * group
-    for i in range(0, len(order), mega):
-        chunk = sorted(order[i : i + mega], key=lambda j: -lengths[j])
-        batches.extend(chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
 def steps_for_tokens(
     lengths: Sequence[int], cfg: Stage2Config, steps_per_epoch: int, world: int, budget: int
 ) -> int:
@@ -245,17 +235,6 @@ def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
-    """LR factor of optimizer step k (0-based): linear warmup over `warmup` steps, then linear decay to 0."""
-
-    def factor(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        return max(0.0, (total - k) / max(1, total - warmup))
-
-    return factor
-
-
 def _supports_logit_mask() -> bool:
     """transformers >= 5 computes logits only at the positions of a boolean `logits_to_keep` mask."""
     from transformers import modeling_utils
@@ -290,24 +269,10 @@ def answer_loss_sum(model: Any, batch: dict[str, Any], logit_mask: bool = True) 
 # Resumable state
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swap in a fully written folder; between the two renames `<target>.old` still holds the last good state."""
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _state_dir(output_dir: Path) -> Path | None:
-    for name in (STATE_DIR, STATE_DIR + ".old"):
-        d = output_dir / name
-        if (d / "state.json").is_file():
-            return d
-    return None
+    recover_dir(output_dir / STATE_DIR)
+    d = output_dir / STATE_DIR
+    return d if (d / "state.json").is_file() else None
 
 
 def save_state(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, progress: dict) -> None:
@@ -322,12 +287,12 @@ def save_state(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, pro
     weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(weights, str(tmp / "adapter.safetensors"))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_snapshot()},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng()},
         tmp / "optimizer.pt",
     )
     # state.json last: its presence marks a complete folder.
     atomic_write_json(tmp / "state.json", progress, indent=2)
-    _replace_dir(tmp, output_dir / STATE_DIR)
+    replace_dir(tmp, output_dir / STATE_DIR)
 
 
 def load_state(state_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
@@ -340,37 +305,18 @@ def load_state(state_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> d
     blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    _rng_restore(blob["rng"])
+    restore_rng(blob["rng"])
     return progress
 
 
-def _as_python_state(state: Any) -> tuple:
-    # random.setstate wants (version, tuple_of_ints, gauss_next) with tuples, not lists.
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _check_resume_config(saved: Stage2Config, cfg: Stage2Config, where: Path) -> None:
-    a, b = _flat(to_dict(saved)), _flat(to_dict(cfg))
-    for key in sorted(set(a) | set(b)):
-        if any(key == p or key.startswith(p + ".") for p in RESUMABLE_CHANGES):
-            continue
-        if a.get(key) != b.get(key):
-            raise LmrcError(
-                f"{where}: cannot resume: {key} was {a.get(key)!r} in the interrupted run, now {b.get(key)!r} "
-                "(use the same config, or another --output-dir)"
-            )
+    diff = changed_setting(to_dict(saved), to_dict(cfg), RESUMABLE_CHANGES)
+    if diff is not None:
+        key, old, new = diff
+        raise LmrcError(
+            f"{where}: cannot resume: {key} was {old!r} in the interrupted run, now {new!r} "
+            "(use the same config, or another --output-dir)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,7 +425,7 @@ def train(
             warmup,
             total_steps,
         )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, total_steps))
+    scheduler = linear_schedule(optimizer, warmup, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -504,7 +450,7 @@ def train(
     losses: list[float] = []
     tokens_run = 0
     saved_step = step if state_dir is not None else -1
-    boundary_rng = _rng_snapshot()
+    boundary_rng = capture_rng()
     start = time.perf_counter()
     bar = tqdm(
         total=total_steps,
@@ -552,7 +498,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            boundary_rng = _rng_snapshot()
+            boundary_rng = capture_rng()
             loss = loss_total / max(1, n_answer)
             if world > 1:
                 loss = float(accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean"))
@@ -588,7 +534,7 @@ def train(
         # resumed run draws the same dropout masks as an uninterrupted one.
         if step > saved_step and step > 0:
             log.warning("interrupted: saving the state after step %d to %s", step, out / STATE_DIR)
-            _rng_restore(boundary_rng)
+            restore_rng(boundary_rng)
             save(step)
         raise
     finally:
@@ -617,24 +563,6 @@ def train(
         }
         atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
     return TrainResult(out, step, total_steps, losses, seconds, tokens_run, stats, finished)
-
-
-def _rng_snapshot() -> dict:
-    import torch
-
-    snap = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        snap["cuda"] = torch.cuda.get_rng_state_all()
-    return snap
-
-
-def _rng_restore(snap: dict) -> None:
-    import torch
-
-    random.setstate(_as_python_state(snap["python"]))
-    torch.set_rng_state(snap["torch"])
-    if "cuda" in snap and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(snap["cuda"])
 
 
 def _save_final(

@@ -1,0 +1,160 @@
+"""Training plumbing shared by both stages: RNG snapshots, atomic folder replacement, length-grouped batches,
+the warmup schedule, and the check that a resumed run has the settings of the interrupted one."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+# ------------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, every CUDA device), as lists and tensors (safe for
+    `torch.load(weights_only=True)` and for JSON + safetensors)."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------- folders
+
+
+def make_readable(folder: Path) -> None:
+    """Give the folder the usual umask permissions (mkdtemp and some writers create private files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap the fully written folder `new` in for `target`. POSIX cannot rename a folder over a non-empty one, so
+    the old folder is first moved aside; for that moment only `.<name>.old` exists, which `recover_dir` restores."""
+    old = _aside(target)
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path: Path) -> None:
+    """Undo an interrupted swap: put `.<name>.old` back when `path` itself is missing."""
+    old = _aside(path)
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
+def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder with `write(folder)`, then swap it in for `path` (see replace_dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        make_readable(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, group: int = 50
+) -> list[list[int]]:
+    """Batches of indices of similar lengths, to cut padding.
+
+    Without shuffling: sorted by length (longest first). With shuffling (as Hugging Face's LengthGroupedSampler):
+    a seeded permutation is cut into mega-batches of `group` batches, each sorted by length and cut into batches,
+    and the batch order is shuffled; pass a different seed per epoch.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    n = len(lengths)
+    if not shuffle:
+        order = sorted(range(n), key=lambda i: (-lengths[i], i))
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    rng = random.Random(seed)
+    perm = list(range(n))
+    rng.shuffle(perm)
+    mega = group * batch_size
+    batches: list[list[int]] = []
+    for m in range(0, n, mega):
+        chunk = sorted(perm[m : m + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def linear_schedule(optimizer: Any, warmup: int, total: int) -> Any:
+    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total` (ATLOP Sec. 4.1; LMRC)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, warmup, total)
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+def flatten(d: dict, prefix: str = "", keep: Collection[str] = ()) -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; sections named in `keep` stay whole (free-form parameter dicts)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in keep:
+            out.update(flatten(v, key + ".", keep))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_setting(
+    saved: dict, current: dict, allowed: Collection[str] = (), keep: Collection[str] = ()
+) -> tuple[str, Any, Any] | None:
+    """The first setting (a dotted key) that differs between two configs as dicts, ignoring `allowed` keys and
+    the sections below them; None when a run may resume with `current`."""
+    a, b = flatten(saved, keep=keep), flatten(current, keep=keep)
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p + ".") for p in allowed):
+            continue
+        if a.get(key) != b.get(key):
+            return key, a.get(key), b.get(key)
+    return None

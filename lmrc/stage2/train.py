@@ -67,6 +67,7 @@ SUMMARY_FILE = "train_summary.json"
 RESUMABLE_CHANGES = (
     "output_dir",
     "train.max_steps",
+    "train.max_tokens",  # like max_steps: where to stop (the schedule's length changes; a warning says so)
     "train.save_every_steps",
     "train.log_every_steps",
     "train.num_threads",

@@ -33,3 +33,6 @@ demo: setup
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info
+
+bench: setup
+	$(PY) benchmarks/bench.py   # under 20 minutes on 2 cores; rewrites docs/PERFORMANCE.md

@@ -172,11 +172,11 @@ class _FailingGenerator:
         self.tokenizer = self.inner.tokenizer
         self.n, self.calls = n, 0
 
-    def generate(self, prompts, budgets):
+    def generate(self, prompts, budgets, **kwargs):
         self.calls += 1
         if self.calls == self.n:
             raise KeyboardInterrupt
-        return self.inner.generate(prompts, budgets)
+        return self.inner.generate(prompts, budgets, **kwargs)
 
 
 def _fast() -> list[str]:

@@ -66,7 +66,7 @@ class EchoGenerator:
         self.calls = 0
         self.prompts = 0
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, **kwargs):
         self.calls += 1
         if self.fail_on_call == self.calls:
             raise KeyboardInterrupt
@@ -196,7 +196,7 @@ def test_documents_with_empty_candidate_lists_cost_no_llm_call(adapter, docs_fil
 
 
 class GarbageGenerator(EchoGenerator):
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, **kwargs):
         junk = ["", "((((|||| None )", "(| | )\n" * 50 + "blah " * 200, "1. (x| country| y) (Cuba| -| )"]
         return [
             Generation(junk[i % len(junk)], n_tokens=n, hit_limit=True) for i, n in enumerate(max_new_tokens)
@@ -301,9 +301,9 @@ def test_answer_budget_scales_with_pairs_and_stays_in_the_room_the_prompt_leaves
 class CuttingEcho(EchoGenerator):
     """EchoGenerator whose answer stops at its token budget, as a real model's would."""
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, **kwargs):
         out = []
-        for g, budget in zip(super().generate(prompts, max_new_tokens), max_new_tokens):
+        for g, budget in zip(super().generate(prompts, max_new_tokens, **kwargs), max_new_tokens):
             ids = self.tokenizer(g.text, add_special_tokens=False)["input_ids"]
             cut = len(ids) > budget
             text = self.tokenizer.decode(ids[:budget]) if cut else g.text
@@ -449,3 +449,31 @@ def test_resume_after_a_torn_progress_line_leaves_a_readable_progress_file(adapt
     again = EchoGenerator()
     predict(adapter, docs_file, out, gold_pairs=True, resume=True, overrides=chunk, generator=again)
     assert again.calls == 0
+
+
+def test_a_shared_prefix_is_prefilled_once_and_the_answers_do_not_change(redocred_dir):
+    """Direct-mode prompts of a document share instruction, relation set and text: with prefix_cache the prefix
+    is prefilled once per document, and greedy answers equal those of plain left-padded batches."""
+    from lmrc.data.docred import load_documents
+    from lmrc.data.relations import load_relations
+    from lmrc.stage2.examples import PromptEncoder
+    from lmrc.stage2.prompts import load_template, plan_prompts
+
+    rel = load_relations(redocred_dir / "rel_info.json")
+    docs = sorted(load_documents(redocred_dir / "dev_50.json", rel), key=lambda d: len(d.pairs()))[:2]
+    tok = smollm2_tokenizer()
+    enc = PromptEncoder(tok)
+    prompts, groups = [], []
+    for g, d in enumerate(docs):
+        for p in plan_prompts(
+            d, rel, d.pairs()[:20], load_template("direct"), enc.count_tokens, 4000, max_pairs=6
+        ):
+            prompts.append(enc.encode_prompt(p.text))
+            groups.append(g)
+    assert len(prompts) >= 6
+    budgets = [6 + i % 3 for i in range(len(prompts))]  # rows stop at different points
+    plain = _tiny_generator(3, prefix_cache=False).generate(prompts, budgets, groups=groups)
+    cached = _tiny_generator(3, prefix_cache=True).generate(prompts, budgets, groups=groups)
+    assert [g.text for g in cached] == [g.text for g in plain]
+    assert [g.n_tokens for g in cached] == [g.n_tokens for g in plain]
+    assert sum(g.prefill_tokens for g in cached) * 2 < sum(map(len, prompts))  # at least 2x fewer

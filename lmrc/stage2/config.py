@@ -132,6 +132,10 @@ class GenerationConfig:
     # Documents generated together; their results are appended to the progress file when the chunk finishes.
     docs_per_chunk: int = 8
     gpu_memory_utilization: float = 0.85  # vllm only
+    # hf: prefill a document's shared prompt prefix (instruction, relation set, text) once and reuse its KV cache
+    # for every prompt of the document (direct mode asks ~18 pairs per prompt, so a document has many prompts).
+    # vllm does this by itself (automatic prefix caching).
+    prefix_cache: bool = True
     # Grammar-constrained answers (lmrc.stage2.grammar): only `(head| relation| tail)` lines of the asked pairs
     # with relation-set names can be generated. Off by default: LMRC generates freely.
     constrained: bool = False

@@ -12,6 +12,7 @@ that repeats one line over and over (`generation.stop_repeated_lines`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ class Generation:
     n_tokens: int  # new tokens, EOS excluded
     hit_limit: bool  # stopped by the token budget, not by EOS (endless or cut-off output)
     stopped_on_repeat: bool = False  # stopped after the same line came `stop_repeated_lines` times in a row
+    prefill_tokens: int | None = (
+        None  # prompt tokens computed for it (a shared prefix counted once per group)
+    )
 
 
 class Generator(Protocol):
@@ -41,8 +45,10 @@ class Generator(Protocol):
         prompts: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
         grammars: Sequence[str] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """`grammars`: one EBNF per prompt (lmrc.stage2.grammar) that its answer must follow, or None."""
+        """`grammars`: one EBNF per prompt (lmrc.stage2.grammar) that its answer must follow, or None.
+        `groups`: a group id per prompt; prompts of one group share a prefix (backends may reuse its KV cache)."""
         ...
 
 
@@ -69,6 +75,32 @@ def _eos_ids(tokenizer: Any, model: Any | None) -> list[int]:
     elif isinstance(extra, (list, tuple)):
         ids.update(int(x) for x in extra)
     return sorted(i for i in ids if i is not None)
+
+
+_MIN_SHARED_PREFIX = 32  # tokens; a shorter common prefix is not worth a separate prefill
+
+# transformers 5 names the cache argument `cache` (`past_key_values` is deprecated there); 4.x only knows the latter.
+_CACHE_ARG = "past_key_values"
+try:  # pragma: no cover - depends on the installed transformers
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters:
+        _CACHE_ARG = "cache"
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest common leading run of token ids, minus one token: each prompt keeps at least one token of
+    its own for generate to compute (and the seam token is never shared when the tokenizer merged across it)."""
+    first = list(seqs[0])
+    n = min(len(s) for s in seqs)
+    k = 0
+    while k < n and all(s[k] == first[k] for s in seqs):
+        k += 1
+    return first[: max(0, min(k, n - 1) - 1)]
 
 
 class HFGenerator:
@@ -107,66 +139,137 @@ class HFGenerator:
         prompts: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
         grammars: Sequence[str] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> list[Generation]:
+        """`groups`: prompts with the same group id (a document's prompts) share a prefix (instruction, relation
+        set, text); with `generation.prefix_cache` it is prefilled once per group and its KV cache reused by
+        every batch of the group, which then holds only that group's prompts."""
         import torch
-        from transformers import GenerationConfig as HFGenerationConfig
-        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if len(prompts) != len(max_new_tokens):
             raise ValueError("one max_new_tokens per prompt")
         if grammars is not None and len(grammars) != len(prompts):
             raise ValueError("one grammar per prompt")
         results: list[Generation | None] = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        bs = self.cfg.batch_size
         if self.cfg.do_sample:
             torch.manual_seed(self.cfg.seed)
-        for start in range(0, len(order), bs):
-            idx = order[start : start + bs]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = list(prompts[i])
-                ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p) :] = 1
-            budget = max(max_new_tokens[i] for i in idx)
-            sampling = (
-                {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p} if self.cfg.do_sample else {}
-            )
-            gen_cfg = HFGenerationConfig(
-                max_new_tokens=budget,
-                do_sample=self.cfg.do_sample,
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.pad_id,
-                **sampling,
-            )
-            stopper = _RowStopper(
-                width, [max_new_tokens[i] for i in idx], self.tokenizer, self.cfg.stop_repeated_lines
-            )
-            processors = LogitsProcessorList()
-            if grammars is not None:
-                from lmrc.stage2.grammar import GrammarLogitsProcessor
-
-                compiler = self._grammar_compiler()
-                compiled = [compiler.compile(grammars[i]) for i in idx]
-                processors.append(
-                    GrammarLogitsProcessor(
-                        compiler, compiled, lambda row, s=stopper: s.stopped_at[row] is not None
-                    )
-                )
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    generation_config=gen_cfg,
-                    stopping_criteria=StoppingCriteriaList([stopper]),
-                    logits_processor=processors,
-                )
-            new = out[:, width:].tolist()
-            for row, i in enumerate(idx):
-                results[i] = self._finish(new[row], max_new_tokens[i], stopper.stopped_at[row])
+        bs = self.cfg.batch_size
+        plan: list[tuple[list[int], list[int]]] = []  # (prompt indices, shared prefix ids) per batch
+        share: dict[int, int] = {}  # prompt -> how many prompts share its prefix (prefilled once for all)
+        if groups is not None and self.cfg.prefix_cache:
+            members: dict[int, list[int]] = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            for g in sorted(members):
+                idx = sorted(members[g], key=lambda i: -len(prompts[i]))
+                prefix = _common_prefix([prompts[i] for i in idx]) if len(idx) > 1 else []
+                if len(prefix) < _MIN_SHARED_PREFIX:
+                    prefix = []
+                share.update({i: len(idx) for i in idx})
+                plan.extend((idx[k : k + bs], prefix) for k in range(0, len(idx), bs))
+        else:
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            plan = [(order[k : k + bs], []) for k in range(0, len(order), bs)]
+        caches: dict[tuple[int, ...], Any] = {}
+        for idx, prefix in plan:
+            cache = None
+            if prefix:
+                key = tuple(prefix)
+                if key not in caches:
+                    caches.clear()  # one group at a time: the previous group's cache is done
+                    caches[key] = self._prefill(prefix)
+                cache = caches[key]
+            batch = self._generate_batch(prompts, max_new_tokens, grammars, idx, prefix, cache)
+            for i, gen in zip(idx, batch):
+                if prefix:  # the prefix is prefilled once for the whole group
+                    own = len(prompts[i]) - len(prefix)
+                    gen = dataclasses.replace(gen, prefill_tokens=round(own + len(prefix) / share[i]))
+                results[i] = gen
         return [r for r in results if r is not None]
+
+    def _prefill(self, prefix: Sequence[int]) -> Any:
+        """The KV cache of a shared prefix (batch 1)."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(
+                input_ids=torch.tensor([list(prefix)], device=self.device),
+                **{_CACHE_ARG: cache},
+                use_cache=True,
+            )
+        return cache
+
+    def _generate_batch(
+        self, prompts, max_new_tokens, grammars, idx, prefix, prefix_cache
+    ) -> list[Generation]:
+        """One left-padded batch; with a shared prefix the padding sits between the prefix and each suffix (the
+        attention mask hides it and positions stay contiguous), so every row continues the same cached prefix."""
+        import copy
+
+        import torch
+        from transformers import GenerationConfig as HFGenerationConfig
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        p = len(prefix)
+        width = p + max(len(prompts[i]) - p for i in idx)
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            x = list(prompts[i])
+            if p:
+                ids[row, :p] = torch.tensor(x[:p], dtype=torch.long)
+                mask[row, :p] = 1
+            ids[row, width - (len(x) - p) :] = torch.tensor(x[p:], dtype=torch.long)
+            mask[row, width - (len(x) - p) :] = 1
+        budget = max(max_new_tokens[i] for i in idx)
+        sampling = (
+            {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p} if self.cfg.do_sample else {}
+        )
+        gen_cfg = HFGenerationConfig(
+            max_new_tokens=budget,
+            do_sample=self.cfg.do_sample,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            **sampling,
+        )
+        stopper = _RowStopper(
+            width, [max_new_tokens[i] for i in idx], self.tokenizer, self.cfg.stop_repeated_lines
+        )
+        processors = LogitsProcessorList()
+        if grammars is not None:
+            from lmrc.stage2.grammar import GrammarLogitsProcessor
+
+            compiler = self._grammar_compiler()
+            compiled = [compiler.compile(grammars[i]) for i in idx]
+            processors.append(
+                GrammarLogitsProcessor(
+                    compiler, compiled, lambda row, s=stopper: s.stopped_at[row] is not None
+                )
+            )
+        extra = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(idx))
+            extra[_CACHE_ARG] = cache
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=gen_cfg,
+                stopping_criteria=StoppingCriteriaList([stopper]),
+                logits_processor=processors,
+                **extra,
+            )
+        new = out[:, width:].tolist()
+        return [
+            dataclasses.replace(
+                self._finish(new[row], max_new_tokens[i], stopper.stopped_at[row]),
+                prefill_tokens=len(prompts[i]),
+            )
+            for row, i in enumerate(idx)
+        ]
 
     def _finish(self, tokens: list[int], limit: int, stopped_at: int | None) -> Generation:
         """Cut at the first EOS (finished rows are padded), at this prompt's own budget, or where it looped."""
@@ -264,6 +367,7 @@ class VLLMGenerator:
         prompts: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
         grammars: Sequence[str] | None = None,
+        groups: Sequence[int] | None = None,  # vLLM's automatic prefix caching finds shared prefixes itself
     ) -> list[Generation]:
         structured: list[dict] = [{} for _ in prompts]
         if grammars is not None:

@@ -439,6 +439,7 @@ def _finish_document(doc: Document, index: int, plan, generated, aligner: _Align
             # pairs left without any line in an answer the token budget cut: their relations may be lost
             pairs_cut=sum(p not in answered for p in set(prompt.pairs)) if gen.hit_limit else 0,
             prompt_tokens=len(ids),
+            prefill_tokens=gen.prefill_tokens if gen.prefill_tokens is not None else len(ids),
             generated_tokens=gen.n_tokens,
             hit_token_limit=int(gen.hit_limit),
             stopped_on_repeat=int(gen.stopped_on_repeat),
@@ -504,6 +505,7 @@ def _summary(records, cfg, missing, seconds, timed_docs, adapter_dir, input_path
         "prompts": counts["prompts"],
         "pairs": counts["pairs"],
         "prompt_tokens": counts["prompt_tokens"],
+        "prefill_tokens": counts["prefill_tokens"],
         "generated_tokens": counts["generated_tokens"],
         "outputs_hit_token_limit": counts["hit_token_limit"],
         "pairs_cut": counts["pairs_cut"],

@@ -191,9 +191,8 @@ def part_stage1_infer(reps: int, quick: bool) -> dict:
 
 
 def _rc_prompts(n: int, max_len: int):
-    from lmrc.stage2.examples import PromptEncoder
     from lmrc.stage2.modeling import load_tokenizer, resolve_model_path
-    from lmrc.stage2.prompts import load_template, plan_prompts
+    from lmrc.stage2.prompts import PromptEncoder, load_template, plan_prompts
 
     rel, docs = _docs(n)
     path = resolve_model_path("smollm2-135m")
@@ -245,9 +244,9 @@ def part_stage2_lora(reps: int, quick: bool, checkpointing: bool = False) -> dic
     import torch
 
     from lmrc.stage2.config import load_stage2_config
-    from lmrc.stage2.examples import ExampleBuilder, ExampleStats, PromptEncoder
+    from lmrc.stage2.examples import ExampleBuilder, ExampleStats
     from lmrc.stage2.modeling import load_base_model, load_tokenizer, resolve_model_path, wrap_lora
-    from lmrc.stage2.prompts import load_template
+    from lmrc.stage2.prompts import PromptEncoder, load_template
     from lmrc.stage2.train import answer_loss_sum, collate
 
     rel, docs = _docs(4)

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     from lmrc.data.docred import load_documents
     from lmrc.data.relations import load_relations
     from lmrc.stage2.config import load_stage2_config
-    from lmrc.stage2.examples import ExampleBuilder, ExampleStats, PromptEncoder
+    from lmrc.stage2.examples import ExampleBuilder, ExampleStats
     from lmrc.stage2.modeling import load_tokenizer, resolve_model_path
-    from lmrc.stage2.prompts import load_template
+    from lmrc.stage2.prompts import PromptEncoder, load_template
 
     if args.threads:
         torch.set_num_threads(args.threads)

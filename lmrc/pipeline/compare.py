@@ -392,7 +392,7 @@ def theta_curves(
 ) -> dict[str, list[float]]:
     """F1 against the SBERT threshold theta (LMRC Fig. 3), re-aligning the saved raw answers (no LLM run)."""
     from lmrc.eval.metrics import evaluate
-    from lmrc.models import default_cache_dir
+    from lmrc.model_store import default_cache_dir
     from lmrc.pipeline.run import iter_progress, sidecar
     from lmrc.stage2.align import RelationMapper, align_output, entity_choices
     from lmrc.stage2.modeling import load_adapter_config

@@ -187,14 +187,14 @@ def ensure_eager_attention(encoder) -> None:
 
 
 def load_encoder(name_or_path: str | os.PathLike, **kwargs):
-    """(encoder, tokenizer) for a model name (`lmrc.models.resolve`), with eager attention.
+    """(encoder, tokenizer) for a model name (`lmrc.model_store.resolve`), with eager attention.
 
     The pooler is removed: pair classification never uses the pooled [CLS] vector, and parameters without
     gradients waste optimizer state and trip DistributedDataParallel.
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from lmrc.models import resolve
+    from lmrc.model_store import resolve
 
     path = resolve(str(name_or_path))
     kwargs.setdefault("attn_implementation", "eager")

@@ -232,7 +232,7 @@ def select_candidates(
 
 def file_features(checkpoint, docs: Sequence[Document], source: Path):
     """Features of a whole file, through the feature cache (keyed by the file's content)."""
-    from lmrc.models import default_cache_dir
+    from lmrc.model_store import default_cache_dir
     from lmrc.stage1.features import featurize_all
 
     cache = default_cache_dir() / "features"

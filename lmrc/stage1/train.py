@@ -174,7 +174,7 @@ def seed_everything(seed: int) -> None:
 
 
 def feature_cache_dir(config: Stage1Config) -> Path:
-    from lmrc.models import default_cache_dir
+    from lmrc.model_store import default_cache_dir
 
     return (
         Path(config.data.cache_dir).expanduser()

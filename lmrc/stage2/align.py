@@ -136,7 +136,7 @@ class RelationMapper:
 
     `mode` "strict" (default when no `sbert_path` is given) accepts exact names only; "sbert" maps an out-of-set
     name to the most similar relation name when cosine similarity >= `theta`. The SBERT model (`sbert_path`:
-    "minilm" by default, resolved by `lmrc.models.resolve`) loads on the first out-of-set name; the relation-set
+    "minilm" by default, resolved by `lmrc.model_store.resolve`) loads on the first out-of-set name; the relation-set
     embeddings are computed once per mapper, and reused across runs when `cache_dir` is given.
     """
 
@@ -204,7 +204,7 @@ class RelationMapper:
             return
         from sentence_transformers import SentenceTransformer
 
-        from lmrc.models import resolve
+        from lmrc.model_store import resolve
 
         self._model_dir = resolve(self.sbert_path)
         try:

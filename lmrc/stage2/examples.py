@@ -17,62 +17,21 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
-from lmrc.stage2.prompts import Prompt, PromptTemplate, entity_names, plan_prompts, render_answer
+from lmrc.stage2.prompts import (
+    Prompt,
+    PromptEncoder,
+    PromptTemplate,
+    entity_names,
+    plan_prompts,
+    render_answer,
+)
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (torch cross_entropy's ignore_index)
-
-
-class PromptEncoder:
-    """Prompt text -> input ids, identical for training and generation; counts tokens for prompt planning.
-
-    Plain mode tokenises the Alpaca-framed text with the tokenizer's own special tokens (e.g. Llama's BOS). Chat
-    mode wraps the text as one user turn of the tokenizer's chat template, with the assistant header appended.
-    """
-
-    def __init__(self, tokenizer: Any, use_chat_template: bool = False) -> None:
-        self.tokenizer = tokenizer
-        self.use_chat_template = use_chat_template
-        if use_chat_template and not getattr(tokenizer, "chat_template", None):
-            from lmrc.errors import LmrcError
-
-            raise LmrcError(
-                f"use_chat_template: the tokenizer of {tokenizer.name_or_path} has no chat template "
-                "(set use_chat_template: false for the plain Alpaca frame)"
-            )
-        self.eos_id: int = tokenizer.eos_token_id
-        # Tokens the encoding adds around the text (BOS, chat headers); prompt planning leaves room for them.
-        self.overhead = len(self.encode_prompt(""))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def prompt_text(self, text: str) -> str:
-        """The exact string fed to the model (the chat-templated text in chat mode)."""
-        if not self.use_chat_template:
-            return text
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-
-    def encode_prompt(self, text: str) -> list[int]:
-        if self.use_chat_template:
-            # The chat template already holds any BOS; adding special tokens again would double it.
-            return list(self.tokenizer(self.prompt_text(text), add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    def encode_answer(self, answer: str) -> list[int]:
-        """Answer tokens followed by EOS: the model learns to stop after the last line."""
-        return list(self.tokenizer(answer, add_special_tokens=False)["input_ids"]) + [self.eos_id]
-
-    def max_context(self, max_seq_len: int) -> int:
-        """The token budget `plan_prompts` may fill with prompt text and estimated answer (EOS excluded)."""
-        return max_seq_len - self.overhead - 1
 
 
 @dataclass

@@ -53,7 +53,7 @@ def resolve_dtype(name: str, device: Any) -> Any:
 
 
 def resolve_model_path(name: str) -> Path:
-    from lmrc.models import resolve
+    from lmrc.model_store import resolve
 
     path = resolve(name)
     if path.exists() and not (path / "config.json").is_file():

@@ -32,11 +32,17 @@ from lmrc.errors import LmrcError
 from lmrc.io import append_jsonl, atomic_write_json, open_progress
 from lmrc.stage2.align import AlignResult, RelationMapper, align_output, entity_choices, get_scorer
 from lmrc.stage2.config import Stage2Config
-from lmrc.stage2.examples import PromptEncoder
 from lmrc.stage2.generate import Generator, answer_budget, create_generator
 from lmrc.stage2.modeling import RELATIONS_FILE, TEMPLATE_FILE, load_adapter_config, load_tokenizer
 from lmrc.stage2.parse import parse_triples
-from lmrc.stage2.prompts import Prompt, PromptTemplate, entity_names, load_template, plan_prompts
+from lmrc.stage2.prompts import (
+    Prompt,
+    PromptEncoder,
+    PromptTemplate,
+    entity_names,
+    load_template,
+    plan_prompts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ class _Aligner:
     """Alignment with the configured relation mapping, plus strict alignment when mapping with SBERT."""
 
     def __init__(self, cfg: Stage2Config, relations: RelationSet) -> None:
-        from lmrc.models import default_cache_dir
+        from lmrc.model_store import default_cache_dir
 
         get_scorer(cfg.align.scorer)  # fail early on a bad scorer name
         self.cfg = cfg.align

@@ -35,7 +35,7 @@ from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from lmrc.stage2.config import Stage2Config, load_stage2_config
-from lmrc.stage2.examples import IGNORE_INDEX, ExampleBuilder, ExampleStats, PromptEncoder, TrainExample
+from lmrc.stage2.examples import IGNORE_INDEX, ExampleBuilder, ExampleStats, TrainExample
 from lmrc.stage2.modeling import (
     ADAPTER_CONFIG,
     CONFIG_FILE,
@@ -47,7 +47,7 @@ from lmrc.stage2.modeling import (
     resolve_model_path,
     wrap_lora,
 )
-from lmrc.stage2.prompts import PromptTemplate, default_prompts_dir, load_template
+from lmrc.stage2.prompts import PromptEncoder, PromptTemplate, default_prompts_dir, load_template
 from lmrc.training import (
     capture_rng,
     changed_setting,

@@ -251,3 +251,27 @@ def test_learning_rates_in_exponent_notation_are_numbers():
     assert (config.train.lr_encoder, config.train.lr_head) == (3e-5, 1e-4)
     with pytest.raises(LmrcError, match="lr_head: expected a number"):
         load_stage1_config(None, ["train.lr_head=fast"])
+
+
+def test_the_fp16_loss_scaler_state_is_saved_and_restored(tmp_path):
+    """fp16 runs on CUDA: the scaler's scale and growth tracker survive --resume (written as scaler.json)."""
+    import torch
+
+    from lmrc.stage1 import checkpoint as ckpt
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    saved = {k: (float(v) if hasattr(v, "item") else v) for k, v in scaler.state_dict().items()}
+    assert saved["scale"] == 512.0
+
+    def state(scaler_state):
+        return ckpt.TrainingState(trainer={"step": 3}, optimizer={"state": {}, "param_groups": []}, scheduler={},
+                                  rng=[ckpt.capture_rng()], scaler=scaler_state)  # fmt: skip
+
+    (tmp_path / "a").mkdir()
+    ckpt.training_state_writer(state(saved))(tmp_path / "a")
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(ckpt.load_training_state(tmp_path / "a").scaler)
+    assert restored.get_scale() == 512.0 and restored.state_dict() == scaler.state_dict()
+    (tmp_path / "b").mkdir()
+    ckpt.training_state_writer(state(None))(tmp_path / "b")
+    assert ckpt.load_training_state(tmp_path / "b").scaler is None

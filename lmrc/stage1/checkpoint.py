@@ -274,6 +274,9 @@ class TrainingState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: list[dict[str, Any]]  # one per process
+    # fp16 on CUDA: the loss scaler's scale and growth tracker (a fresh scaler would restart at 2**16 and skip
+    # steps on overflow until it has shrunk again, so the resumed run would differ). None without fp16.
+    scaler: dict[str, Any] | None = None
 
 
 def training_state_writer(state: TrainingState):
@@ -294,6 +297,8 @@ def training_state_writer(state: TrainingState):
             )
         save_file(rng_tensors, str(folder / "rng.safetensors"))
         atomic_write_json(folder / "rng.json", rng_json)
+        if state.scaler is not None:
+            atomic_write_json(folder / "scaler.json", _jsonable(state.scaler, "scaler"))
         atomic_write_json(folder / STATE_FILE, state.trainer, indent=1)
 
     return write
@@ -320,7 +325,8 @@ def load_training_state(path: Path) -> TrainingState:
                 "cuda": [rng_tensors[f"{rank}.cuda.{i}"] for i in range(item["n_cuda"])],
             }
         )
-    return TrainingState(trainer=trainer, optimizer=optimizer, scheduler=scheduler, rng=rng)
+    scaler = read_json(path / "scaler.json") if (path / "scaler.json").is_file() else None
+    return TrainingState(trainer=trainer, optimizer=optimizer, scheduler=scheduler, rng=rng, scaler=scaler)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -412,6 +412,7 @@ class _Trainer:
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
                 rng=rng_all,
+                scaler=self._scaler_state(),
             )
             self._save_checkpoint(self.last_dir, {"state": ckpt.training_state_writer(state)}, pos)
         self.accelerator.wait_for_everyone()
@@ -440,6 +441,12 @@ class _Trainer:
             extra_files=extra,
         )
 
+    def _scaler_state(self) -> dict | None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None:
+            return None
+        return {k: (float(v) if hasattr(v, "item") else v) for k, v in scaler.state_dict().items()}
+
     def _restore(self) -> None:
         from safetensors.torch import load_file
 
@@ -455,6 +462,13 @@ class _Trainer:
         self.pos = saved
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.scaler is not None:
+            scaler.load_state_dict(state.scaler)
+        elif scaler is not None:
+            log.warning(
+                "%s: no loss-scaler state saved (an older run); the fp16 scale restarts", self.last_dir
+            )
         rank = self.accelerator.process_index
         if rank >= len(state.rng):
             raise LmrcError(f"{self.last_dir}: saved with {len(state.rng)} processes, cannot resume on more")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class Document:
     entities: tuple[Entity, ...]
     facts: tuple[Fact, ...] | None = None  # None: unlabelled (inference input)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # (head type, tail type) pairs that can hold a relation (CDR: Chemical -> Disease); None: every pair.
+    pair_types: frozenset[tuple[str, str]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def labelled(self) -> bool:
@@ -77,9 +80,15 @@ class Document:
         return tuple(out)
 
     def pairs(self) -> list[tuple[int, int]]:
-        """All ordered entity pairs (h != t), in the fixed order used everywhere in lmrc."""
+        """The ordered entity pairs (h != t) that can hold a relation, in the fixed order used everywhere in lmrc:
+        all of them, or those whose (head, tail) entity types are allowed (`restrict_pairs`)."""
         n = len(self.entities)
-        return [(h, t) for h in range(n) for t in range(n) if h != t]
+        if self.pair_types is None:
+            return [(h, t) for h in range(n) for t in range(n) if h != t]
+        types = [e.type for e in self.entities]
+        return [
+            (h, t) for h in range(n) for t in range(n) if h != t and (types[h], types[t]) in self.pair_types
+        ]
 
     def relations_by_pair(self) -> dict[tuple[int, int], list[str]]:
         out: dict[tuple[int, int], list[str]] = {}
@@ -365,3 +374,29 @@ def load_labelled(
 def load_labelled_docs(path: str | os.PathLike, relations: RelationSet | None, role: str) -> list[Document]:
     """`load_labelled` with the role named (the stage-1 code's spelling)."""
     return load_labelled(path, relations, role=role)
+
+
+def restrict_pairs(
+    docs: Sequence[Document],
+    pair_types: Sequence[Sequence[str]] | None,
+    source: str | os.PathLike = "documents",
+) -> list[Document]:
+    """Documents whose candidate pairs are only those of the given (head type, tail type) pairs (typed datasets
+    such as CDR: Chemical -> Disease, or GDA: Gene -> Disease). Facts of other pairs cannot be predicted; they are
+    dropped with a warning. `pair_types` None or empty: the documents unchanged."""
+    if not pair_types:
+        return list(docs)
+    allowed = frozenset((str(h), str(t)) for h, t in pair_types)
+    out, dropped = [], 0
+    for d in docs:
+        facts = d.facts
+        if facts is not None:
+            types = [e.type for e in d.entities]
+            kept = tuple(f for f in facts if (types[f.h], types[f.t]) in allowed)
+            dropped += len(facts) - len(kept)
+            facts = kept
+        out.append(replace(d, facts=facts, pair_types=allowed))
+    if dropped:
+        log.warning("%s: %d facts between entity types outside pair_types %s are dropped", source, dropped,
+                    sorted(allowed))  # fmt: skip
+    return out

@@ -449,7 +449,10 @@ def candidate_curve(
     """Stage-1 pair recall and LLM prompt tokens per document against the candidate threshold."""
     from lmrc.stage1.predict import Proposer, gold_pair_flags, pair_scores
 
+    from lmrc.data.docred import restrict_pairs
+
     proposer = Proposer(stage1)
+    docs = restrict_pairs(docs, proposer.checkpoint.config.data.pair_types)
     scores = pair_scores(proposer.checkpoint.loss, proposer.logits(docs))
     flat = sorted((s for doc in scores for s in doc), reverse=True)
     if not flat:

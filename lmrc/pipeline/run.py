@@ -45,7 +45,7 @@ from lmrc.data.candidates import (
     load_candidates,
     match_candidates,
 )
-from lmrc.data.docred import Document, load_documents
+from lmrc.data.docred import Document, load_documents, restrict_pairs
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import (
@@ -257,7 +257,7 @@ def build_pipeline(
                 )
 
     relations = _shared_relations(proposer, runner, s1.checkpoint, s2.adapter)
-    docs = load_documents(docs_path, relations)
+    docs = restrict_pairs(load_documents(docs_path, relations), _pair_types(proposer, runner), docs_path)
 
     candidates = None
     if s1.candidates is not None and mode == "classifier-llm":
@@ -316,6 +316,19 @@ def build_pipeline(
         mode, relations, proposer, candidates, runner, fingerprint, upper, cfg.refine.keep_margin
     )
     return pipeline, docs
+
+
+def _pair_types(proposer, runner) -> list | None:
+    """The typed-pair constraint of the models (stage 1's and stage 2's must agree)."""
+    found = []
+    if proposer is not None:
+        found.append(("stage-1 checkpoint", proposer.checkpoint.config.data.pair_types))
+    if runner is not None:
+        found.append(("adapter", runner.cfg.data.pair_types))
+    norm = {name: sorted(map(tuple, v)) if v else None for name, v in found}
+    if len(set(map(str, norm.values()))) > 1:
+        raise LmrcError(f"the models ask about different entity pairs: pair_types {norm}")
+    return found[0][1] if found else None
 
 
 def _shared_relations(proposer, runner, checkpoint, adapter) -> RelationSet:

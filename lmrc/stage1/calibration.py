@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmrc.data.docred import load_labelled_docs
+from lmrc.data.docred import load_labelled_docs, restrict_pairs
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, file_sha256
 from lmrc.stage1.inference import CandidateReport, file_features, gold_pair_flags, infer_logits, pair_scores
@@ -152,7 +152,9 @@ def calibrate_on_file(
 ) -> dict:
     """Calibrate the recall-target threshold on a labelled file (the checkpoint is left as it is)."""
     tune_path = Path(tune_path)
-    docs = load_labelled_docs(tune_path, checkpoint.relations, "tuning")
+    docs = restrict_pairs(
+        load_labelled_docs(tune_path, checkpoint.relations, "tuning"), checkpoint.config.data.pair_types
+    )
     features = file_features(checkpoint, docs, tune_path)
     logits = infer_logits(checkpoint.model, features, batch_size, device)
     cal = calibrate_recall(pair_scores(checkpoint.loss, logits), [gold_pair_flags(d) for d in docs], target)

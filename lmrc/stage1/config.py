@@ -77,6 +77,9 @@ class DataConfig:
     rel_info: str = DEFAULT_REL_INFO
     cache_dir: str | None = None  # feature cache; None: <LMRC_CACHE or ~/.cache/lmrc>/features
     # Cross-fitting: with `holdout_fold` set, train on every fold of `train` but that one (see crossfit).
+    # Typed datasets: only these (head type, tail type) entity pairs can hold a relation and are scored (CDR:
+    # [[Chemical, Disease]]; GDA: [[Gene, Disease]]). None: every ordered pair (DocRED).
+    pair_types: list[list[str]] | None = None
     folds: int = 5
     holdout_fold: int | None = None
     fold_seed: int = 13

@@ -17,7 +17,7 @@ from lmrc.data.candidates import (
     DocumentCandidates,
     save_candidates,
 )
-from lmrc.data.docred import load_labelled_docs
+from lmrc.data.docred import load_labelled_docs, restrict_pairs
 from lmrc.errors import LmrcError
 from lmrc.stage1.calibration import choose_threshold
 from lmrc.stage1.inference import (
@@ -63,7 +63,9 @@ def crossfit(
         raise LmrcError("cross-fitting with a recall target needs data.tune (the calibration file)")
     relations = load_relations(config.data.path("rel_info"))
     train_path = config.data.path("train")
-    docs = load_labelled_docs(train_path, relations, "training")
+    docs = restrict_pairs(
+        load_labelled_docs(train_path, relations, "training"), config.data.pair_types, train_path
+    )
     parts = fold_indices(len(docs), folds, config.data.fold_seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     by_index: dict[int, DocumentCandidates] = {}

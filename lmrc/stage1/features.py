@@ -301,6 +301,7 @@ def _cache_key(docs, tokenizer, info, relations, max_length, source_hash) -> str
         "pad": info.pad_id,
         "relations": None if relations is None else list(relations.ids),
         "max_length": max_length,
+        "pair_types": sorted(docs[0].pair_types) if docs and docs[0].pair_types else None,
     }
     h.update(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()

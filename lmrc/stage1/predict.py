@@ -36,7 +36,7 @@ from lmrc.data.candidates import (
     DocumentCandidates,
     save_candidates,
 )
-from lmrc.data.docred import Document, load_documents, load_labelled_docs
+from lmrc.data.docred import Document, load_documents, load_labelled_docs, restrict_pairs
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, file_sha256
@@ -119,7 +119,7 @@ def predict(
             raise LmrcError("--save-calibration: only a recall-target calibration (--recall-target) is saved")
         save_calibration(choice.calibration, save_calibration_path, ck)
     input_path = Path(input_path)
-    docs = load_documents(input_path, ck.relations)
+    docs = restrict_pairs(load_documents(input_path, ck.relations), ck.config.data.pair_types, input_path)
     logits = infer_logits(ck.model, file_features(ck, docs, input_path), batch_size, device)
     doc_cands = select_candidates(docs, logits, ck.loss, ck.relations, choice.threshold, choice.max_per_doc)
     header = CandidatesHeader(
@@ -139,7 +139,9 @@ def predict(
 
     gold = None
     if gold_path is not None:
-        gold = load_labelled_docs(Path(gold_path), ck.relations, "gold")
+        gold = restrict_pairs(
+            load_labelled_docs(Path(gold_path), ck.relations, "gold"), ck.config.data.pair_types
+        )
     elif all(d.labelled for d in docs):
         gold = docs
     report = metrics = None
@@ -223,7 +225,9 @@ class Proposer:
             raise LmrcError(
                 f"refine needs stage-1 relations: the {ck.loss_name!r} head only scores pairs (use a multi-label head)"
             )
-        docs = load_labelled_docs(Path(tune_path), ck.relations, "tuning")
+        docs = restrict_pairs(
+            load_labelled_docs(Path(tune_path), ck.relations, "tuning"), ck.config.data.pair_types
+        )
         logits = self.logits(docs)
         scores, predicted, gold = [], [], []
         for doc, lg in zip(docs, logits):

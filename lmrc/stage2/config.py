@@ -36,6 +36,9 @@ class DataConfig:
     # become extra pairs answered None.
     candidates: str | None = None
     max_docs: int | None = None  # train on the first N documents only (CPU budgets); None: all
+    pair_types: list[list[str]] | None = (
+        None  # typed datasets (CDR): the (head, tail) entity types asked about
+    )
     # direct: keep this fraction of the chunks whose pairs are all NA (seeded sample); 1.0 keeps all, as the paper.
     direct_na_chunk_fraction: float = 1.0
 

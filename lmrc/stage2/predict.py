@@ -26,7 +26,7 @@ from typing import Any
 
 from lmrc.config import save_config, to_dict
 from lmrc.data.candidates import load_candidates, match_candidates
-from lmrc.data.docred import Document, load_documents
+from lmrc.data.docred import Document, load_documents, restrict_pairs
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import append_jsonl, atomic_write_json, open_progress
@@ -318,7 +318,7 @@ def predict(
     cands = Path(candidates_path) if candidates_path is not None else None
     runner = Stage2Runner(adapter_dir, overrides, generator=generator, device=device)
     cfg = runner.cfg
-    docs = load_documents(input_path, runner.relations)
+    docs = restrict_pairs(load_documents(input_path, runner.relations), cfg.data.pair_types, input_path)
     pairs_by_doc, missing = select_pairs(docs, cfg.mode, input_path, cands, gold_pairs)
     hints_by_doc = None
     if cfg.hints:

@@ -30,7 +30,7 @@ from typing import Any
 
 from lmrc.config import expand_path, save_config, to_dict
 from lmrc.data.candidates import load_candidates
-from lmrc.data.docred import Document, load_documents
+from lmrc.data.docred import Document, load_documents, restrict_pairs
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -111,7 +111,7 @@ def load_training_documents(cfg: Stage2Config) -> tuple[RelationSet, list[Docume
     train_path = cfg.data.path("train")
     assert rel_path is not None and train_path is not None
     relations = load_relations(rel_path)
-    docs = load_documents(train_path, relations)
+    docs = restrict_pairs(load_documents(train_path, relations), cfg.data.pair_types, train_path)
     for doc in docs:
         if not doc.labelled:
             raise LmrcError(

@@ -15,6 +15,7 @@ import torch
 from conftest import minilm_dir
 from stage1_run_helpers import train_roberta_tokenizer
 
+from lmrc.errors import LmrcError
 from lmrc.stage1 import features as F
 from lmrc.stage1.features import (
     collate,
@@ -232,3 +233,17 @@ def test_roberta_tokenizer_layout_and_leading_spaces(roberta_tok, dev_docs):
             n = len(roberta_tok(text, add_special_tokens=False)["input_ids"])
             assert roberta_tok.decode(ids[p + 1 : p + 1 + n]) == text
             assert tokens[p + 1 + n] == "*"
+
+
+def test_word_prefix_space_no_tokenises_words_alone_as_atlop(roberta_tok, dev_docs):
+    """The reference ATLOP code tokenises each word without a leading space (model.word_prefix_space: no)."""
+    info = tokenizer_info(roberta_tok, "no")
+    assert info.prefix_space is False
+    doc = dev_docs[0]
+    ids = featurize(doc, roberta_tok, None, info=info).input_ids
+    tokens = roberta_tok.convert_ids_to_tokens([i for i in ids[1:-1] if i != info.marker_id])
+    assert not any(t.startswith("Ġ") for t in tokens)
+    expected = [p for w in doc.words for p in roberta_tok(w, add_special_tokens=False)["input_ids"]]
+    assert [i for i in ids[1:-1] if i != info.marker_id] == expected
+    with pytest.raises(LmrcError, match="word_prefix_space"):
+        tokenizer_info(roberta_tok, "sometimes")

@@ -275,3 +275,13 @@ def test_the_fp16_loss_scaler_state_is_saved_and_restored(tmp_path):
     (tmp_path / "b").mkdir()
     ckpt.training_state_writer(state(None))(tmp_path / "b")
     assert ckpt.load_training_state(tmp_path / "b").scaler is None
+
+
+def test_plain_shuffled_batches_as_the_reference_code(files, tmp_path):
+    """train.length_grouped: false: each epoch is a seeded permutation cut into batches (ATLOP's shuffle)."""
+    config = tiny_config(
+        files["encoder_no_dropout"], files["train"], None, files["rel_info"], tmp_path / "run",
+        "train.epochs=1", "train.batch_size=2", "train.length_grouped=false",
+    )  # fmt: skip
+    result = train(config)
+    assert result.finished and result.global_step == -(-len(json.loads(files["train"].read_text())) // 2)

@@ -43,8 +43,13 @@ class ModelConfig:
     max_length: int | None = None  # word-piece cap per document; None: none (long documents are windowed)
     window: int | None = None  # tokens per encoder call; None: the encoder's max_position_embeddings
     separate_extractors: bool = False  # mdre: each discriminator gets its own W_h, W_t (default: shared)
+    # Byte-level BPE (RoBERTa): "auto" tokenises each word as it reads in running text (with its leading space, as
+    # the encoder was pre-trained); "no" tokenises words on their own, as the reference ATLOP code does.
+    word_prefix_space: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.word_prefix_space not in ("auto", "no"):
+            raise ValueError(f"word_prefix_space must be auto or no, got {self.word_prefix_space!r}")
         if self.bilinear is not None and self.bilinear not in BILINEAR:
             raise ValueError(f"bilinear must be one of {BILINEAR}, got {self.bilinear!r}")
         for name in ("emb_size", "block_size"):
@@ -111,6 +116,8 @@ class TrainConfig:
     # fp16 on older CUDA GPUs, float32 elsewhere (emulated bf16 on AVX2-only CPUs is ~10x slower than float32).
     # "bf16" / "fp16" / "no" force a precision ("fp16" falls back to float32 on a CPU).
     mixed_precision: str = "auto"
+    # Length-grouped batches (less padding: default) or plainly shuffled ones, as the reference ATLOP code.
+    length_grouped: bool = True
     eval_every_epochs: int = 1  # 0: only by steps
     eval_every_steps: int = 0  # 0: only by epochs
     eval_batch_size: int = 8

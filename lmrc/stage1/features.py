@@ -13,6 +13,7 @@ tokenizer is is read from its behaviour (`"a"` vs `" a"`), not from the model na
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -106,7 +107,7 @@ def special_tokens(tokenizer) -> SpecialTokens:
     return SpecialTokens(start=start, end=end, sep=sep)
 
 
-def tokenizer_info(tokenizer) -> TokenizerInfo:
+def tokenizer_info(tokenizer, word_prefix_space: str = "auto") -> TokenizerInfo:
     marker = tokenizer(MARKER, add_special_tokens=False)["input_ids"]
     if len(marker) != 1:
         raise LmrcError(
@@ -116,12 +117,17 @@ def tokenizer_info(tokenizer) -> TokenizerInfo:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
     pad = tokenizer.pad_token_id
-    return TokenizerInfo(
+    info = TokenizerInfo(
         specials=special_tokens(tokenizer),
         marker_id=marker[0],
         prefix_space=plain != spaced,
         pad_id=0 if pad is None else int(pad),
     )
+    if word_prefix_space == "no":  # ATLOP: every word tokenised on its own, without a leading space
+        info = dataclasses.replace(info, prefix_space=False)
+    elif word_prefix_space != "auto":
+        raise LmrcError(f"model.word_prefix_space must be auto or no, got {word_prefix_space!r}")
+    return info
 
 
 def word_pieces(words: Sequence[str], tokenizer, prefix_space: bool) -> list[list[int]]:
@@ -232,6 +238,7 @@ def featurize_all(
     max_length: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     source_hash: str | None = None,
+    word_prefix_space: str = "auto",
 ) -> list[DocFeatures]:
     """Features of many documents, cached in `cache_dir` when given.
 
@@ -239,7 +246,7 @@ def featurize_all(
     documents' indices and titles are always added, so a subset of a file gets its own entry), the tokenizer
     (class, full serialised vocabulary and rules), the settings and FEATURE_VERSION.
     """
-    info = tokenizer_info(tokenizer)
+    info = tokenizer_info(tokenizer, word_prefix_space)
     path = None
     if cache_dir is not None:
         key = _cache_key(docs, tokenizer, info, relations, max_length, source_hash)

@@ -237,5 +237,11 @@ def file_features(checkpoint, docs: Sequence[Document], source: Path):
 
     cache = default_cache_dir() / "features"
     return featurize_all(
-        docs, checkpoint.tokenizer, checkpoint.relations, checkpoint.max_length, cache, file_sha256(source)
+        docs,
+        checkpoint.tokenizer,
+        checkpoint.relations,
+        checkpoint.max_length,
+        cache,
+        file_sha256(source),
+        checkpoint.config.model.word_prefix_space,
     )

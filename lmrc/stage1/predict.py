@@ -208,7 +208,7 @@ class Proposer:
             batch_size=batch_size,
             device=self.device,
         )
-        self._info = tokenizer_info(self.checkpoint.tokenizer)
+        self._info = tokenizer_info(self.checkpoint.tokenizer, self.checkpoint.config.model.word_prefix_space)
 
     @property
     def relations(self) -> RelationSet:

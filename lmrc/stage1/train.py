@@ -317,7 +317,13 @@ class _Trainer:
         )
         cache = feature_cache_dir(cfg)
         all_features = featurize_all(
-            all_train, self.tokenizer, relations, cfg.model.max_length, cache, file_sha256(train_path)
+            all_train,
+            self.tokenizer,
+            relations,
+            cfg.model.max_length,
+            cache,
+            file_sha256(train_path),
+            cfg.model.word_prefix_space,
         )
         keep = list(range(len(all_train)))
         if cfg.data.holdout_fold is not None:
@@ -347,7 +353,13 @@ class _Trainer:
                     f"{train_path} (e.g. {sorted(overlap)[0]!r}); split them apart with `lmrc data split`"
                 )
             tune_features = featurize_all(
-                tune_docs, self.tokenizer, relations, cfg.model.max_length, cache, file_sha256(tune_path)
+                tune_docs,
+                self.tokenizer,
+                relations,
+                cfg.model.max_length,
+                cache,
+                file_sha256(tune_path),
+                cfg.model.word_prefix_space,
             )
         else:
             log.warning("no tuning file (data.tune): no model selection, best/ will hold the last epoch")
@@ -396,7 +408,12 @@ class _Trainer:
         from lmrc.stage1.features import length_grouped_batches
 
         cfg = self.config.train
-        batches = length_grouped_batches(self.data.train_features, cfg.batch_size, seed=cfg.seed + epoch)
+        if cfg.length_grouped:
+            batches = length_grouped_batches(self.data.train_features, cfg.batch_size, seed=cfg.seed + epoch)
+        else:  # ATLOP's DataLoader(shuffle=True): a seeded permutation cut into batches
+            order = list(range(len(self.data.train_features)))
+            random.Random(cfg.seed + epoch).shuffle(order)
+            batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         world = self.accelerator.num_processes
         if world > 1:  # every process gets the same number of batches (DDP steps in lockstep)
             usable = len(batches) // world * world

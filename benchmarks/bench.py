@@ -55,6 +55,16 @@ def _peak_gib() -> float:
     return peak_rss_gib()
 
 
+def _reset_peak() -> bool:
+    """Linux: restart the peak-RSS counter (VmHWM) so that a part measures its own loop, not its set-up."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _median(xs):
     return round(statistics.median(xs), 4)
 
@@ -77,7 +87,7 @@ def part_stage1_train(reps: int, quick: bool) -> dict:
     loss = build_loss("atl")
     model = Stage1Model(encoder, loss.num_logits(len(rel))).train()
     feats = featurize_all(docs, tok, rel)
-    precision = resolve_mixed_precision("auto", cuda=False)
+    precision = resolve_mixed_precision(os.environ.get("LMRC_BENCH_PRECISION", "auto"), cuda=False)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def full(inputs):
@@ -113,6 +123,8 @@ def part_stage1_train(reps: int, quick: bool) -> dict:
     grouped_epoch = length_grouped_batches(train_feats, 4, seed=0)
     batches = length_grouped_batches(feats, 4, seed=0)
     full(collate([feats[j] for j in batches[0]]))  # warm-up
+    setup_peak = _peak_gib()
+    _reset_peak()
     step_t, enc_t = [], []
     for _ in range(reps):
         t_full = t_enc = 0.0
@@ -149,7 +161,8 @@ def part_stage1_train(reps: int, quick: bool) -> dict:
         "head_time_over_flop_share": round(head_time / head_flops, 3) if head_flops else None,
         "padding_share_length_grouped": round(padding(train_feats, grouped_epoch), 4),
         "padding_share_shuffled": round(padding(train_feats, shuffled), 4),
-        "peak_rss_gib": _peak_gib(),
+        "peak_rss_gib_training_steps": _peak_gib(),
+        "peak_rss_gib_set_up": setup_peak,
     }
 
 
@@ -370,11 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS + ("stage2_lora_checkpointing",)))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="shorter inputs (a smoke run)")
+    p.add_argument(
+        "--precision", default="auto", help="stage-1 precision: auto (default), no (float32), bf16"
+    )
     p.add_argument("--part", help=argparse.SUPPRESS)  # a child process runs one part
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "PERFORMANCE.md")
     args = p.parse_args(argv)
+    os.environ["LMRC_BENCH_PRECISION"] = args.precision  # children inherit it
     if args.part:
         result = globals()[f"part_{args.part}"](args.reps, args.quick)
         args.out.write_text(json.dumps(result))

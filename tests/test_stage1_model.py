@@ -341,3 +341,25 @@ def test_full_bilinear_head_runs_under_bf16_autocast():
     assert out.dtype == torch.float32
     # bf16 matmuls inside F.bilinear under autocast: close to the float32 value, not equal
     assert torch.allclose(out, expected + classifier.bias, rtol=0.02, atol=0.02)
+
+
+def test_grouped_bilinear_without_stored_outer_products_equals_the_linear_layer(monkeypatch):
+    """lmrc.stage1.model.grouped_bilinear: same values and gradients as nn.Linear on the materialised outer
+    products (ATLOP Eq. 7), chunked over pairs; under bf16 autocast it computes in bf16 as nn.Linear would."""
+    from lmrc.stage1 import model as stage1_model
+
+    monkeypatch.setattr(stage1_model, "PAIR_CHUNK", 7)  # several chunks and a ragged last one
+    torch.manual_seed(0)
+    b1 = torch.randn(20, 3, 4, dtype=torch.double, requires_grad=True)
+    b2 = torch.randn(20, 3, 4, dtype=torch.double, requires_grad=True)
+    lin = torch.nn.Linear(48, 5).double()
+    ref = lin((b1.unsqueeze(3) * b2.unsqueeze(2)).reshape(20, -1))
+    assert torch.allclose(stage1_model.grouped_bilinear(b1, b2, lin.weight, lin.bias), ref)
+    assert torch.autograd.gradcheck(stage1_model.grouped_bilinear, (b1, b2, lin.weight, lin.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin32 = torch.nn.Linear(48, 5)
+        x1, x2 = b1.detach().float(), b2.detach().float()
+        out = stage1_model.grouped_bilinear(x1, x2, lin32.weight, lin32.bias)
+        expected = lin32((x1.unsqueeze(3) * x2.unsqueeze(2)).reshape(20, -1))
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)

@@ -13,12 +13,15 @@ repetitions; ratios ("x faster") are measured side by side in one run. Parts:
 - stage1_infer: inference documents/s and pairs/s, length-grouped batches vs file order.
 - stage2_generate: greedy decoding (KV cache) tokens/s at batch 1, 4, 8, 16 with smollm2-135m on real rc prompts.
 - stage2_lora: LoRA training tokens/s and peak memory, with and without gradient checkpointing.
+- stage2_per_doc: per document, for direct (all pairs) and rc (gold pairs): prompts, prompt tokens, prefill
+  tokens, generated tokens and seconds with smollm2-135m; direct with and without prefix caching side by side.
 - predict_memory: `lmrc predict` (stage1-only, tiny model) peak memory on 50 vs 500 documents.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-PARTS = ("stage1_train", "stage1_infer", "stage2_generate", "stage2_lora", "predict_memory")
+PARTS = ("stage1_train", "stage1_infer", "stage2_generate", "stage2_per_doc", "stage2_lora", "predict_memory")
+ALL_PARTS = PARTS + ("stage2_lora_checkpointing",)
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -262,6 +266,62 @@ def part_stage2_generate(reps: int, quick: bool) -> dict:
     return out
 
 
+def part_stage2_per_doc(reps: int, quick: bool) -> dict:
+    """What one document costs the LLM: the base model (no adapter: the cost does not depend on the weights)
+    answers the real prompts of the shortest dev_50 documents, each prompt with the answer budget predict gives
+    it, capped at `cap` new tokens so that the part stays short (the cap is reported)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmrc.stage2.config import GenerationConfig
+    from lmrc.stage2.generate import HFGenerator, answer_budget
+    from lmrc.stage2.modeling import load_tokenizer, resolve_dtype, resolve_model_path
+    from lmrc.stage2.prompts import PromptEncoder, load_template, plan_prompts
+
+    rel, docs = _docs(50)
+    docs = sorted(docs, key=lambda d: len(d.pairs()))[: 1 if quick else 3]
+    cap = 8 if quick else 24
+    path = resolve_model_path("smollm2-135m")
+    tok = load_tokenizer(path)
+    enc = PromptEncoder(tok)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype("auto", torch.device("cpu")))
+    model.eval()
+    out: dict = {"documents": len(docs), "new_token_cap_per_prompt": cap}
+    gcfg = GenerationConfig(batch_size=8)
+    for mode, max_pairs in (("direct", 18), ("rc", None)):
+        prompts, groups, budgets = [], [], []
+        for g, d in enumerate(docs):
+            pairs = d.pairs() if mode == "direct" else sorted(d.relations_by_pair())
+            for p in plan_prompts(d, rel, pairs, load_template(mode), enc.count_tokens, enc.max_context(2048),
+                                  max_pairs=max_pairs):  # fmt: skip
+                ids = enc.encode_prompt(p.text)
+                prompts.append(ids)
+                groups.append(g)
+                budgets.append(min(cap, answer_budget(len(p.pairs), gcfg, len(ids), 2048)))
+        n = len(docs)
+        out[f"{mode}_prompts_per_doc"] = round(len(prompts) / n, 1)
+        out[f"{mode}_prompt_tokens_per_doc"] = round(sum(map(len, prompts)) / n)
+        for cached in (False, True) if mode == "direct" else (True,):
+            gen = HFGenerator(model, tok, dataclasses.replace(gcfg, prefix_cache=cached))
+            times, res = [], None
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                res = gen.generate(prompts, budgets, groups=groups)
+                times.append(time.perf_counter() - t0)
+            tag = f"{mode}_prefix_cache" if cached and mode == "direct" else mode
+            out[f"{tag}_prefill_tokens_per_doc"] = round(sum(r.prefill_tokens for r in res) / n)
+            out[f"{tag}_generated_tokens_per_doc"] = round(sum(r.n_tokens for r in res) / n)
+            out[f"{tag}_seconds_per_doc"] = round(_median(times) / n, 2)
+    out["direct_prefill_reduction"] = round(
+        out["direct_prefill_tokens_per_doc"] / out["direct_prefix_cache_prefill_tokens_per_doc"], 2
+    )
+    out["direct_prefix_cache_speedup"] = round(
+        out["direct_seconds_per_doc"] / out["direct_prefix_cache_seconds_per_doc"], 2
+    )
+    out["peak_rss_gib"] = _peak_gib()
+    return out
+
+
 def part_stage2_lora(reps: int, quick: bool, checkpointing: bool = False) -> dict:
     import torch
 
@@ -378,9 +438,19 @@ def write_performance(results_dir: Path, doc: Path) -> None:
     atomic_write_text(doc, text)
 
 
+def merge_record(old: dict, new: dict) -> dict:
+    """A run of some parts keeps the machine's other parts from its last run; the new parts say when they were
+    measured, as their run's date and load differ from the record's header."""
+    if set(new["parts"]) >= set(ALL_PARTS):
+        return new
+    parts = {name: {**values, "measured": f"{new['date']}, load {new['load_average']}"}
+             for name, values in new["parts"].items()}  # fmt: skip
+    return {**old, "parts": {**old["parts"], **parts}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default=",".join(PARTS + ("stage2_lora_checkpointing",)))
+    p.add_argument("--parts", default=",".join(ALL_PARTS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="shorter inputs (a smoke run)")
     p.add_argument(
@@ -419,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"{machine_kind(info)}.json"
+    if out.is_file():
+        record = merge_record(json.loads(out.read_text()), record)
     out.write_text(json.dumps(record, indent=2) + "\n")
     write_performance(args.results, args.doc)
     print(f"results: {out}; {args.doc} updated")

@@ -90,7 +90,22 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
         "classifier-llm + constrained",
         "classifier-llm + refine",
     }
-    assert rows["classifier-llm + constrained"]["out_of_set_relations"] == 0
+    constrained = rows["classifier-llm + constrained"]
+    # (unparsed lines can remain: this test's 12-token budget cuts answers mid-line)
+    assert constrained["out_of_set_relations"] == constrained["placeholder_echoes"] == 0
+    # the answers table: what reached the LLM, from each run's summary
+    for label in ("direct", "classifier-llm", "classifier-llm + refine"):
+        llm = read_json(out / "runs" / f"{label.replace(' + ', '___')}.summary.json")["llm"]
+        assert rows[label]["pairs_asked"] == llm["pairs_asked"]
+    assert rows["classifier-llm"]["share_of_candidates_to_llm"] == pytest.approx(1.0)
+    refine = rows["classifier-llm + refine"]
+    assert refine["share_of_candidates_to_llm"] == pytest.approx(
+        refine["pairs_asked"] / results["stage1_candidates"]["candidates"]
+    )
+    assert (
+        refine["pairs_asked"] + refine["pairs_kept_by_stage1"] <= results["stage1_candidates"]["candidates"]
+    )
+    assert "LLM answers (totals)" in printed
     # refine with upper 0: every candidate with a stage-1 relation skips the LLM
     assert (
         rows["classifier-llm + refine"]["prompt_tokens_per_doc"]
@@ -104,6 +119,9 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "| classifier-llm + SBERT |" in md and "reduction ratio" in md
+    answers = md.split("What the LLM was asked")[1]
+    assert "| classifier-llm + constrained |" in answers and "| stage1-only |" not in answers
+    assert "+ SBERT |" not in answers  # one row per LLM run
 
     # a second run reuses every finished part: no document is predicted again
     def result_files():

@@ -155,13 +155,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lmrc.pipeline.compare import compare, load_compare_config, text_table
+    from lmrc.pipeline.compare import ANSWER_COLUMNS, answer_rows, compare, load_compare_config, text_table
 
     cfg = load_compare_config(args.config, args.overrides)
     with sigterm_as_interrupt(), log_to_file(args.output_dir / "compare.log"):
         result = compare(cfg, args.output_dir, on_stage=lambda msg: print(f"== {msg}", flush=True))
     print()
     print(text_table(result.rows))
+    if answer_rows(result.rows):
+        print("\nLLM answers (totals):")
+        print(text_table(answer_rows(result.rows), ANSWER_COLUMNS))
     if result.candidates:
         c = result.candidates
         recall = f", pair recall {100 * c['recall']:.2f}%" if "recall" in c else ""

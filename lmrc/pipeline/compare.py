@@ -361,8 +361,20 @@ def _row(label: str, mode: str, metrics, summary: dict, variant: str) -> dict[st
         "peak_rss_gib": summary.get("peak_rss_gib"),
     }
     if llm:
+        drops = llm.get("drops") or {}
+        cand = summary.get("candidates") or {}
         row["out_of_set_relations"] = llm.get("out_of_set_before_mapping")
-        row["parse_failures"] = (llm.get("drops") or {}).get("unparsed", 0)
+        row["parse_failures"] = drops.get("unparsed", 0)
+        row["placeholder_echoes"] = drops.get("empty_field", 0)  # a `-` (or empty) relation field
+        row["triples_parsed"] = llm.get("triples_parsed")
+        row["none_answers"] = llm.get("none_answers")
+        row["pairs_asked"] = llm.get("pairs_asked")
+        row["pairs_kept_by_stage1"] = llm.get("pairs_kept_by_stage1", 0)
+        row["pairs_cut"] = llm.get("pairs_cut", 0)
+        # refine sends only the uncertain band of the candidates to the LLM
+        row["share_of_candidates_to_llm"] = (
+            llm["pairs_asked"] / cand["candidates"] if cand.get("candidates") else None
+        )
     return row
 
 
@@ -515,17 +527,37 @@ TABLE_COLUMNS = (
 )
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    head = "| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
-    body = ["| " + " | ".join(get(r) for _, get in TABLE_COLUMNS) + " |" for r in rows]
+# What the LLM was asked and what became of its answers (issue 8: format failures should vanish with
+# constrained decoding; refine sends only part of the candidates). One row per LLM run (strict names).
+ANSWER_COLUMNS = (
+    ("mode", lambda r: r["label"]),
+    ("pairs asked", lambda r: _num(r["pairs_asked"])),
+    ("share of cand.", lambda r: _pct(r["share_of_candidates_to_llm"])),
+    ("kept by stage 1", lambda r: _num(r["pairs_kept_by_stage1"])),
+    ("triples", lambda r: _num(r["triples_parsed"])),
+    ("None", lambda r: _num(r["none_answers"])),
+    ("unparsed lines", lambda r: _num(r["parse_failures"])),
+    ("'-' echoes", lambda r: _num(r["placeholder_echoes"])),
+    ("out-of-set names", lambda r: _num(r["out_of_set_relations"])),
+    ("pairs cut", lambda r: _num(r["pairs_cut"])),
+)
+
+
+def answer_rows(rows: Sequence[dict]) -> list[dict]:
+    return [r for r in rows if r["mode"] in LLM_MODES and r["variant"] == "strict" and "pairs_asked" in r]
+
+
+def markdown_table(rows: Sequence[dict], columns=TABLE_COLUMNS) -> str:
+    head = "| " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(get(r) for _, get in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
-def text_table(rows: Sequence[dict]) -> str:
+def text_table(rows: Sequence[dict], columns=TABLE_COLUMNS) -> str:
     """The table for a terminal: aligned columns."""
-    cells = [[name for name, _ in TABLE_COLUMNS]] + [[get(r) for _, get in TABLE_COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    cells = [[name for name, _ in columns]] + [[get(r) for _, get in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = []
     for k, row in enumerate(cells):
         lines.append(
@@ -650,6 +682,16 @@ def _markdown(rows: Sequence[dict], cand: dict | None, n_docs: int, eval_path: P
         markdown_table(rows),
         "",
     ]
+    answers = answer_rows(rows)
+    if answers:
+        lines += [
+            "What the LLM was asked and what became of its answers (totals over the documents; share of cand.: "
+            "the candidates that reached the LLM, below 100% with refine; '-' echoes: the prompt's placeholder "
+            "written as the relation; pairs cut: answers lost to the token budget):",
+            "",
+            markdown_table(answers, ANSWER_COLUMNS),
+            "",
+        ]
     if cand:
         line = (
             f"Stage-1 candidates for the LLM: {cand['candidates']:,} of {cand['pairs']:,} pairs "

@@ -279,7 +279,8 @@ def part_stage2_per_doc(reps: int, quick: bool) -> dict:
     from lmrc.stage2.prompts import PromptEncoder, load_template, plan_prompts
 
     rel, docs = _docs(50)
-    docs = sorted(docs, key=lambda d: len(d.pairs()))[: 1 if quick else 3]
+    docs = sorted(docs, key=lambda d: len(d.pairs()))[: 1 if quick else 2]
+    reps = min(reps, 2)  # float32 CPUs take minutes per repetition; token counts do not vary
     cap = 8 if quick else 24
     path = resolve_model_path("smollm2-135m")
     tok = load_tokenizer(path)

@@ -6,19 +6,15 @@ the loaded model is rebuilt from its config and state dict, so that it trains an
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import logging
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, file_sha256
-from lmrc.training import make_readable, replace_dir
+from lmrc.io import atomic_write_json, file_sha256, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -59,27 +55,6 @@ def is_current(target: Path, gguf: Path) -> bool:
         and (target / "model.safetensors").is_file()
         and (target / "config.json").is_file()
     )
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[bool]:
-    """An exclusive advisory lock, so two processes do not convert the same model at once.
-
-    Yields whether the lock is real. Without fcntl (Windows) it is not: the atomic rename in
-    `_ensure_converted` still keeps the cache consistent, at worst the conversion runs twice.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
@@ -158,7 +133,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 
 def _write_provenance(folder: Path, gguf: Path) -> None:
-    """Record where the conversion came from, so `_is_current` can tell a stale one."""
+    """Record where the conversion came from, so `is_current` can tell a stale one."""
     import torch
     import transformers
 
@@ -184,27 +159,26 @@ def _check_no_meta(model, gguf: Path) -> None:
 
 def ensure_converted(gguf: Path, target: Path, name: str) -> Path:
     """`target` holds the GGUF file converted to a plain HF folder: converted once (under a file lock, so that
-    concurrent processes wait for one conversion), reconverted when the source or the conversion changed."""
+    concurrent processes wait for one conversion instead of each converting), reconverted when the source or the
+    conversion changed."""
+    from filelock import FileLock
+
     if is_current(target, gguf):
         return target
-    with _file_lock(target.parent / f".{name}.lock") as exclusive:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{name}.lock"):
         if is_current(target, gguf):  # another process finished the conversion while we waited
             return target
-        if exclusive:  # only a lock holder makes these, so any found now were left by a killed process
-            for leftover in target.parent.glob(f".{name}.*.tmp"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            for leftover in target.parent.glob(f".{target.name}.old*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        # Only the lock holder makes temporary folders, so any found now were left by a killed process.
+        for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
         logger.info("converting %s to a Hugging Face folder in %s (once)", gguf, target)
         start = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
-        try:
-            convert_gguf(gguf, tmp)
-            _write_provenance(tmp, gguf)
-            make_readable(tmp)
-            replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        def write(folder: Path) -> None:
+            convert_gguf(gguf, folder)
+            _write_provenance(folder, gguf)
+
+        write_dir_atomically(target, write)
         logger.info("converted %s in %.1f s", name, time.perf_counter() - start)
     return target

@@ -1,14 +1,16 @@
-"""Small file helpers: atomic writes and JSON reads that fail with a message naming the file and place."""
+"""Small file helpers: atomic file and folder writes, sidecar names, progress files, and JSON reads that fail
+with a message naming the file and place."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lmrc.errors import LmrcError
 
@@ -29,6 +31,59 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LmrcError(f"{path}: line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}") from None
 
 
+def sidecar(output: str | os.PathLike, suffix: str) -> Path:
+    """The name of a file written beside a result file: `result.json` -> `result<suffix>` (e.g.
+    `.progress.jsonl`, `.summary.json`, `.strict.json`)."""
+    output = Path(output)
+    stem = output.name[: -len(output.suffix)] if output.suffix else output.name
+    return output.with_name(stem + suffix)
+
+
+class AtomicFile:
+    """A temporary file beside `path`, renamed onto it by `commit()`, so readers never see half a file.
+
+    `discard()` (or leaving the `with` block by an exception) removes the temporary file and leaves `path` as it
+    was. The committed file gets the usual 0644 permissions (mkstemp creates 0600).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, text: bool = False, suffix: str = ".tmp", encoding: str = "utf-8"
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix, dir=self.path.parent)
+        self.fh: IO[Any] = os.fdopen(fd, "w", encoding=encoding) if text else os.fdopen(fd, "wb")
+        self._done = False
+
+    def commit(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+        self._done = True
+
+    def discard(self) -> None:
+        if self._done:
+            return
+        self.fh.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+        self._done = True
+
+    def __enter__(self) -> IO[Any]:
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            finally:
+                self.discard()
+        else:
+            self.discard()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -36,20 +91,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with AtomicFile(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
@@ -105,36 +148,77 @@ class JsonStreamWriter:
 
     def __init__(self, path: str | os.PathLike, opening: str = "[", closing: str = "]") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._fh = os.fdopen(fd, "w", encoding="utf-8")
-        self._fh.write(opening)
+        self._file = AtomicFile(self.path, text=True)
+        self._file.fh.write(opening)
         self._closing = closing
         self._first = True
-        self._done = False
 
     def add(self, item: Any) -> None:
         if not self._first:
-            self._fh.write(", ")
-        self._fh.write(json.dumps(item, ensure_ascii=False))
+            self._file.fh.write(", ")
+        self._file.fh.write(json.dumps(item, ensure_ascii=False))
         self._first = False
 
     def commit(self) -> None:
-        self._fh.write(self._closing + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.chmod(self._tmp, 0o644)
-        os.replace(self._tmp, self.path)
-        self._done = True
+        self._file.fh.write(self._closing + "\n")
+        self._file.commit()
 
     def discard(self) -> None:
-        if self._done:
-            return
-        self._fh.close()
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
-        self._done = True
+        self._file.discard()
+
+
+# --------------------------------------------------------------------------------------------------- folders
+
+
+def make_readable(folder: Path) -> None:
+    """Give the folder the usual umask permissions (mkdtemp and some writers create private files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap the fully written folder `new` in for `target`. POSIX cannot rename a folder over a non-empty one, so
+    the old folder is first moved aside; for that moment only `.<name>.old` exists, which `recover_dir` restores."""
+    old = _aside(target)
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path: Path) -> None:
+    """Undo an interrupted swap: put `.<name>.old` back when `path` itself is missing."""
+    old = _aside(path)
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
+def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder (`.<name>.<random>.tmp`) with `write(folder)`, then swap it in for `path`
+    (see replace_dir); on any error the temporary folder is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        make_readable(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- progress files
 
 
 def open_progress(

@@ -1,14 +1,9 @@
-"""Training plumbing shared by both stages: RNG snapshots, atomic folder replacement, length-grouped batches,
-the warmup schedule, and the check that a resumed run has the settings of the interrupted one."""
+"""Training plumbing shared by both stages: RNG snapshots, length-grouped batches, the warmup schedule, and the check that a resumed run has the settings of the interrupted one."""
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
+from collections.abc import Collection, Sequence
 from typing import Any
 
 # ------------------------------------------------------------------------------------------------------- RNG
@@ -42,56 +37,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------------------------------- folders
-
-
-def make_readable(folder: Path) -> None:
-    """Give the folder the usual umask permissions (mkdtemp and some writers create private files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def _aside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap the fully written folder `new` in for `target`. POSIX cannot rename a folder over a non-empty one, so
-    the old folder is first moved aside; for that moment only `.<name>.old` exists, which `recover_dir` restores."""
-    old = _aside(target)
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(path: Path) -> None:
-    """Undo an interrupted swap: put `.<name>.old` back when `path` itself is missing."""
-    old = _aside(path)
-    if not path.exists() and old.exists():
-        os.replace(old, path)
-
-
-def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder with `write(folder)`, then swap it in for `path` (see replace_dir)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-        make_readable(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------- batches

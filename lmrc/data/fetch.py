@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +32,7 @@ from typing import BinaryIO
 
 from lmrc import __version__
 from lmrc.errors import LmrcError
+from lmrc.io import AtomicFile
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +177,12 @@ def _write_verified(
     src: BinaryIO, target: Path, expected: str | None, source: str, length: int | None = None
 ) -> str:
     """Stream `src` into a temporary file beside `target`, check size and sha256, then rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     sha, size = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK):
-                sha.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+    with AtomicFile(target, suffix=".part") as out:
+        while chunk := src.read(CHUNK):
+            sha.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
         if length is not None and size != length:
             raise LmrcError(f"{source}: transfer incomplete: got {size} of {length} bytes; nothing was saved")
         digest = sha.hexdigest()
@@ -194,15 +190,9 @@ def _write_verified(
             raise LmrcError(
                 f"{source}: sha256 mismatch: expected {expected}, got {digest}; the file was discarded"
             )
-        if expected is None:
-            log.info("%s: sha256 %s (no published hash to check against)", target.name, digest)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a data file should be readable like any other
-        os.replace(tmp, target)
-        return digest
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if expected is None:
+        log.info("%s: sha256 %s (no published hash to check against)", target.name, digest)
+    return digest
 
 
 def _sha256_file(path: Path) -> str:

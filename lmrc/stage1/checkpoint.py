@@ -31,9 +31,8 @@ from safetensors.torch import load_file, save_file
 from lmrc.config import from_dict, read_yaml, save_config, to_dict
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, read_json
+from lmrc.io import atomic_write_json, read_json, write_dir_atomically
 from lmrc.stage1.config import Stage1Config
-from lmrc.training import capture_rng, recover_dir, restore_rng, write_dir_atomically  # noqa: F401
 
 log = logging.getLogger(__name__)
 

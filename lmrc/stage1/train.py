@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +46,11 @@ from lmrc.data.docred import Document, load_labelled_docs, restrict_pairs
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.hardware import cpu_capability, resolve_mixed_precision
-from lmrc.io import append_jsonl, file_sha256
+from lmrc.io import append_jsonl, file_sha256, recover_dir
+from lmrc.progress import Progress
 from lmrc.stage1 import checkpoint as ckpt
 from lmrc.stage1.config import Stage1Config, check_loss_name
-from lmrc.training import changed_setting, linear_schedule
+from lmrc.training import capture_rng, changed_setting, linear_schedule, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class _Trainer:
 
     def _check_output_dir(self) -> bool:
         """True when there is a run to resume; refuses to overwrite a run without --resume."""
-        ckpt.recover_dir(self.last_dir)
+        recover_dir(self.last_dir)
         has_state = (self.last_dir / ckpt.STATE_FILE).is_file()
         if not self.resume:
             if has_state or (self.best_dir / ckpt.META_FILE).is_file():
@@ -493,7 +493,7 @@ class _Trainer:
         rank = self.accelerator.process_index
         if rank >= len(state.rng):
             raise LmrcError(f"{self.last_dir}: saved with {len(state.rng)} processes, cannot resume on more")
-        ckpt.restore_rng(state.rng[rank])
+        restore_rng(state.rng[rank])
         log.info(
             "resuming %s at epoch %d, micro-batch %d, optimizer step %d of %d",
             self.out,
@@ -505,7 +505,7 @@ class _Trainer:
 
     def _mark_boundary(self) -> None:
         """Remember the state right after an optimizer step (what an interrupt saves)."""
-        self._boundary = (dataclasses.replace(self.pos), [ckpt.capture_rng()])
+        self._boundary = (dataclasses.replace(self.pos), [capture_rng()])
 
     # ------------------------------------------------------------------------------------------- evaluation
 
@@ -647,7 +647,15 @@ class _Trainer:
         pos = self.pos
         tune = self.data.tune_docs is not None
         steps_this_call = 0
-        progress = _progress(pos.total_steps, pos.global_step)
+        # With log_every_steps the step lines below tell the progress; the bar's own lines would repeat them.
+        progress = Progress(
+            pos.total_steps,
+            "stage1 train",
+            "step",
+            initial=pos.global_step,
+            every_s=float("inf") if cfg.log_every_steps else 30.0,
+            logger=log,
+        )
         clock = time.perf_counter()
         self.model.train()
         try:
@@ -695,8 +703,7 @@ class _Trainer:
                     epoch_steps += 1
                     steps_this_call += 1
                     self.step_losses.append((pos.global_step, step_loss))
-                    progress.update(1)
-                    progress.set_postfix(epoch=pos.epoch + 1, loss=f"{epoch_loss / epoch_steps:.4f}")
+                    progress.update(1, epoch=pos.epoch + 1, loss=f"{epoch_loss / epoch_steps:.4f}")
                     if cfg.log_every_steps and pos.global_step % cfg.log_every_steps == 0:
                         log.info(
                             "epoch %d/%d step %d/%d loss %.4f (epoch mean %.4f) lr %.2e %.2f s/step",
@@ -800,14 +807,6 @@ class _Trainer:
             finished=pos.done,
             elapsed_s=pos.elapsed_s,
         )
-
-
-def _progress(total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total, initial=initial, desc="stage1 train", unit="step", disable=not sys.stderr.isatty()
-    )
 
 
 def _fmt(value: float | None) -> str:

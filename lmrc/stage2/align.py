@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from thefuzz import fuzz, process, utils
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
+from lmrc.io import atomic_write_bytes
 from lmrc.stage2.parse import parse_with_stats
 from lmrc.stage2.prompts import Prompt
 
@@ -261,16 +261,7 @@ class RelationMapper:
 def _atomic_save_embeddings(path: Path, emb: np.ndarray) -> None:
     from safetensors.numpy import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(save({"embeddings": np.ascontiguousarray(emb)}))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save({"embeddings": np.ascontiguousarray(emb)}))
 
 
 @dataclass

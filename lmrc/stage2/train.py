@@ -33,7 +33,7 @@ from lmrc.data.candidates import load_candidates
 from lmrc.data.docred import Document, load_documents, restrict_pairs
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, recover_dir, replace_dir
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 from lmrc.stage2.examples import IGNORE_INDEX, ExampleBuilder, ExampleStats, TrainExample
 from lmrc.stage2.modeling import (
@@ -53,8 +53,6 @@ from lmrc.training import (
     changed_setting,
     length_grouped_batches,
     linear_schedule,
-    recover_dir,
-    replace_dir,
     restore_rng,
 )
 

@@ -22,10 +22,10 @@ from lmrc.cli import main
 from lmrc.config import load_config
 from lmrc.data.candidates import load_candidates
 from lmrc.errors import LmrcError
-from lmrc.io import read_json
+from lmrc.io import read_json, sidecar
 from lmrc.pipeline.config import PredictConfig
 from lmrc.pipeline.merge import merge
-from lmrc.pipeline.run import Shard, predict, sidecar
+from lmrc.pipeline.run import Shard, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_classifier_llm_asks_the_llm_exactly_about_the_stage1_candidates(ckpt, r
     from lmrc.stage1.predict import predict as stage1_predict
 
     out = tmp_path / "result.json"
-    summary = predict(llm_config(ckpt, rc), files["test"], out, save_candidates=tmp_path / "c.json")
+    summary = run_pipeline(llm_config(ckpt, rc), files["test"], out, save_candidates=tmp_path / "c.json")
     assert summary["mode"] == "classifier-llm" and summary["documents"] == 7
     # stage 1 run on its own over the whole file proposes the same candidates as the streamed batches
     alone = stage1_predict(ckpt, files["test"], tmp_path / "alone.json").candidates
@@ -101,7 +101,7 @@ def test_stage1_only_equals_the_heads_own_relation_predictions(ckpt, files, tmp_
     from lmrc.stage1.predict import predict as stage1_predict
 
     out = tmp_path / "result.json"
-    summary = predict(config(**{"stage1.checkpoint": str(ckpt)}), files["test"], out)
+    summary = run_pipeline(config(**{"stage1.checkpoint": str(ckpt)}), files["test"], out)
     assert summary["mode"] == "stage1-only" and "llm" not in summary
     stage1_predict(ckpt, files["test"], tmp_path / "c.json", relations_output=tmp_path / "alone.json")
     key = lambda p: (p["title"], p["h_idx"], p["t_idx"], p["r"])  # noqa: E731
@@ -110,7 +110,7 @@ def test_stage1_only_equals_the_heads_own_relation_predictions(ckpt, files, tmp_
 
 def test_direct_mode_asks_all_pairs_of_every_document(direct, files, tmp_path):
     out = tmp_path / "result.json"
-    summary = predict(
+    summary = run_pipeline(
         config(**{"stage2.adapter": str(direct), "docs_per_batch": 4}), files["unlabelled"], out
     )
     docs = read_json(files["unlabelled"])
@@ -124,7 +124,7 @@ def test_constrained_answers_leave_nothing_for_the_scorer_to_drop(ckpt, rc, file
     cfg.stage2.overrides["generation"].update(
         {"constrained": True, "max_new_tokens_per_pair": 40, "max_new_tokens_cap": 200}
     )
-    summary = predict(cfg, files["test"], tmp_path / "r.json")
+    summary = run_pipeline(cfg, files["test"], tmp_path / "r.json")
     llm = summary["llm"]
     assert llm["triples_parsed"] > 0 and llm["out_of_set_before_mapping"] == 0
     for reason in ("out_of_set_relation", "pair_not_asked", "below_cutoff", "empty_field", "self_loop"):
@@ -152,7 +152,7 @@ def test_cli_predict_prints_scores_and_writes_the_summary(ckpt, rc, files, tmp_p
 
 def _uninterrupted(ckpt, rc, files, tmp_path) -> bytes:
     out = tmp_path / "whole" / "result.json"
-    predict(llm_config(ckpt, rc), files["test"], out, save_candidates=tmp_path / "whole" / "c.json")
+    run_pipeline(llm_config(ckpt, rc), files["test"], out, save_candidates=tmp_path / "whole" / "c.json")
     return out.read_bytes()
 
 
@@ -189,15 +189,15 @@ def test_a_run_killed_between_stage1_and_stage2_resumes_to_the_same_bytes(ckpt, 
     out = tmp_path / "result.json"
     cfg = llm_config(ckpt, rc)
     with pytest.raises(KeyboardInterrupt):  # batch 0 done, killed inside batch 1's generation
-        predict(cfg, files["test"], out, generator=_FailingGenerator(rc, 2))
+        run_pipeline(cfg, files["test"], out, generator=_FailingGenerator(rc, 2))
     lines = sidecar(out, ".progress.jsonl").read_text().splitlines()
     assert len(lines) == 2 and not out.exists()  # header + batch 0; no result file yet
     with pytest.raises(KeyboardInterrupt):  # resumed, paused after one more batch
-        predict(cfg, files["test"], out, resume=True, stop_after_batches=1)
+        run_pipeline(cfg, files["test"], out, resume=True, stop_after_batches=1)
     # a torn last line (killed mid-append) is dropped and its batch redone
     with open(sidecar(out, ".progress.jsonl"), "a") as fh:
         fh.write('{"batch": 2, "documents": [{"title": "half')
-    summary = predict(cfg, files["test"], out, resume=True)
+    summary = run_pipeline(cfg, files["test"], out, resume=True)
     assert out.read_bytes() == whole
     assert summary["documents_this_run"] == 7 - 4  # batches 0 and 1 were not redone
 
@@ -229,7 +229,7 @@ def test_shards_merge_into_the_bytes_of_one_run(ckpt, rc, files, tmp_path, whole
     outs = [tmp_path / f"shard_{i}.json" for i in range(3)]
     sizes = []
     for i, out in enumerate(outs):
-        sizes.append(predict(cfg, files["test"], out, shard=Shard(i, 3))["documents"])
+        sizes.append(run_pipeline(cfg, files["test"], out, shard=Shard(i, 3))["documents"])
     assert sum(sizes) == 7 and all(sizes)
     merged = tmp_path / "merged.json"
     summary = merge(list(reversed(outs)), merged)  # any order on the command line
@@ -242,7 +242,7 @@ def test_shards_merge_into_the_bytes_of_one_run(ckpt, rc, files, tmp_path, whole
     with pytest.raises(LmrcError, match=r"shard\(s\) 1/3 missing"):
         merge([outs[0], outs[2]], bad)
     other = tmp_path / "other_1.json"
-    predict(llm_config(ckpt, rc, **{"stage1.max_per_doc": 2}), files["test"], other, shard=Shard(1, 3))
+    run_pipeline(llm_config(ckpt, rc, **{"stage1.max_per_doc": 2}), files["test"], other, shard=Shard(1, 3))
     with pytest.raises(LmrcError, match="made with another stage1"):
         merge([outs[0], other, outs[2]], bad)
     assert not bad.exists()
@@ -264,9 +264,9 @@ def test_shard_specs_are_checked():
 def test_resume_with_other_settings_is_refused(ckpt, rc, files, tmp_path):
     out = tmp_path / "r.json"
     with pytest.raises(KeyboardInterrupt):
-        predict(llm_config(ckpt, rc), files["test"], out, stop_after_batches=1)
+        run_pipeline(llm_config(ckpt, rc), files["test"], out, stop_after_batches=1)
     with pytest.raises(LmrcError, match="cannot resume: docs_per_batch was 2, now 3"):
-        predict(llm_config(ckpt, rc, docs_per_batch=3), files["test"], out, resume=True)
+        run_pipeline(llm_config(ckpt, rc, docs_per_batch=3), files["test"], out, resume=True)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -315,7 +315,7 @@ def test_candidates_file_for_another_relation_set_is_refused(ckpt, rc, files, tm
     path.write_text(json.dumps(raw))
     cfg = config(**{"stage1.candidates": str(path), "stage2.adapter": str(rc)})
     with pytest.raises(LmrcError, match="'P99999' is not in the relation set"):
-        predict(cfg, files["test"], tmp_path / "r.json")
+        run_pipeline(cfg, files["test"], tmp_path / "r.json")
     assert not (tmp_path / "r.json").exists() and not sidecar(tmp_path / "r.json", ".progress.jsonl").exists()
 
 
@@ -345,7 +345,7 @@ def test_refine_sends_only_the_uncertain_band_to_the_llm_and_keeps_stage1_above_
     upper = with_rel[len(with_rel) // 2]
     cfg = llm_config(ckpt, rc, fusion="refine", **{"refine.upper": upper})
     out = tmp_path / "r.json"
-    summary = predict(cfg, files["test"], out)
+    summary = run_pipeline(cfg, files["test"], out)
     confident = {
         (d.title, p.h, p.t) for d in alone.documents for p in d.pairs if p.score > upper and p.relations
     }
@@ -374,8 +374,8 @@ def test_refine_calibrates_its_upper_threshold_on_the_tuning_file(ckpt, rc, file
         ckpt, rc, fusion="refine", **{"refine.precision": 0.01, "stage1.tune": str(files["tune"])}
     )
     with pytest.raises(LmrcError, match="stage1.tune"):
-        predict(llm_config(ckpt, rc, fusion="refine"), files["test"], tmp_path / "x.json")
-    cal = predict(cfg, files["test"], tmp_path / "r.json")["fingerprint"]["fusion"]["calibration"]
+        run_pipeline(llm_config(ckpt, rc, fusion="refine"), files["test"], tmp_path / "x.json")
+    cal = run_pipeline(cfg, files["test"], tmp_path / "r.json")["fingerprint"]["fusion"]["calibration"]
     assert cal["method"] == "relation_precision" and cal["target"] == 0.01
     assert cal["upper"] is None or cal["precision"] >= 0.01
 
@@ -391,7 +391,7 @@ def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_h
     assert all(p.top and len(p.top) == 3 for d in load_candidates(train_cands).documents for p in d.pairs)
     hinted = adapter(redocred_dir, "rc", None, ("hints=2", f"data.candidates={train_cands}"))
     out = tmp_path / "r.json"
-    summary = predict(llm_config(ckpt, hinted, **{"stage1.max_per_doc": 3}), files["test"], out)
+    summary = run_pipeline(llm_config(ckpt, hinted, **{"stage1.max_per_doc": 3}), files["test"], out)
     assert summary["llm"]["pairs_asked"] > 0
     runner = Stage2Runner(hinted)
     from lmrc.data.docred import load_documents

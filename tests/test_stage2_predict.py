@@ -1,4 +1,5 @@
-"""Stage-2 prediction end to end: tiny model on real documents, result file, progress/resume, no-LLM cases."""
+"""Stage-2 prediction end to end (`lmrc stage2 predict`, a run of the one prediction driver with the adapter
+alone): tiny model on real documents, result file, progress/resume, no-LLM cases."""
 
 from __future__ import annotations
 
@@ -16,12 +17,23 @@ from lmrc.data.candidates import (
     save_candidates,
 )
 from lmrc.errors import LmrcError
-from lmrc.io import read_json, read_jsonl
+from lmrc.io import read_json, read_jsonl, sidecar
+from lmrc.pipeline.config import stage2_predict_config
+from lmrc.pipeline.run import run_pipeline
 from lmrc.stage2 import predict as predict_module
 from lmrc.stage2.config import load_stage2_config
 from lmrc.stage2.generate import Generation
-from lmrc.stage2.predict import predict, sidecar
 from lmrc.stage2.train import train
+
+
+def predict(adapter, docs, out, candidates_path=None, gold_pairs=False, resume=False, debug_out=None,
+            overrides=(), generator=None):  # fmt: skip
+    """What `lmrc stage2 predict` runs; returns the summary's LLM section."""
+    cfg = stage2_predict_config(adapter, candidates_path, gold_pairs, overrides)
+    summary = run_pipeline(
+        cfg, docs, out, resume=resume, debug_out=debug_out, generator=generator, show_progress=False
+    )
+    return {**summary["llm"], "predictions": summary["predictions"], "summary": summary}
 
 
 @pytest.fixture(scope="module")
@@ -111,20 +123,23 @@ def test_rc_predict_with_the_tiny_model_writes_a_valid_result_file(
     assert code == 0
     assert "predictions for 3 documents" in capsys.readouterr().out
     _check_result_file(out, docs_file, rel_info)
-    summary = read_json(sidecar(out, ".summary.json"))
+    whole = read_json(sidecar(out, ".summary.json"))
+    assert whole["format"] == "lmrc-predict-summary" and whole["mode"] == "classifier-llm"
+    summary = whole["llm"]
     records = read_jsonl(debug)
     assert [r["title"] for r in records] == [d["title"] for d in read_json(docs_file)]
     prompts = [p for r in records for p in r["prompts"]]
     assert summary["prompts"] == len(prompts) > 0
     # Every gold pair is asked exactly once; noise from an untrained model is cut at the token budget.
     asked = {(r["title"], h, t) for r in records for p in r["prompts"] for h, t in p["pairs"]}
-    assert asked == _gold_pairs(docs_file) and summary["pairs"] == len(asked)
+    assert asked == _gold_pairs(docs_file) and summary["pairs_asked"] == len(asked)
     assert all(0 <= p["generated_tokens"] <= cap and p["max_new_tokens"] == cap for p in prompts)
     assert summary["outputs_hit_token_limit"] == sum(p["hit_token_limit"] for p in prompts)
     assert summary["generated_tokens"] == sum(p["generated_tokens"] for p in prompts)
     progress = read_jsonl(sidecar(out, ".progress.jsonl"))
-    assert progress[0]["format"] == "lmrc-stage2-progress" and len(progress) == 4
-    assert load_stage2_config(sidecar(out, ".config.yaml")).generation.max_new_tokens_cap == cap
+    assert progress[0]["format"] == "lmrc-predict-progress" and len(progress) == 2  # header + one batch of 3
+    assert whole["fingerprint"]["stage1"] == {"gold_pairs": True}
+    assert whole["fingerprint"]["stage2"]["generation"]["max_new_tokens_cap"] == cap
 
 
 def test_scripted_answers_are_aligned_back_to_exactly_the_asked_pairs(adapter, docs_file, rel_info, tmp_path):
@@ -133,7 +148,7 @@ def test_scripted_answers_are_aligned_back_to_exactly_the_asked_pairs(adapter, d
     result = _check_result_file(out, docs_file, rel_info)
     assert {(p["title"], p["h_idx"], p["t_idx"]) for p in result} == _gold_pairs(docs_file)
     assert {p["r"] for p in result} == {"P17"}
-    assert summary["predictions"] == len(result) == summary["pairs"]
+    assert summary["predictions"] == len(result) == summary["pairs_asked"]
     assert summary["drops"] == {} and summary["out_of_set_before_mapping"] == 0
 
 
@@ -147,15 +162,15 @@ def test_interrupted_predict_resumes_without_repeating_documents(adapter, docs_f
             adapter, docs_file, out, gold_pairs=True, overrides=chunk, generator=EchoGenerator(fail_on_call=2)
         )
     done = read_jsonl(sidecar(out, ".progress.jsonl"))[1:]
-    assert len(done) == 1 and not out.exists()
-    first_doc_prompts = done[0]["counts"]["prompts"]
+    assert len(done) == 1 and len(done[0]["documents"]) == 1 and not out.exists()
+    first_doc_prompts = done[0]["documents"][0]["counts"]["prompts"]
     resumed = EchoGenerator()
     summary = predict(
         adapter, docs_file, out, gold_pairs=True, resume=True, overrides=chunk, generator=resumed
     )
     assert resumed.calls == 2  # the two remaining documents, one chunk each
     assert resumed.prompts == summary["prompts"] - first_doc_prompts
-    assert read_json(out) == read_json(reference)
+    assert out.read_bytes() == reference.read_bytes()
     assert len(read_jsonl(sidecar(out, ".progress.jsonl"))) == 4
 
 
@@ -182,7 +197,8 @@ def test_documents_with_empty_candidate_lists_cost_no_llm_call(adapter, docs_fil
     counting = EchoGenerator()
     summary = predict(adapter, docs_file, tmp_path / "r.json", candidates_path=cands, generator=counting)
     assert counting.calls == 1 and counting.prompts == summary["prompts"] == 1
-    assert summary["documents_without_pairs"] == 2 and summary["documents_missing_candidates"] == 1
+    assert summary["documents_without_pairs"] == 2
+    assert summary["summary"]["candidates"]["documents_missing_candidates"] == 1
     assert {(p["h_idx"], p["t_idx"]) for p in read_json(tmp_path / "r.json")} == {(0, 1), (1, 0)}
 
     # No pairs anywhere: the model is never even loaded.
@@ -217,7 +233,7 @@ def test_sbert_mapping_maps_near_names_and_keeps_a_strict_result(adapter, docs_f
         adapter, docs_file, out, gold_pairs=True, overrides=["align.relation_mapping=sbert"],
         generator=EchoGenerator("country of citizen"),
     )  # fmt: skip
-    n = summary["pairs"]
+    n = summary["pairs_asked"]
     assert summary["out_of_set_before_mapping"] == n and summary["out_of_set_after_mapping"] == 0
     assert {p["r"] for p in read_json(out)} == {"P27"}  # country of citizenship
     assert read_json(sidecar(out, ".strict.json")) == []
@@ -329,7 +345,7 @@ def test_a_long_pair_list_is_answered_whole_and_a_cut_answer_is_counted(adapter,
         cands,
     )
     whole = predict(adapter, docs_file, tmp_path / "a.json", candidates_path=cands, generator=CuttingEcho())
-    assert whole["pairs"] == 60 and whole["pairs_cut"] == 0 and whole["outputs_hit_token_limit"] == 0
+    assert whole["pairs_asked"] == 60 and whole["pairs_cut"] == 0 and whole["outputs_hit_token_limit"] == 0
     assert len(read_json(tmp_path / "a.json")) == 60  # one relation for every pair: nothing lost
     cut = predict(
         adapter, docs_file, tmp_path / "b.json", candidates_path=cands, generator=CuttingEcho(),
@@ -424,7 +440,7 @@ def test_direct_mode_asks_all_pairs_and_reads_none_answers(redocred_dir, tmp_pat
     echo = EchoGenerator("None")
     summary = predict(adapter, docs, tmp_path / "r.json", debug_out=tmp_path / "d.jsonl", generator=echo)
     n = len(small["vertexSet"])
-    assert summary["pairs"] == n * (n - 1) and summary["none_answers"] == n * (n - 1)
+    assert summary["pairs_asked"] == n * (n - 1) and summary["none_answers"] == n * (n - 1)
     assert read_json(tmp_path / "r.json") == [] and summary["drops"] == {}
     assert summary["documents_without_pairs"] == 1  # one entity: no pair, no prompt
     records = read_jsonl(tmp_path / "d.jsonl")
@@ -442,10 +458,10 @@ def test_resume_after_a_torn_progress_line_leaves_a_readable_progress_file(adapt
         )
     progress = sidecar(out, ".progress.jsonl")
     with open(progress, "a", encoding="utf-8") as fh:  # a process killed in the middle of an append
-        fh.write('{"title": "torn')
+        fh.write('{"batch": 1, "documents": [{"title": "torn')
     predict(adapter, docs_file, out, gold_pairs=True, resume=True, overrides=chunk, generator=EchoGenerator())
     records = read_jsonl(progress)  # the next append must not have been glued onto the torn line
-    assert len(records) == 4 and len({r["title"] for r in records[1:]}) == 3
+    assert len(records) == 4 and len({d["title"] for r in records[1:] for d in r["documents"]}) == 3
     again = EchoGenerator()
     predict(adapter, docs_file, out, gold_pairs=True, resume=True, overrides=chunk, generator=again)
     assert again.calls == 0

@@ -26,6 +26,11 @@ def register(sub) -> None:
     p.add_argument("--stage1", metavar="CHECKPOINT", help="stage-1 checkpoint folder")
     p.add_argument("--stage2", metavar="ADAPTER", help="stage-2 adapter folder (rc or direct)")
     p.add_argument("--candidates", metavar="FILE", help="a stage-1 candidates file instead of --stage1")
+    p.add_argument(
+        "--gold-pairs",
+        action="store_true",
+        help="ask the LLM about each document's gold relation pairs instead of stage-1 candidates (needs labels)",
+    )
     p.add_argument("--mode", help="classifier-llm, direct or stage1-only (default: inferred)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, help="stage-1 candidate threshold")
@@ -80,6 +85,7 @@ def _predict_config(args: argparse.Namespace):
         "mode": args.mode,
         "stage1.checkpoint": args.stage1,
         "stage1.candidates": args.candidates,
+        "stage1.gold_pairs": True if args.gold_pairs else None,
         "stage1.threshold": args.threshold,
         "stage1.recall_target": args.recall_target,
         "stage1.max_per_doc": args.max_per_doc,
@@ -95,12 +101,13 @@ def _predict_config(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lmrc.pipeline.run import Shard, predict, sidecar
+    from lmrc.io import sidecar
+    from lmrc.pipeline.run import Shard, run_pipeline
 
     shard = Shard.parse(args.shard) if args.shard else None
     cfg = _predict_config(args)
     with sigterm_as_interrupt():  # finished batches are in the progress file; --resume continues
-        summary = predict(
+        summary = run_pipeline(
             cfg,
             args.input,
             args.output,

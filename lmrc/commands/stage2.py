@@ -32,8 +32,10 @@ def register(sub) -> None:
         help="classify entity pairs with a trained adapter; write the official result file",
         description="Render the prompts of each document (stage-1 candidates, its gold relation pairs, or all "
         "pairs for a direct-mode adapter), generate, parse and align the answers, and write the official result "
-        "file. Finished documents are appended to <output>.progress.jsonl, so --resume continues an interrupted "
-        "run; <output>.summary.json counts prompts, tokens, drop reasons and out-of-set relations.",
+        "file. This is `lmrc predict` with the adapter alone: finished batches of generation.docs_per_chunk "
+        "documents are appended to <output>.progress.jsonl, so --resume continues an interrupted run; "
+        "<output>.summary.json (the format of lmrc predict) counts prompts, tokens, drop reasons and out-of-set "
+        "relations.",
     )
     pr.add_argument("--adapter", required=True, type=Path, help="folder written by `lmrc stage2 train`")
     pr.add_argument("--input", required=True, type=Path, help="DocRED-format documents")
@@ -115,31 +117,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lmrc.stage2.predict import predict, sidecar
+    """A pipeline run with the adapter alone: one driver, progress file and summary format for both commands."""
+    from lmrc.io import sidecar
+    from lmrc.pipeline.config import stage2_predict_config
+    from lmrc.pipeline.run import run_pipeline
 
-    with sigterm_as_interrupt():  # finished chunks are already in the progress file; --resume continues
-        summary = predict(
-            args.adapter,
-            args.input,
-            args.output,
-            candidates_path=args.candidates,
-            gold_pairs=args.gold_pairs,
-            resume=args.resume,
-            debug_out=args.debug_out,
-            overrides=args.overrides,
-        )
+    cfg = stage2_predict_config(args.adapter, args.candidates, args.gold_pairs, args.overrides)
+    with sigterm_as_interrupt():  # finished batches are already in the progress file; --resume continues
+        summary = run_pipeline(cfg, args.input, args.output, resume=args.resume, debug_out=args.debug_out)
+    llm = summary["llm"]
     print(
         f"{args.output}: {summary['predictions']:,} predictions for {summary['documents']:,} documents "
-        f"({summary['prompts']:,} prompts, {summary['generated_tokens']:,} generated tokens)"
+        f"({llm['prompts']:,} prompts, {llm['generated_tokens']:,} generated tokens; pairs: {llm['pairs_from']})"
     )
-    drops = ", ".join(f"{k} {v}" for k, v in summary["drops"].items()) or "none"
+    drops = ", ".join(f"{k} {v}" for k, v in llm["drops"].items()) or "none"
     print(f"dropped triples: {drops}")
     print(
-        f"out-of-set relations: {summary['out_of_set_before_mapping']} before mapping, "
-        f"{summary['out_of_set_after_mapping']} after ({summary['relation_mapping']})"
+        f"out-of-set relations: {llm['out_of_set_before_mapping']} before mapping, "
+        f"{llm['out_of_set_after_mapping']} after ({llm['relation_mapping']})"
     )
-    if summary["seconds_per_document"] is not None:
-        print(f"{summary['seconds_per_document']:.2f} s per document this run")
+    if summary["seconds_per_document_this_run"] is not None:
+        print(f"{summary['seconds_per_document_this_run']:.2f} s per document this run")
     print(f"summary: {sidecar(Path(args.output), '.summary.json')}")
     logging.getLogger(__name__).debug("summary: %s", summary)
     return 0

@@ -356,6 +356,16 @@ def document_to_raw(doc: Document) -> dict:
     return raw
 
 
+def require_labels(docs: Sequence[Document], path: str | os.PathLike, needed_by: str) -> None:
+    """Refuse documents without `labels` where they are needed (training, tuning, scoring, gold pairs), naming
+    the first such document."""
+    for doc in docs:
+        if not doc.labelled:
+            raise LmrcError(
+                f"{path}: document {doc.index} (\"{doc.title}\"): missing field 'labels' ({needed_by})"
+            )
+
+
 def load_labelled(
     path: str | os.PathLike, relations: RelationSet | None = None, role: str = "gold"
 ) -> list[Document]:
@@ -363,17 +373,8 @@ def load_labelled(
     docs = load_documents(path, relations)
     if not docs:
         raise LmrcError(f"{path}: no documents (a {role} file needs at least one)")
-    for doc in docs:
-        if not doc.labelled:
-            raise LmrcError(
-                f"{path}: document {doc.index} (\"{doc.title}\"): missing field 'labels' (a {role} file must be labelled)"
-            )
+    require_labels(docs, path, f"a {role} file must be labelled")
     return docs
-
-
-def load_labelled_docs(path: str | os.PathLike, relations: RelationSet | None, role: str) -> list[Document]:
-    """`load_labelled` with the role named (the stage-1 code's spelling)."""
-    return load_labelled(path, relations, role=role)
 
 
 def restrict_pairs(

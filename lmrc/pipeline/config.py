@@ -8,8 +8,12 @@ are overridden under `stage2.overrides`, e.g. `--set stage2.overrides.align.rela
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from lmrc.errors import LmrcError
 
 # classifier-llm: stage-1 candidates -> an rc adapter (LMRC); direct: a direct adapter over all pairs (the
 # baseline); stage1-only: the multi-label head's own relations.
@@ -20,6 +24,9 @@ MODES = ("classifier-llm", "direct", "stage1-only")
 class Stage1Settings:
     checkpoint: str | None = None  # stage-1 checkpoint folder (or training folder)
     candidates: str | None = None  # a candidates file written earlier, instead of running a checkpoint
+    # Instead of stage 1: ask the LLM about each document's gold relation pairs (needs labels; the LMRC
+    # ablation's "RC stage" setting, `lmrc stage2 predict --gold-pairs`).
+    gold_pairs: bool = False
     # Candidate threshold: at most one of these; none = the head's own rule.
     threshold: float | None = None
     recall_target: float | None = None  # calibrated on `tune` (a labelled file), or read from `calibration`
@@ -34,8 +41,8 @@ class Stage1Settings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("stage1.batch_size must be at least 1")
-        if self.checkpoint is not None and self.candidates is not None:
-            raise ValueError("give stage1.checkpoint or stage1.candidates, not both")
+        if (self.checkpoint is not None) + (self.candidates is not None) + self.gold_pairs > 1:
+            raise ValueError("give one of stage1.checkpoint, stage1.candidates and stage1.gold_pairs")
 
 
 @dataclass
@@ -101,3 +108,27 @@ class PredictConfig:
             raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
         if self.docs_per_batch < 1:
             raise ValueError("docs_per_batch must be at least 1")
+
+
+def stage2_predict_config(
+    adapter: str | os.PathLike,
+    candidates: str | os.PathLike | None = None,
+    gold_pairs: bool = False,
+    overrides: Sequence[str] = (),
+) -> PredictConfig:
+    """`lmrc stage2 predict` as a pipeline run: the adapter alone, its pairs from a candidates file, the gold
+    relation pairs or (a direct adapter) all pairs; `overrides` (`key=value`) change the adapter's settings, and
+    batches hold the adapter's `generation.docs_per_chunk` documents."""
+    from lmrc.config import apply_overrides
+    from lmrc.stage2.modeling import load_adapter_config
+
+    if candidates is not None and gold_pairs:
+        raise LmrcError("choose one of --candidates and --gold-pairs")
+    adapter_cfg = load_adapter_config(adapter, list(overrides))
+    return PredictConfig(
+        stage1=Stage1Settings(
+            candidates=str(candidates) if candidates is not None else None, gold_pairs=gold_pairs
+        ),
+        stage2=Stage2Settings(adapter=str(adapter), overrides=apply_overrides({}, list(overrides))),
+        docs_per_batch=adapter_cfg.generation.docs_per_chunk,
+    )

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lmrc.errors import LmrcError
-from lmrc.io import JsonStreamWriter, atomic_write_json, read_json
-from lmrc.pipeline.run import SUMMARY_FORMAT, sidecar
+from lmrc.io import JsonStreamWriter, atomic_write_json, read_json, sidecar
+from lmrc.pipeline.outputs import SUMMARY_FORMAT
 
 
 def _shard_summary(path: Path) -> dict[str, Any]:
@@ -130,7 +130,8 @@ def _merge_summaries(summaries: list[dict], fingerprint: dict) -> dict[str, Any]
             for k in ("prompts", "prompt_tokens", "generated_tokens"):
                 merged[f"{k}_per_document"] = merged.get(k, 0) / n
             merged["drops"] = dict(sorted(drops.items()))
-            merged["relation_mapping"] = parts[0].get("relation_mapping")
+            for k in ("relation_mapping", "pairs_from"):
+                merged[k] = parts[0].get(k)
         out[section] = merged
     secs = [s.get("seconds_per_document") for s in summaries]
     if all(x is not None for x in secs) and out["documents"]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lmrc.data.docred import load_labelled_docs, restrict_pairs
+from lmrc.data.docred import load_labelled, restrict_pairs
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, file_sha256
 from lmrc.stage1.inference import CandidateReport, file_features, gold_pair_flags, infer_logits, pair_scores
@@ -153,7 +153,7 @@ def calibrate_on_file(
     """Calibrate the recall-target threshold on a labelled file (the checkpoint is left as it is)."""
     tune_path = Path(tune_path)
     docs = restrict_pairs(
-        load_labelled_docs(tune_path, checkpoint.relations, "tuning"), checkpoint.config.data.pair_types
+        load_labelled(tune_path, checkpoint.relations, role="tuning"), checkpoint.config.data.pair_types
     )
     features = file_features(checkpoint, docs, tune_path)
     logits = infer_logits(checkpoint.model, features, batch_size, device)

@@ -17,7 +17,7 @@ from lmrc.data.candidates import (
     DocumentCandidates,
     save_candidates,
 )
-from lmrc.data.docred import load_labelled_docs, restrict_pairs
+from lmrc.data.docred import load_labelled, restrict_pairs
 from lmrc.errors import LmrcError
 from lmrc.stage1.calibration import choose_threshold
 from lmrc.stage1.inference import (
@@ -64,7 +64,7 @@ def crossfit(
     relations = load_relations(config.data.path("rel_info"))
     train_path = config.data.path("train")
     docs = restrict_pairs(
-        load_labelled_docs(train_path, relations, "training"), config.data.pair_types, train_path
+        load_labelled(train_path, relations, role="training"), config.data.pair_types, train_path
     )
     parts = fold_indices(len(docs), folds, config.data.fold_seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -36,7 +36,7 @@ from lmrc.data.candidates import (
     DocumentCandidates,
     save_candidates,
 )
-from lmrc.data.docred import Document, load_documents, load_labelled_docs, restrict_pairs
+from lmrc.data.docred import Document, load_documents, load_labelled, restrict_pairs
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, file_sha256
@@ -140,7 +140,7 @@ def predict(
     gold = None
     if gold_path is not None:
         gold = restrict_pairs(
-            load_labelled_docs(Path(gold_path), ck.relations, "gold"), ck.config.data.pair_types
+            load_labelled(Path(gold_path), ck.relations, role="gold"), ck.config.data.pair_types
         )
     elif all(d.labelled for d in docs):
         gold = docs
@@ -156,14 +156,14 @@ def predict(
 
 def _train_docs(checkpoint, train_path: str | os.PathLike | None) -> list[Document] | None:
     if train_path is not None:
-        return load_labelled_docs(Path(train_path), checkpoint.relations, "training")
+        return load_labelled(Path(train_path), checkpoint.relations, role="training")
     try:
         path = checkpoint.config.data.path("train")
     except LmrcError:
         path = None
     if path is not None and path.is_file():
         log.info("Ign F1 against the checkpoint's training file %s", path)
-        return load_labelled_docs(path, checkpoint.relations, "training")
+        return load_labelled(path, checkpoint.relations, role="training")
     log.warning("no training file found (pass --train): Ign F1 equals F1")
     return None
 
@@ -226,7 +226,7 @@ class Proposer:
                 f"refine needs stage-1 relations: the {ck.loss_name!r} head only scores pairs (use a multi-label head)"
             )
         docs = restrict_pairs(
-            load_labelled_docs(Path(tune_path), ck.relations, "tuning"), ck.config.data.pair_types
+            load_labelled(Path(tune_path), ck.relations, role="tuning"), ck.config.data.pair_types
         )
         logits = self.logits(docs)
         scores, predicted, gold = [], [], []

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from lmrc.config import from_dict, read_yaml, save_config, to_dict
-from lmrc.data.docred import Document, load_labelled_docs, restrict_pairs
+from lmrc.data.docred import Document, load_labelled, restrict_pairs
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.hardware import cpu_capability, resolve_mixed_precision
@@ -313,7 +313,7 @@ class _Trainer:
         relations = load_relations(cfg.data.path("rel_info"))
         train_path = cfg.data.path("train")
         all_train = restrict_pairs(
-            load_labelled_docs(train_path, relations, "training"), cfg.data.pair_types, train_path
+            load_labelled(train_path, relations, role="training"), cfg.data.pair_types, train_path
         )
         cache = feature_cache_dir(cfg)
         all_features = featurize_all(
@@ -344,7 +344,7 @@ class _Trainer:
         tune_path = cfg.data.path("tune")
         if tune_path is not None:
             tune_docs = restrict_pairs(
-                load_labelled_docs(tune_path, relations, "tuning"), cfg.data.pair_types, tune_path
+                load_labelled(tune_path, relations, role="tuning"), cfg.data.pair_types, tune_path
             )
             overlap = {d.title for d in tune_docs} & {d.title for d in train_docs}
             if overlap:

@@ -1,16 +1,9 @@
-"""Stage-2 prediction (`lmrc stage2 predict`): documents -> prompts -> generation -> alignment -> result file.
+"""Stage 2 at prediction time: a trained adapter classifies the entity pairs of documents, batch by batch.
 
-Which pairs each document asks about: the stage-1 candidates (`rc`, the LMRC pipeline), the document's gold
-relation pairs (`rc` with `gold_pairs`: the LMRC ablation's "RC stage" setting), or all pairs (`direct`). Pairs
-are asked in the canonical row-major order, as in training. A document without pairs gets no prompt and costs
-no LLM call.
-
-Long runs: documents are processed in chunks of `generation.docs_per_chunk`; when a chunk finishes, one JSON line
-per document (its predictions and counts) is appended to `<output>.progress.jsonl`. `resume` skips the documents
-found there, so an interrupted run loses at most one chunk and repeats nothing. The progress file starts with a
-header describing the run; resuming with a different adapter, input or generation/alignment setting is refused.
-At the end the official result file is written atomically, plus `<output stem>.summary.json` (counts of prompts,
-tokens, drop reasons, out-of-set relations before/after mapping, timing) and the resolved config.
+`Stage2Runner` renders each document's prompts for the pairs it is given (in canonical row-major order, as in
+training), generates all prompts of the batch together, and parses and aligns the answers into predictions and
+counts. Which pairs, and the resumable run around it, belong to the one prediction driver (`lmrc.pipeline.run`,
+used by `lmrc predict` and `lmrc stage2 predict`). A document without pairs gets no prompt and costs no LLM call.
 """
 
 from __future__ import annotations
@@ -24,12 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmrc.config import save_config, to_dict
-from lmrc.data.candidates import load_candidates, match_candidates
-from lmrc.data.docred import Document, load_documents, restrict_pairs
+from lmrc.config import to_dict
+from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.io import append_jsonl, atomic_write_json, open_progress
 from lmrc.stage2.align import AlignResult, RelationMapper, align_output, entity_choices, get_scorer
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.generate import Generator, answer_budget, create_generator
@@ -46,22 +37,12 @@ from lmrc.stage2.prompts import (
 
 log = logging.getLogger(__name__)
 
-PROGRESS_FORMAT = "lmrc-stage2-progress"
-# Settings that may change between a run and its resume without changing any result.
-_NEUTRAL = ("batch_size", "docs_per_chunk", "gpu_memory_utilization")
-# Settings that shape the prompts the adapter learned; predicting with others would silently mismatch.
 # Settings that shape the prompts the adapter learned, or its base model: predicting with others would silently
 # mismatch (another base model would load the adapter onto the wrong weights).
 _FIXED_BY_TRAINING = (
     "mode", "model", "template", "use_chat_template", "rc_allow_none", "lora", "max_seq_len", "max_pairs",
     "answer_tokens_per_pair", "hints",
 )  # fmt: skip
-
-
-def sidecar(output: Path, suffix: str) -> Path:
-    """`result.json` -> `result<suffix>` (e.g. `.progress.jsonl`, `.summary.json`)."""
-    stem = output.name[: -len(output.suffix)] if output.suffix else output.name
-    return output.with_name(stem + suffix)
 
 
 def adapter_relations(adapter_dir: Path, cfg: Stage2Config) -> RelationSet:
@@ -83,66 +64,6 @@ def adapter_template(adapter_dir: Path, cfg: Stage2Config) -> PromptTemplate:
 
         path = expand_path(cfg.template, "template")
     return load_template(cfg.mode, path, allow_none=cfg.allow_none, hints=cfg.hints > 0)
-
-
-def select_pairs(
-    docs: Sequence[Document],
-    mode: str,
-    input_path: Path,
-    candidates_path: Path | None = None,
-    gold_pairs: bool = False,
-) -> tuple[list[list[tuple[int, int]]], int]:
-    """Per document, the pairs to ask about (canonical order), and how many documents the candidates miss."""
-    if mode == "direct":
-        if candidates_path is not None or gold_pairs:
-            raise LmrcError(
-                "a direct-mode adapter asks about all pairs; --candidates and --gold-pairs apply to rc"
-            )
-        return [d.pairs() for d in docs], 0
-    if gold_pairs and candidates_path is not None:
-        raise LmrcError("choose one of --candidates and --gold-pairs")
-    if gold_pairs:
-        for d in docs:
-            if not d.labelled:
-                raise LmrcError(
-                    f'{input_path}: document {d.index} ("{d.title}") has no labels, needed by --gold-pairs'
-                )
-        return [sorted(d.relations_by_pair()) for d in docs], 0
-    if candidates_path is None:
-        raise LmrcError("an rc-mode adapter needs the pairs to classify: --candidates FILE or --gold-pairs")
-    matched = match_candidates(load_candidates(candidates_path), docs, candidates_path, input_path)
-    out = [sorted({(p.h, p.t) for p in dc.pairs}) if dc is not None else [] for dc in matched]
-    missing = sum(dc is None for dc in matched)
-    if missing:
-        log.warning(
-            "%s: %d of %d documents have no entry (no pairs asked)", candidates_path, missing, len(docs)
-        )
-    return out, missing
-
-
-def _fingerprint(
-    cfg: Stage2Config, adapter_dir: Path, input_path: Path, candidates: Path | None, gold_pairs: bool
-) -> dict:
-    gen = {k: v for k, v in to_dict(cfg.generation).items() if k not in _NEUTRAL}
-    return {
-        "adapter": str(adapter_dir.resolve()),
-        "input": str(input_path.resolve()),
-        "candidates": str(candidates.resolve()) if candidates else None,
-        "gold_pairs": gold_pairs,
-        "mode": cfg.mode,
-        "max_seq_len": cfg.max_seq_len,
-        "max_pairs": cfg.max_pairs,
-        "answer_tokens_per_pair": cfg.answer_tokens_per_pair,
-        "dtype": cfg.dtype,
-        "generation": gen,
-        "align": to_dict(cfg.align),
-    }
-
-
-def _load_progress(path: Path, fingerprint: dict, resume: bool) -> dict[str, dict]:
-    """Finished documents by title; a fresh header when not resuming."""
-    records = open_progress(path, PROGRESS_FORMAT, fingerprint, resume, lambda r: r)
-    return {r["title"]: r for r in records if "title" in r}
 
 
 class _Aligner:
@@ -274,110 +195,25 @@ class Stage2Runner:
         outputs = []
         if jobs:
             prompts_ids, budgets = [j[2] for j in jobs], [j[3] for j in jobs]
-            gen = self.generator()
+            generator = self.generator()
             outputs = (
-                gen.generate(prompts_ids, budgets, grammars)
+                generator.generate(prompts_ids, budgets, grammars)
                 if grammars is not None
-                else gen.generate(prompts_ids, budgets)
+                else generator.generate(prompts_ids, budgets)
             )
         if len(outputs) != len(jobs):
             raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(jobs)} prompts")
         by_doc: dict[int, list] = {}
-        for (k, j, ids, budget), gen in zip(jobs, outputs):
-            by_doc.setdefault(k, []).append((j, ids, budget, gen))
+        for (k, j, ids, budget), generation in zip(jobs, outputs):
+            by_doc.setdefault(k, []).append((j, ids, budget, generation))
         elapsed = time.perf_counter() - t0
         n_timed = max(1, len(by_doc))
-        out = []
+        finished = []
         for k, doc in enumerate(docs):
-            record, debug = _finish_document(
-                doc, doc.index, plans[k], by_doc.get(k, []), self.aligner, self.cfg
-            )
+            record, debug = _finish_document(doc, doc.index, plans[k], by_doc.get(k, []), self.aligner)
             record["seconds"] = round(elapsed / n_timed, 3) if k in by_doc else 0.0
-            out.append((record, debug))
-        return out
-
-
-def predict(
-    adapter_dir: str | os.PathLike,
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    candidates_path: str | os.PathLike | None = None,
-    gold_pairs: bool = False,
-    resume: bool = False,
-    debug_out: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
-    generator: Generator | None = None,
-    device: Any = None,
-) -> dict:
-    """Run stage 2 over `input_path` and write the official result file; returns the summary.
-
-    `generator` replaces the configured backend (tests, or a caller that keeps a model loaded).
-    """
-    adapter_dir = Path(adapter_dir)
-    input_path, output_path = Path(input_path), Path(output_path)
-    cands = Path(candidates_path) if candidates_path is not None else None
-    runner = Stage2Runner(adapter_dir, overrides, generator=generator, device=device)
-    cfg = runner.cfg
-    docs = restrict_pairs(load_documents(input_path, runner.relations), cfg.data.pair_types, input_path)
-    pairs_by_doc, missing = select_pairs(docs, cfg.mode, input_path, cands, gold_pairs)
-    hints_by_doc = None
-    if cfg.hints:
-        if cands is None:
-            raise LmrcError(
-                f"{adapter_dir}: the adapter was trained with stage-1 hints: pass --candidates FILE"
-            )
-        matched = match_candidates(load_candidates(cands), docs, cands, input_path)
-        hints_by_doc = [runner.hints_for(dc) for dc in matched]
-
-    progress_path = sidecar(output_path, ".progress.jsonl")
-    done = _load_progress(
-        progress_path, _fingerprint(cfg, adapter_dir, input_path, cands, gold_pairs), resume
-    )
-    if done:
-        log.info("%s: %d of %d documents already done", progress_path, len(done), len(docs))
-    debug_path = Path(debug_out) if debug_out is not None else None
-    if debug_path is not None and not resume and debug_path.exists():
-        debug_path.unlink()
-
-    todo = [i for i, d in enumerate(docs) if d.title not in done]
-    start = time.perf_counter()
-    timed_docs = 0
-    chunk = cfg.generation.docs_per_chunk
-    for c in range(0, len(todo), chunk):
-        idxs = todo[c : c + chunk]
-        finished = runner.run(
-            [docs[i] for i in idxs],
-            [pairs_by_doc[i] for i in idxs],
-            [hints_by_doc[i] for i in idxs] if hints_by_doc is not None else None,
-        )
-        for i, (record, debug) in zip(idxs, finished):
-            append_jsonl(progress_path, record)
-            if debug_path is not None:
-                append_jsonl(debug_path, debug)
-            done[docs[i].title] = record
-            timed_docs += int(bool(record["counts"].get("prompts")))
-        spent = time.perf_counter() - start
-        left = spent / (c + len(idxs)) * (len(todo) - c - len(idxs))
-        log.info(
-            "stage 2: %d / %d documents (%.1f min, ~%.1f min left)",
-            len(done),
-            len(docs),
-            spent / 60,
-            left / 60,
-        )
-    seconds = time.perf_counter() - start
-
-    records = [done[d.title] for d in docs]
-    result = [p for r in records for p in r["predictions"]]
-    atomic_write_json(output_path, result)
-    if cfg.align.relation_mapping == "sbert":
-        atomic_write_json(
-            sidecar(output_path, ".strict.json"), [p for r in records for p in r["strict_predictions"]]
-        )
-    save_config(cfg, sidecar(output_path, ".config.yaml"))
-    summary = _summary(records, cfg, missing, seconds, timed_docs, adapter_dir, input_path, cands, gold_pairs)
-    atomic_write_json(sidecar(output_path, ".summary.json"), summary, indent=2)
-    return summary
+            finished.append((record, debug))
+        return finished
 
 
 def _plan_document(
@@ -420,7 +256,7 @@ def _model_context(cfg: Stage2Config) -> int | None:
         return None
 
 
-def _finish_document(doc: Document, index: int, plan, generated, aligner: _Aligner, cfg: Stage2Config):
+def _finish_document(doc: Document, index: int, plan, generated, aligner: _Aligner):
     names, prompts = plan
     choices = entity_choices(doc, names)
     predictions: dict[tuple, dict] = {}
@@ -487,45 +323,3 @@ def _finish_document(doc: Document, index: int, plan, generated, aligner: _Align
         "predictions": record["predictions"],
     }
     return record, debug
-
-
-def _summary(records, cfg, missing, seconds, timed_docs, adapter_dir, input_path, cands, gold_pairs) -> dict:
-    counts: Counter = Counter()
-    drops: Counter = Counter()
-    for r in records:
-        counts.update(r["counts"])
-        drops.update(r["drops"])
-    with_prompts = sum(1 for r in records if r["counts"].get("prompts"))
-    return {
-        "adapter": str(adapter_dir),
-        "input": str(input_path),
-        "pairs_from": "all pairs" if cfg.mode == "direct" else "gold pairs" if gold_pairs else str(cands),
-        "mode": cfg.mode,
-        "relation_mapping": cfg.align.relation_mapping,
-        "documents": len(records),
-        "documents_with_prompts": with_prompts,
-        "documents_without_pairs": len(records) - with_prompts,
-        "documents_missing_candidates": missing,
-        "documents_truncated": sum(1 for r in records if r["truncated"]),
-        "predictions": sum(len(r["predictions"]) for r in records),
-        "prompts": counts["prompts"],
-        "pairs": counts["pairs"],
-        "prompt_tokens": counts["prompt_tokens"],
-        "prefill_tokens": counts["prefill_tokens"],
-        "generated_tokens": counts["generated_tokens"],
-        "outputs_hit_token_limit": counts["hit_token_limit"],
-        "pairs_cut": counts["pairs_cut"],
-        "outputs_stopped_on_repeat": counts["stopped_on_repeat"],
-        "empty_outputs": counts["empty_outputs"],
-        "triples_parsed": counts["triples"],
-        "none_answers": counts["none_answers"],
-        "out_of_set_before_mapping": counts["out_of_set_before_mapping"],
-        "out_of_set_after_mapping": counts["out_of_set_after_mapping"],
-        "drops": dict(sorted(drops.items())),
-        "seconds_this_run": round(seconds, 2),
-        "documents_generated_this_run": timed_docs,
-        "seconds_per_document": round(seconds / timed_docs, 3) if timed_docs else None,
-        "seconds_per_document_all_runs": (
-            round(sum(r.get("seconds", 0.0) for r in records) / with_prompts, 3) if with_prompts else None
-        ),
-    }

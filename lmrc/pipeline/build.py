@@ -1,0 +1,318 @@
+"""What a prediction run will do, resolved and checked before anything is written.
+
+`build_pipeline` loads the models (stage 2's adapter, stage 1's checkpoint), settles the mode, picks the source of
+the pairs the LLM is asked about (stage 1 run on the fly, a candidates file, the documents' gold pairs, or all
+pairs for a direct adapter), calibrates the refine threshold, reads the documents, and records the run's
+fingerprint: the settings a resumed run or a shard must share.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmrc.config import to_dict
+from lmrc.data.candidates import DocumentCandidates, load_candidates, match_candidates
+from lmrc.data.docred import Document, load_documents, require_labels, restrict_pairs
+from lmrc.data.relations import RelationSet
+from lmrc.errors import LmrcError
+from lmrc.io import file_sha256
+from lmrc.pipeline.config import PredictConfig
+
+log = logging.getLogger(__name__)
+
+# Stage-2 settings that change no answer (the pipeline batches documents itself).
+_STAGE2_NEUTRAL = ("docs_per_chunk", "gpu_memory_utilization")
+_STAGE1_SOURCES = "--stage1 CHECKPOINT, --candidates FILE or --gold-pairs"
+
+
+@dataclass
+class Pipeline:
+    """What a run will do, resolved and checked before anything is written."""
+
+    mode: str
+    relations: RelationSet
+    proposer: Any | None  # lmrc.stage1.predict.Proposer
+    candidates: list[DocumentCandidates | None] | None  # from a candidates file, per document
+    runner: Any | None  # lmrc.stage2.predict.Stage2Runner
+    fingerprint: dict[str, Any]
+    refine: bool = False  # fusion refine: stage 1 settles its confident pairs, see lmrc.pipeline.config
+    upper: float | None = None  # refine: pairs scored above it keep stage 1's relations, no LLM call
+    keep_margin: float | None = None  # refine: stage-1 relations kept in the band above this margin
+    gold_pairs: bool = False  # the LLM is asked about each document's gold relation pairs
+
+
+def build_pipeline(
+    cfg: PredictConfig,
+    docs_path: Path,
+    *,
+    generator: Any = None,
+    device: Any = None,
+) -> tuple[Pipeline, list[Document]]:
+    """Load and check the models, the documents and the candidates source; nothing is written."""
+    s1, s2 = cfg.stage1, cfg.stage2
+    runner = _load_runner(cfg, generator, device)
+    has_stage1 = s1.checkpoint is not None or s1.candidates is not None or s1.gold_pairs
+    adapter_mode = runner.mode if runner is not None else None
+    mode = _infer_mode(cfg, adapter_mode, has_stage1)
+    _check_mode(mode, cfg, adapter_mode, has_stage1)
+    _check_stage1_options(cfg, runner)
+    proposer = _load_proposer(cfg, mode, device)
+    upper, refine_cal = _refine_threshold(cfg, mode, proposer)
+
+    relations = _shared_relations(proposer, runner, s1.checkpoint, s2.adapter)
+    docs = restrict_pairs(load_documents(docs_path, relations), _pair_types(proposer, runner), docs_path)
+    if s1.gold_pairs:
+        require_labels(docs, docs_path, "needed by --gold-pairs")
+    candidates = None
+    if s1.candidates is not None and mode == "classifier-llm":
+        candidates = match_candidates(
+            load_candidates(s1.candidates), docs, s1.candidates, docs_path, relation_ids=relations.ids
+        )
+
+    fingerprint: dict[str, Any] = {
+        "input": str(docs_path.resolve()),
+        "input_sha256": file_sha256(docs_path),
+        "documents": len(docs),
+        "mode": mode,
+        "docs_per_batch": cfg.docs_per_batch,
+        "stage1": _stage1_fingerprint(cfg, mode, proposer, candidates is not None),
+        "stage2": _stage2_fingerprint(cfg, runner),
+    }
+    if cfg.fusion != "none":
+        fingerprint["fusion"] = {
+            "mode": cfg.fusion,
+            "calibration": refine_cal,
+            "keep_margin": cfg.refine.keep_margin,
+        }
+    pipeline = Pipeline(
+        mode,
+        relations,
+        proposer,
+        candidates,
+        runner,
+        fingerprint,
+        refine=cfg.fusion == "refine",
+        upper=upper,
+        keep_margin=cfg.refine.keep_margin,
+        gold_pairs=s1.gold_pairs,
+    )
+    return pipeline, docs
+
+
+# ------------------------------------------------------------------------------------------------ the mode
+
+
+def _infer_mode(cfg: PredictConfig, adapter_mode: str | None, has_stage1: bool) -> str:
+    if cfg.mode is not None:
+        return cfg.mode
+    if adapter_mode == "direct":
+        if has_stage1:
+            raise LmrcError(
+                "a direct-mode adapter asks about all pairs and uses no stage 1: drop --stage1/--candidates/"
+                "--gold-pairs, or give an rc adapter for --mode classifier-llm"
+            )
+        return "direct"
+    if adapter_mode == "rc":
+        return "classifier-llm"
+    if has_stage1:
+        return "stage1-only"
+    raise LmrcError(
+        "nothing to run: give --stage1 CHECKPOINT and/or --stage2 ADAPTER (see lmrc predict --help)"
+    )
+
+
+def _check_mode(mode: str, cfg: PredictConfig, adapter_mode: str | None, has_stage1: bool) -> None:
+    s1, s2 = cfg.stage1, cfg.stage2
+    if mode == "classifier-llm":
+        if adapter_mode is None:
+            raise LmrcError("--mode classifier-llm needs --stage2 ADAPTER (an rc adapter)")
+        if adapter_mode != "rc":
+            raise LmrcError(
+                f"{s2.adapter}: a {adapter_mode}-mode adapter cannot classify stage-1 candidates; "
+                "--mode classifier-llm needs an rc adapter (or use --mode direct)"
+            )
+        if not has_stage1:
+            raise LmrcError(f"--mode classifier-llm needs stage-1 candidates: {_STAGE1_SOURCES}")
+    elif mode == "direct":
+        if adapter_mode is None:
+            raise LmrcError("--mode direct needs --stage2 ADAPTER (a direct adapter)")
+        if adapter_mode != "direct":
+            raise LmrcError(
+                f"{s2.adapter}: an {adapter_mode}-mode adapter classifies given pairs; --mode direct needs a "
+                "direct adapter (or use --mode classifier-llm with --stage1)"
+            )
+        if has_stage1:
+            raise LmrcError(
+                "--mode direct asks the LLM about all pairs: drop --stage1/--candidates/--gold-pairs"
+            )
+    elif mode == "stage1-only":
+        if s1.checkpoint is None:
+            raise LmrcError("--mode stage1-only needs --stage1 CHECKPOINT (a multi-label head)")
+        if adapter_mode is not None:
+            raise LmrcError("--mode stage1-only runs no LLM: drop --stage2")
+
+
+def _check_stage1_options(cfg: PredictConfig, runner: Any) -> None:
+    """Options that apply to one source of pairs only."""
+    s1 = cfg.stage1
+    if s1.tune is not None and s1.recall_target is None and cfg.fusion != "refine":
+        raise LmrcError("--tune (stage1.tune) is used by --recall-target or fusion refine")
+    given = (s1.candidates is not None or s1.gold_pairs) and s1.checkpoint is None
+    if given and any(v is not None for v in (s1.threshold, s1.recall_target, s1.max_per_doc)):
+        source = "--gold-pairs" if s1.gold_pairs else "a candidates file"
+        raise LmrcError(f"{source} is used as it is: the threshold options apply to --stage1 CHECKPOINT")
+    if s1.gold_pairs and runner is not None and runner.cfg.hints:
+        raise LmrcError(
+            f"{cfg.stage2.adapter}: the adapter was trained with stage-1 hints, which gold pairs do not have: "
+            "give --candidates FILE (or --stage1 CHECKPOINT)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ the models
+
+
+def _load_runner(cfg: PredictConfig, generator: Any, device: Any) -> Any:
+    if cfg.stage2.adapter is None:
+        return None
+    from lmrc.stage2.predict import Stage2Runner
+
+    return Stage2Runner(cfg.stage2.adapter, cfg.stage2.override_list(), generator=generator, device=device)
+
+
+def _load_proposer(cfg: PredictConfig, mode: str, device: Any) -> Any:
+    s1 = cfg.stage1
+    if s1.checkpoint is None:
+        return None
+    from lmrc.stage1.predict import Proposer
+
+    proposer = Proposer(
+        s1.checkpoint,
+        threshold=s1.threshold,
+        recall_target=s1.recall_target,
+        tune_path=s1.tune if s1.recall_target is not None else None,
+        calibration_path=s1.calibration,
+        max_per_doc=s1.max_per_doc,
+        batch_size=s1.batch_size,
+        device=device,
+        head_params=s1.head_params or None,
+    )
+    if mode == "stage1-only" and not proposer.per_relation:
+        raise LmrcError(
+            f"{s1.checkpoint}: the {proposer.checkpoint.loss_name!r} head predicts no relations, only candidate "
+            "pairs; stage1-only needs a multi-label head (atl, atgl, amtl, atsl, mdre)"
+        )
+    return proposer
+
+
+def _refine_threshold(cfg: PredictConfig, mode: str, proposer: Any) -> tuple[float | None, dict | None]:
+    """Refine's upper threshold and how it was chosen (None, None without fusion refine)."""
+    if cfg.fusion != "refine":
+        return None, None
+    if mode != "classifier-llm" or proposer is None:
+        raise LmrcError(
+            "fusion refine needs --mode classifier-llm with --stage1 CHECKPOINT (a multi-label head)"
+        )
+    if not proposer.per_relation:
+        raise LmrcError(
+            f"fusion refine keeps stage 1's relations: the {proposer.checkpoint.loss_name!r} head has none"
+        )
+    if cfg.refine.upper is not None:
+        return cfg.refine.upper, {"method": "manual", "upper": cfg.refine.upper}
+    if cfg.stage1.tune is None:
+        raise LmrcError("fusion refine calibrates its upper threshold on a labelled file: set stage1.tune")
+    calibration = proposer.calibrate_upper(cfg.stage1.tune, cfg.refine.precision)
+    if calibration["upper"] is None:
+        log.warning(
+            "refine: no stage-1 threshold reaches precision %.2f: every candidate goes to the LLM",
+            cfg.refine.precision,
+        )
+    return calibration["upper"], calibration
+
+
+def _pair_types(proposer, runner) -> list | None:
+    """The typed-pair constraint of the models (stage 1's and stage 2's must agree)."""
+    found = []
+    if proposer is not None:
+        found.append(("stage-1 checkpoint", proposer.checkpoint.config.data.pair_types))
+    if runner is not None:
+        found.append(("adapter", runner.cfg.data.pair_types))
+    norm = {name: sorted(map(tuple, v)) if v else None for name, v in found}
+    if len(set(map(str, norm.values()))) > 1:
+        raise LmrcError(f"the models ask about different entity pairs: pair_types {norm}")
+    return found[0][1] if found else None
+
+
+def _shared_relations(proposer, runner, checkpoint, adapter) -> RelationSet:
+    sets = []
+    if proposer is not None:
+        sets.append((proposer.relations, f"stage-1 checkpoint {checkpoint}"))
+    if runner is not None:
+        sets.append((runner.relations, f"adapter {adapter}"))
+    if not sets:
+        raise LmrcError("nothing to run: give --stage1 CHECKPOINT and/or --stage2 ADAPTER")
+    (first, where), *rest = sets
+    for other, other_where in rest:
+        if set(other.ids) != set(first.ids):
+            extra = sorted(set(other.ids) - set(first.ids)) or sorted(set(first.ids) - set(other.ids))
+            raise LmrcError(
+                f"{other_where} and {where} use different relation sets ({len(other)} vs {len(first)} relations; "
+                f"e.g. {extra[0]!r} is in only one): train both on the same rel_info.json"
+            )
+    return first
+
+
+# ------------------------------------------------------------------------------------------- the fingerprint
+
+
+def _weights_sha(folder: Path, names: Sequence[str]) -> str | None:
+    for name in names:
+        if (folder / name).is_file():
+            return file_sha256(folder / name)
+    return None
+
+
+def _stage1_fingerprint(cfg: PredictConfig, mode: str, proposer: Any, from_file: bool) -> dict | None:
+    """Where the pairs come from: the checkpoint and its threshold, the candidates file, or the gold pairs."""
+    s1 = cfg.stage1
+    if proposer is not None and mode != "direct":
+        choice = proposer.choice
+        return {
+            "checkpoint": str(Path(proposer.checkpoint.path).resolve()),
+            "weights_sha256": _weights_sha(Path(proposer.checkpoint.path), ("model.safetensors",)),
+            "head": proposer.checkpoint.loss_name,
+            "head_params": dict(s1.head_params),
+            "threshold": choice.threshold,
+            "max_per_doc": choice.max_per_doc,
+            "threshold_method": choice.calibration.get("method"),
+            "batch_size": s1.batch_size,
+        }
+    if from_file:
+        assert s1.candidates is not None
+        return {"candidates": str(Path(s1.candidates).resolve()), "sha256": file_sha256(s1.candidates)}
+    if s1.gold_pairs:
+        return {"gold_pairs": True}
+    return None
+
+
+def _stage2_fingerprint(cfg: PredictConfig, runner: Any) -> dict | None:
+    """The adapter and every stage-2 setting that can change an answer."""
+    if runner is None:
+        return None
+    adapter = Path(cfg.stage2.adapter or "")
+    s2 = runner.cfg
+    return {
+        "adapter": str(adapter.resolve()),
+        "weights_sha256": _weights_sha(adapter, ("adapter_model.safetensors",)),
+        "model": s2.model,
+        "mode": s2.mode,
+        "max_seq_len": s2.max_seq_len,
+        "max_pairs": s2.max_pairs,
+        "answer_tokens_per_pair": s2.answer_tokens_per_pair,
+        "dtype": s2.dtype,
+        "generation": {k: v for k, v in to_dict(s2.generation).items() if k not in _STAGE2_NEUTRAL},
+        "align": to_dict(s2.align),
+    }

@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"lmrc.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"lmrc.commands.{name}":
-                continue  # that command group is not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"lmrc.commands.{name}").register(sub)
     return parser
 
 

@@ -24,13 +24,14 @@ from stage1_run_helpers import (
 from lmrc.cli import main
 from lmrc.data.candidates import load_candidates
 from lmrc.data.docred import load_documents
+from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import load_predictions
 from lmrc.stage1.checkpoint import load_checkpoint
 from lmrc.stage1.crossfit import crossfit
 from lmrc.stage1.features import featurize
 from lmrc.stage1.predict import calibrate_recall, infer_logits, predict
-from lmrc.stage1.train import fold_indices, train
+from lmrc.stage1.train import train
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,12 @@ from stage1_run_helpers import (
 )
 
 from lmrc.cli import main
+from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.stage1 import train as train_mod
 from lmrc.stage1.config import load_stage1_config
 from lmrc.stage1.losses import build_loss
-from lmrc.stage1.train import fold_indices, train
+from lmrc.stage1.train import train
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def _gold_answer(doc, rel_info, pairs, none: bool) -> str:
 
 def _prompt_text(doc, rel_info, template, pairs) -> str:
     names = entity_names(doc)
-    prefix, _ = render_prefix(template, doc, rel_info, names)
+    prefix, _ = render_prefix(template, doc, rel_info)
     return prefix + render_suffix(template, list(pairs), names)
 
 

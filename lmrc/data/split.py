@@ -131,3 +131,13 @@ def split_file(
 
 def manifest_path(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / f"{Path(path).stem}_split_manifest.json"
+
+
+def fold_indices(n_docs: int, folds: int, seed: int) -> list[list[int]]:
+    """Cross-fitting folds: indices 0..n-1 shuffled with `random.Random(seed)`, dealt round-robin into `folds`
+    parts, each listed in file order."""
+    if folds < 2 or folds > n_docs:
+        raise LmrcError(f"cross-fitting: {folds} folds for {n_docs} documents (need 2 <= folds <= documents)")
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[k::folds]) for k in range(folds)]

@@ -18,6 +18,7 @@ from lmrc.data.candidates import (
     save_candidates,
 )
 from lmrc.data.docred import load_labelled, restrict_pairs
+from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.stage1.calibration import choose_threshold
 from lmrc.stage1.inference import (
@@ -57,7 +58,7 @@ def crossfit(
     # Imported here: train.py uses this module's scoring functions.
     from lmrc.data.relations import load_relations
     from lmrc.stage1.checkpoint import load_checkpoint
-    from lmrc.stage1.train import fold_indices, train
+    from lmrc.stage1.train import train
 
     if recall_target is not None and config.data.tune is None:
         raise LmrcError("cross-fitting with a recall target needs data.tune (the calibration file)")

@@ -44,6 +44,7 @@ import torch
 from lmrc.config import from_dict, read_yaml, save_config, to_dict
 from lmrc.data.docred import Document, load_labelled, restrict_pairs
 from lmrc.data.relations import RelationSet, load_relations
+from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.hardware import cpu_capability, resolve_mixed_precision
 from lmrc.io import append_jsonl, file_sha256, recover_dir
@@ -68,7 +69,9 @@ _RESUMABLE_CHANGES = frozenset(
 
 
 @dataclass
-class TrainResult:
+class Stage1TrainResult:
+    """What a stage-1 training call did and where its checkpoints are."""
+
     output_dir: Path
     best_dir: Path
     select_metric: str
@@ -116,16 +119,6 @@ class _Data:
 
 
 # --------------------------------------------------------------------------------------------- public helpers
-
-
-def fold_indices(n_docs: int, folds: int, seed: int) -> list[list[int]]:
-    """Cross-fitting folds: indices 0..n-1 shuffled with `random.Random(seed)`, dealt round-robin into `folds`
-    parts, each listed in file order."""
-    if folds < 2 or folds > n_docs:
-        raise LmrcError(f"cross-fitting: {folds} folds for {n_docs} documents (need 2 <= folds <= documents)")
-    order = list(range(n_docs))
-    random.Random(seed).shuffle(order)
-    return [sorted(order[k::folds]) for k in range(folds)]
 
 
 def relation_counts(docs: list[Document], relations: RelationSet) -> list[int]:
@@ -194,7 +187,9 @@ def saved_run_config(output_dir: str | Path) -> Stage1Config:
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def train(config: Stage1Config, *, resume: bool = False, stop_after_steps: int | None = None) -> TrainResult:
+def train(
+    config: Stage1Config, *, resume: bool = False, stop_after_steps: int | None = None
+) -> Stage1TrainResult:
     """Train stage 1 as configured; with `resume`, continue the run in `config.output_dir` exactly.
 
     `stop_after_steps`: save the resumable state and return after this many optimizer steps of this call (a
@@ -581,7 +576,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
 
-    def run(self, stop_after_steps: int | None) -> TrainResult:
+    def run(self, stop_after_steps: int | None) -> Stage1TrainResult:
         cfg = self.config.train
         resuming = self._setup()
         n_batches = len(self._local_batches(0))
@@ -790,9 +785,9 @@ class _Trainer:
             pos.best_step,
         )
 
-    def _result(self) -> TrainResult:
+    def _result(self) -> Stage1TrainResult:
         pos = self.pos
-        return TrainResult(
+        return Stage1TrainResult(
             output_dir=self.out,
             best_dir=self.best_dir,
             select_metric=self.select_metric,

@@ -253,14 +253,12 @@ def render_prefix(
     template: PromptTemplate,
     doc: Document,
     relations: RelationSet,
-    names: Sequence[str] | None = None,
     max_doc_tokens: int | None = None,
     count_tokens: Callable[[str], int] | None = None,
 ) -> tuple[str, bool]:
     """The document's shared prefix (instruction, relation set, text) and whether the text was truncated.
 
     With `max_doc_tokens` (and `count_tokens`), the text is cut to its longest word prefix within that budget.
-    `names` is accepted for symmetry with the other renderers; the shipped templates do not use it.
     """
     words = doc.words
     truncated = False
@@ -380,7 +378,7 @@ def plan_prompts(
         used = prefix_tokens + count_tokens(render_suffix(template, chunk, names, hints))
         return used + answer_tokens_per_pair * len(chunk) <= max_context
 
-    prefix, truncated = render_prefix(template, doc, relations, names)
+    prefix, truncated = render_prefix(template, doc, relations)
     prefix_tokens = count_tokens(prefix)
     if not fits(prefix_tokens, pairs[:1]):
         prefix, prefix_tokens = _truncated_prefix(
@@ -450,9 +448,7 @@ def _truncated_prefix(
             f"{count_tokens(fixed + suffix) + answer_tokens_per_pair} tokens"
         )
     while True:
-        prefix, _ = render_prefix(
-            template, doc, relations, names, max_doc_tokens=budget, count_tokens=count_tokens
-        )
+        prefix, _ = render_prefix(template, doc, relations, max_doc_tokens=budget, count_tokens=count_tokens)
         if count_tokens(prefix + suffix) + answer_tokens_per_pair <= max_context or budget == 0:
             return prefix, count_tokens(prefix)
         budget = max(0, budget - max(1, budget // 50))

@@ -231,6 +231,36 @@ def pair_locality(doc: Document, h: int, t: int) -> str | None:
 # ----------------------------------------------------------------------------------------------- scoring
 
 
+def _gold_counts(
+    gold: Sequence[Document],
+) -> tuple[dict[Key, frozenset[int]], int, Counter[str], Counter[str | None]]:
+    """The gold facts with their evidence, the number of evidence ids, and facts by relation and by locality."""
+    evidence: dict[Key, frozenset[int]] = {}
+    n_evidence = 0
+    by_rel: Counter[str] = Counter()
+    by_loc: Counter[str | None] = Counter()
+    for doc in gold:
+        for f in doc.facts or ():
+            evidence[(doc.title, f.h, f.t, f.r)] = frozenset(f.evidence)
+            n_evidence += len(f.evidence)  # the official total counts the listed ids, repeats included
+            by_rel[f.r] += 1
+            by_loc[pair_locality(doc, f.h, f.t)] += 1
+    return evidence, n_evidence, by_rel, by_loc
+
+
+def _frequent_and_long_tail(
+    per_relation: dict[str, Score], ref: TrainReference | None, n_frequent: int
+) -> tuple[Score | None, Score | None, tuple[str, ...] | None]:
+    """Pooled scores of the `n_frequent` relations most frequent in training and of the others (None without
+    training counts), and the frequent relations."""
+    if ref is None or not ref.relation_counts:
+        return None, None, None
+    frequent_ids = ref.frequent_relations(n_frequent)
+    frequent = _pooled(per_relation, lambda rid: rid in frequent_ids)
+    long_tail = _pooled(per_relation, lambda rid: rid not in frequent_ids)
+    return frequent, long_tail, frequent_ids
+
+
 def evaluate(
     predictions: Sequence[Mapping[str, Any]],
     gold: Sequence[Document],
@@ -244,16 +274,7 @@ def evaluate(
         train if train is None or isinstance(train, TrainReference) else TrainReference.from_documents(train)
     )
 
-    gold_evidence: dict[Key, frozenset[int]] = {}
-    n_gold_evidence = 0
-    gold_by_rel: Counter[str] = Counter()
-    gold_by_loc: Counter[str | None] = Counter()
-    for doc in gold:
-        for f in doc.facts or ():
-            gold_evidence[(doc.title, f.h, f.t, f.r)] = frozenset(f.evidence)
-            n_gold_evidence += len(f.evidence)  # the official total counts the listed ids, repeats included
-            gold_by_rel[f.r] += 1
-            gold_by_loc[pair_locality(doc, f.h, f.t)] += 1
+    gold_evidence, n_gold_evidence, gold_by_rel, gold_by_loc = _gold_counts(gold)
 
     unique: dict[Key, Mapping[str, Any]] = {}
     for p in predictions:
@@ -295,11 +316,7 @@ def evaluate(
         rid: Score.from_counts(correct_by_rel[rid], pred_by_rel[rid], gold_by_rel[rid]) for rid in rels
     }
 
-    frequent = long_tail = frequent_ids = None
-    if ref is not None and ref.relation_counts:
-        frequent_ids = ref.frequent_relations(n_frequent)
-        frequent = _pooled(per_relation, lambda rid: rid in frequent_ids)
-        long_tail = _pooled(per_relation, lambda rid: rid not in frequent_ids)
+    frequent, long_tail, frequent_ids = _frequent_and_long_tail(per_relation, ref, n_frequent)
 
     return Metrics(
         relation=relation,

@@ -125,35 +125,39 @@ def _infer_mode(cfg: PredictConfig, adapter_mode: str | None, has_stage1: bool) 
     )
 
 
+# The adapter each LLM mode needs, and what to say when another one is given.
+_ADAPTER_FOR_MODE = {
+    "classifier-llm": (
+        "rc",
+        "an rc adapter",
+        "{adapter}: a {kind}-mode adapter cannot classify stage-1 candidates; --mode classifier-llm needs an rc "
+        "adapter (or use --mode direct)",
+    ),
+    "direct": (
+        "direct",
+        "a direct adapter",
+        "{adapter}: an {kind}-mode adapter classifies given pairs; --mode direct needs a direct adapter (or use "
+        "--mode classifier-llm with --stage1)",
+    ),
+}
+
+
 def _check_mode(mode: str, cfg: PredictConfig, adapter_mode: str | None, has_stage1: bool) -> None:
-    s1, s2 = cfg.stage1, cfg.stage2
-    if mode == "classifier-llm":
-        if adapter_mode is None:
-            raise LmrcError("--mode classifier-llm needs --stage2 ADAPTER (an rc adapter)")
-        if adapter_mode != "rc":
-            raise LmrcError(
-                f"{s2.adapter}: a {adapter_mode}-mode adapter cannot classify stage-1 candidates; "
-                "--mode classifier-llm needs an rc adapter (or use --mode direct)"
-            )
-        if not has_stage1:
-            raise LmrcError(f"--mode classifier-llm needs stage-1 candidates: {_STAGE1_SOURCES}")
-    elif mode == "direct":
-        if adapter_mode is None:
-            raise LmrcError("--mode direct needs --stage2 ADAPTER (a direct adapter)")
-        if adapter_mode != "direct":
-            raise LmrcError(
-                f"{s2.adapter}: an {adapter_mode}-mode adapter classifies given pairs; --mode direct needs a "
-                "direct adapter (or use --mode classifier-llm with --stage1)"
-            )
-        if has_stage1:
-            raise LmrcError(
-                "--mode direct asks the LLM about all pairs: drop --stage1/--candidates/--gold-pairs"
-            )
-    elif mode == "stage1-only":
-        if s1.checkpoint is None:
+    if mode == "stage1-only":
+        if cfg.stage1.checkpoint is None:
             raise LmrcError("--mode stage1-only needs --stage1 CHECKPOINT (a multi-label head)")
         if adapter_mode is not None:
             raise LmrcError("--mode stage1-only runs no LLM: drop --stage2")
+        return
+    wanted, what, wrong = _ADAPTER_FOR_MODE[mode]
+    if adapter_mode is None:
+        raise LmrcError(f"--mode {mode} needs --stage2 ADAPTER ({what})")
+    if adapter_mode != wanted:
+        raise LmrcError(wrong.format(adapter=cfg.stage2.adapter, kind=adapter_mode))
+    if mode == "classifier-llm" and not has_stage1:
+        raise LmrcError(f"--mode classifier-llm needs stage-1 candidates: {_STAGE1_SOURCES}")
+    if mode == "direct" and has_stage1:
+        raise LmrcError("--mode direct asks the LLM about all pairs: drop --stage1/--candidates/--gold-pairs")
 
 
 def _check_stage1_options(cfg: PredictConfig, runner: Any) -> None:

@@ -144,8 +144,6 @@ def load_checkpoint(
     Refuses, with one line naming the file, a folder that is not a checkpoint, a loss this lmrc does not know,
     and weights that do not fit the encoder config (e.g. `encoder/` taken from another model).
     """
-    from lmrc.stage1.losses import LOSSES, build_loss
-
     path = resolve_checkpoint_dir(path)
     meta_path = path / META_FILE
     meta = read_json(meta_path)
@@ -164,21 +162,7 @@ def load_checkpoint(
         recorded = dict(meta["encoder"])
     except (KeyError, TypeError) as exc:
         raise LmrcError(f"{meta_path}: missing or malformed field {exc}") from None
-    if loss_name not in LOSSES:
-        raise LmrcError(
-            f"{meta_path}: loss.name: unknown loss {loss_name!r} (known: {', '.join(sorted(LOSSES))})"
-        )
-    for key, value in (head_params or {}).items():
-        if key not in INFERENCE_PARAMS.get(loss_name, ()):
-            allowed = ", ".join(INFERENCE_PARAMS.get(loss_name, ())) or "none"
-            raise LmrcError(
-                f"--head-param {key}: not a prediction-time parameter of the {loss_name!r} head (allowed: {allowed})"
-            )
-        loss_params[key] = value
-    try:
-        loss = build_loss(loss_name, **loss_params)
-    except LmrcError as exc:
-        raise LmrcError(f"{meta_path}: loss.params: {exc}") from None
+    loss = _head_loss(meta_path, loss_name, loss_params, head_params)
 
     encoder_dir = path / ENCODER_DIR
     encoder_config = _load_encoder_config(encoder_dir)
@@ -194,15 +178,7 @@ def load_checkpoint(
         model = build_model(encoder, model_kwargs)
     except TypeError as exc:
         raise LmrcError(f"{meta_path}: model: {exc}") from None
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise LmrcError(f"{weights_path}: file not found")
-    try:
-        state = load_file(str(weights_path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise LmrcError(f"{weights_path}: cannot read weights: {exc}") from None
-    _check_state_matches(model, state, weights_path, encoder_dir)
-    model.load_state_dict(state, strict=True)
+    _load_weights(model, path / WEIGHTS_FILE, encoder_dir)
     model.to(device).eval()
 
     cfg_path = path / CONFIG_FILE
@@ -220,6 +196,39 @@ def load_checkpoint(
         meta=meta,
         calibration=calibration,
     )
+
+
+def _head_loss(meta_path: Path, loss_name: str, loss_params: dict[str, Any], head_params: dict | None):
+    """The checkpoint's loss (its head) with the prediction-time `head_params` applied; `loss_params` is
+    updated in place, so the checkpoint records what was used."""
+    from lmrc.stage1.losses import LOSSES, build_loss
+
+    if loss_name not in LOSSES:
+        raise LmrcError(
+            f"{meta_path}: loss.name: unknown loss {loss_name!r} (known: {', '.join(sorted(LOSSES))})"
+        )
+    for key, value in (head_params or {}).items():
+        if key not in INFERENCE_PARAMS.get(loss_name, ()):
+            allowed = ", ".join(INFERENCE_PARAMS.get(loss_name, ())) or "none"
+            raise LmrcError(
+                f"--head-param {key}: not a prediction-time parameter of the {loss_name!r} head (allowed: {allowed})"
+            )
+        loss_params[key] = value
+    try:
+        return build_loss(loss_name, **loss_params)
+    except LmrcError as exc:
+        raise LmrcError(f"{meta_path}: loss.params: {exc}") from None
+
+
+def _load_weights(model, weights_path: Path, encoder_dir: Path) -> None:
+    if not weights_path.is_file():
+        raise LmrcError(f"{weights_path}: file not found")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise LmrcError(f"{weights_path}: cannot read weights: {exc}") from None
+    _check_state_matches(model, state, weights_path, encoder_dir)
+    model.load_state_dict(state, strict=True)
 
 
 def build_model(encoder, kwargs: dict[str, Any]):

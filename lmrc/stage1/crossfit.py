@@ -18,9 +18,11 @@ from lmrc.data.candidates import (
     save_candidates,
 )
 from lmrc.data.docred import load_labelled, restrict_pairs
+from lmrc.data.relations import load_relations
 from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.stage1.calibration import choose_threshold
+from lmrc.stage1.checkpoint import load_checkpoint
 from lmrc.stage1.inference import (
     CandidateReport,
     candidate_report,
@@ -28,6 +30,7 @@ from lmrc.stage1.inference import (
     infer_logits,
     select_candidates,
 )
+from lmrc.stage1.train import train
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +58,6 @@ def crossfit(
     Fold k trains in `<output_dir>/fold<k>` and is resumed if interrupted (a finished fold is not retrained).
     With `recall_target`, each fold model is calibrated on `config.data.tune`.
     """
-    # Imported here: train.py uses this module's scoring functions.
-    from lmrc.data.relations import load_relations
-    from lmrc.stage1.checkpoint import load_checkpoint
-    from lmrc.stage1.train import train
-
     if recall_target is not None and config.data.tune is None:
         raise LmrcError("cross-fitting with a recall target needs data.tune (the calibration file)")
     relations = load_relations(config.data.path("rel_info"))
@@ -102,22 +100,30 @@ def crossfit(
         cals.append(choice.calibration)
         del ck
     doc_cands = [by_index[i] for i in range(len(docs))]
+    header = _header(config, parts, fold_dirs, thresholds, cals, train_path)
+    candidates = Candidates(header=header, documents=doc_cands)
+    save_candidates(candidates, output_path)
+    return CrossfitResult(candidates, candidate_report(doc_cands, docs), fold_dirs)
+
+
+def _header(
+    config, parts: list[list[int]], fold_dirs, thresholds: list, cals: list[dict], train_path
+) -> CandidatesHeader:
+    """The candidates file's header: the folds' common threshold and calibration (when they agree) and how the
+    folds were made."""
     same = all(t == thresholds[0] for t in thresholds)
     calibration = dict(cals[0]) if same else {"method": cals[0]["method"]}
     calibration["crossfit"] = {
-        "folds": folds,
+        "folds": len(parts),
         "fold_seed": config.data.fold_seed,
         "fold_models": [str(p) for p in fold_dirs],
         "fold_thresholds": thresholds,
         "fold_documents": [len(p) for p in parts],
     }
-    header = CandidatesHeader(
+    return CandidatesHeader(
         model=str(config.output_dir),
         head=config.loss.name,
         threshold=thresholds[0] if same else None,
         calibration=calibration,
         source=str(train_path),
     )
-    candidates = Candidates(header=header, documents=doc_cands)
-    save_candidates(candidates, output_path)
-    return CrossfitResult(candidates, candidate_report(doc_cands, docs), fold_dirs)

@@ -636,8 +636,6 @@ class _Trainer:
             )
 
     def _loop(self, stop_after_steps: int | None) -> None:
-        from lmrc.stage1.features import collate
-
         cfg = self.config.train
         pos = self.pos
         tune = self.data.tune_docs is not None
@@ -669,19 +667,7 @@ class _Trainer:
                 epoch_loss, epoch_steps = 0.0, 0
                 while pos.batch_pos < len(self.batches):
                     group = self.batches[pos.batch_pos : pos.batch_pos + cfg.grad_accum]
-                    step_loss = 0.0
-                    for j, batch in enumerate(group):
-                        inputs = collate([self.data.train_features[i] for i in batch])
-                        sync = j == len(group) - 1
-                        ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
-                        with ctx:
-                            step_loss += self._micro_step(inputs, len(group))
-                    if cfg.max_grad_norm > 0:
-                        self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    self._boundary = None  # until the step is recorded, no consistent state to save
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    step_loss = self._optimizer_step(group)
                     pos.global_step += 1
                     pos.batch_pos += len(group)
                     pos.loss_sum += step_loss
@@ -700,17 +686,7 @@ class _Trainer:
                     self.step_losses.append((pos.global_step, step_loss))
                     progress.update(1, epoch=pos.epoch + 1, loss=f"{epoch_loss / epoch_steps:.4f}")
                     if cfg.log_every_steps and pos.global_step % cfg.log_every_steps == 0:
-                        log.info(
-                            "epoch %d/%d step %d/%d loss %.4f (epoch mean %.4f) lr %.2e %.2f s/step",
-                            pos.epoch + 1,
-                            cfg.epochs,
-                            pos.global_step,
-                            pos.total_steps,
-                            step_loss,
-                            epoch_loss / epoch_steps,
-                            self.optimizer.param_groups[0]["lr"],
-                            pos.elapsed_s / max(1, pos.global_step),
-                        )
+                        self._log_step(step_loss, epoch_loss / epoch_steps)
                     saved = False
                     if due_eval:
                         stop = self._run_evaluation()
@@ -729,29 +705,68 @@ class _Trainer:
                         return
                     if saved:
                         clock = time.perf_counter()
-                # end of epoch: the position moves to the next epoch before its evaluation, so that an
-                # interrupted evaluation is re-run on resume (eval_pending)
-                pos.epoch += 1
-                pos.batch_pos = 0
-                just_evaluated = bool(self.evaluations) and self.evaluations[-1]["step"] == pos.global_step
-                pos.eval_pending = bool(
-                    tune
-                    and cfg.eval_every_epochs
-                    and pos.epoch % cfg.eval_every_epochs == 0
-                    and not just_evaluated
-                )
-                self._mark_boundary()
-                stop = False
-                if pos.eval_pending:
-                    stop = self._run_evaluation()
-                    self._mark_boundary()
-                if pos.epoch >= cfg.epochs or stop:
+                if self._end_epoch(tune):
                     return self._finish()
-                self._save_last(*self._boundary)
                 clock = time.perf_counter()
             self._finish()
         finally:
             progress.close()
+
+    def _optimizer_step(self, group: list[list[int]]) -> float:
+        """One optimizer step over a group of micro-batches (gradient accumulation); returns the step's loss."""
+        from lmrc.stage1.features import collate
+
+        cfg = self.config.train
+        step_loss = 0.0
+        for j, batch in enumerate(group):
+            inputs = collate([self.data.train_features[i] for i in batch])
+            sync = j == len(group) - 1
+            ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+            with ctx:
+                step_loss += self._micro_step(inputs, len(group))
+        if cfg.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self._boundary = None  # until the step is recorded, no consistent state to save
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    def _log_step(self, step_loss: float, epoch_mean: float) -> None:
+        pos = self.pos
+        log.info(
+            "epoch %d/%d step %d/%d loss %.4f (epoch mean %.4f) lr %.2e %.2f s/step",
+            pos.epoch + 1,
+            self.config.train.epochs,
+            pos.global_step,
+            pos.total_steps,
+            step_loss,
+            epoch_mean,
+            self.optimizer.param_groups[0]["lr"],
+            pos.elapsed_s / max(1, pos.global_step),
+        )
+
+    def _end_epoch(self, tune: bool) -> bool:
+        """Move to the next epoch, evaluate when due and save; True when training ends here.
+
+        The position moves to the next epoch before its evaluation, so that an interrupted evaluation is re-run
+        on resume (eval_pending)."""
+        cfg, pos = self.config.train, self.pos
+        pos.epoch += 1
+        pos.batch_pos = 0
+        just_evaluated = bool(self.evaluations) and self.evaluations[-1]["step"] == pos.global_step
+        pos.eval_pending = bool(
+            tune and cfg.eval_every_epochs and pos.epoch % cfg.eval_every_epochs == 0 and not just_evaluated
+        )
+        self._mark_boundary()
+        stop = False
+        if pos.eval_pending:
+            stop = self._run_evaluation()
+            self._mark_boundary()
+        if pos.epoch >= cfg.epochs or stop:
+            return True
+        self._save_last(*self._boundary)
+        return False
 
     def _micro_step(self, inputs: dict, group_size: int) -> float:
         device = self.accelerator.device

@@ -210,7 +210,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str | Non
 
     The lmrc files (config, template, relation set) are copied too, so the folder can be passed as `model:`.
     """
-    from lmrc.io import atomic_write_text
+    from lmrc.io import write_dir_atomically
 
     adapter_dir = check_adapter_dir(adapter_dir)
     out_dir = Path(out_dir)
@@ -228,15 +228,13 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str | Non
             "merging into 16-bit weights rounds the adapter's updates; --dtype float32 keeps them exact"
         )
     loaded = load_adapter(adapter_dir, cfg, device=torch.device("cpu"), merge=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    loaded.model.save_pretrained(str(tmp))
-    loaded.tokenizer.save_pretrained(str(tmp))
-    for name in (CONFIG_FILE, TEMPLATE_FILE, RELATIONS_FILE):
-        if (adapter_dir / name).is_file():
-            atomic_write_text(tmp / name, (adapter_dir / name).read_text(encoding="utf-8"))
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp.replace(out_dir)
+
+    def write(folder: Path) -> None:
+        loaded.model.save_pretrained(str(folder))
+        loaded.tokenizer.save_pretrained(str(folder))
+        for name in (CONFIG_FILE, TEMPLATE_FILE, RELATIONS_FILE):
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, folder / name)
+
+    write_dir_atomically(out_dir, write)
     return out_dir

@@ -259,6 +259,7 @@ def test_the_fp16_loss_scaler_state_is_saved_and_restored(tmp_path):
     import torch
 
     from lmrc.stage1 import checkpoint as ckpt
+    from lmrc.training import capture_rng
 
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
     saved = {k: (float(v) if hasattr(v, "item") else v) for k, v in scaler.state_dict().items()}
@@ -266,7 +267,7 @@ def test_the_fp16_loss_scaler_state_is_saved_and_restored(tmp_path):
 
     def state(scaler_state):
         return ckpt.TrainingState(trainer={"step": 3}, optimizer={"state": {}, "param_groups": []}, scheduler={},
-                                  rng=[ckpt.capture_rng()], scaler=scaler_state)  # fmt: skip
+                                  rng=[capture_rng()], scaler=scaler_state)  # fmt: skip
 
     (tmp_path / "a").mkdir()
     ckpt.training_state_writer(state(saved))(tmp_path / "a")

@@ -393,6 +393,8 @@ def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_h
     out = tmp_path / "r.json"
     summary = run_pipeline(llm_config(ckpt, hinted, **{"stage1.max_per_doc": 3}), files["test"], out)
     assert summary["llm"]["pairs_asked"] > 0
+    with pytest.raises(LmrcError, match="hints, which gold pairs do not have"):
+        run_pipeline(config(**{"stage2.adapter": str(hinted), "stage1.gold_pairs": True}), files["test"], out)
     runner = Stage2Runner(hinted)
     from lmrc.data.docred import load_documents
 

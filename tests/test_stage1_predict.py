@@ -27,10 +27,12 @@ from lmrc.data.docred import load_documents
 from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import load_predictions
+from lmrc.stage1.calibration import calibrate_recall
 from lmrc.stage1.checkpoint import load_checkpoint
 from lmrc.stage1.crossfit import crossfit
 from lmrc.stage1.features import featurize
-from lmrc.stage1.predict import calibrate_recall, infer_logits, predict
+from lmrc.stage1.inference import infer_logits
+from lmrc.stage1.predict import predict
 from lmrc.stage1.train import train
 
 

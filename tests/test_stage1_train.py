@@ -73,7 +73,7 @@ def test_the_last_short_accumulation_group_is_not_down_weighted(files, tmp_path)
     """
     from lmrc.stage1.checkpoint import load_checkpoint
     from lmrc.stage1.features import featurize, length_grouped_batches
-    from lmrc.stage1.predict import infer_logits
+    from lmrc.stage1.inference import infer_logits
 
     docs = json.loads(files["train"].read_text())[:3]
     train_file = tmp_path / "three.json"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from lmrc.data.docred import load_labelled
 from lmrc.data.relations import load_relations
-from lmrc.eval.metrics import TrainReference, evaluate, load_labelled, load_predictions
+from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
 from lmrc.eval.report import format_table
 from lmrc.io import atomic_write_json
 

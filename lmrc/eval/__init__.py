@@ -8,7 +8,6 @@ from lmrc.eval.metrics import (
     TrainReference,
     check_predictions,
     evaluate,
-    load_labelled,
     load_predictions,
     pair_locality,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "check_predictions",
     "evaluate",
     "format_table",
-    "load_labelled",
     "load_predictions",
     "pair_locality",
 ]

@@ -42,7 +42,6 @@ from typing import Any
 
 from lmrc.data.docred import (
     Document,
-    load_labelled,  # noqa: F401  (re-exported)
 )
 from lmrc.errors import LmrcError
 from lmrc.io import read_json

@@ -460,7 +460,8 @@ def candidate_curve(
 ) -> list[dict[str, float]]:
     """Stage-1 pair recall and LLM prompt tokens per document against the candidate threshold."""
     from lmrc.data.docred import restrict_pairs
-    from lmrc.stage1.predict import Proposer, gold_pair_flags, pair_scores
+    from lmrc.stage1.inference import gold_pair_flags, pair_scores
+    from lmrc.stage1.predict import Proposer
 
     proposer = Proposer(stage1)
     docs = restrict_pairs(docs, proposer.checkpoint.config.data.pair_types)

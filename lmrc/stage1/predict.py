@@ -40,25 +40,18 @@ from lmrc.data.docred import Document, load_documents, load_labelled, restrict_p
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, file_sha256
-from lmrc.stage1.calibration import (  # noqa: F401  (re-exported: the stage-1 prediction API)
-    ThresholdChoice,
-    calibrate_on_file,
-    calibrate_recall,
+from lmrc.stage1.calibration import (
     calibrate_upper,
     choose_threshold,
-    load_calibration,
     save_calibration,
 )
-from lmrc.stage1.inference import (  # noqa: F401  (re-exported)
+from lmrc.stage1.inference import (
     CandidateReport,
     candidate_report,
     file_features,
-    gold_pair_flags,
     infer_logits,
-    pair_scores,
     relation_predictions,
     select_candidates,
-    tune_metrics,
 )
 
 log = logging.getLogger(__name__)

@@ -287,3 +287,26 @@ def test_plain_shuffled_batches_as_the_reference_code(files, tmp_path):
     )  # fmt: skip
     result = train(config)
     assert result.finished and result.global_step == -(-len(json.loads(files["train"].read_text())) // 2)
+
+
+def test_the_optimizer_takes_weight_decay_and_adam_eps_and_the_select_metric_is_checked():
+    from types import SimpleNamespace
+
+    config = load_stage1_config(None, ["train.weight_decay=0.01", "train.adam_eps=1e-8"])
+    trainer = train_mod._Trainer.__new__(train_mod._Trainer)
+    trainer.config, trainer.pos = config, train_mod._Position(total_steps=10)
+    trainer.model = SimpleNamespace(
+        encoder_parameters=lambda: [torch.nn.Parameter(torch.zeros(2))],
+        head_parameters=lambda: [torch.nn.Parameter(torch.zeros(3))],
+    )
+    optimizer, _ = trainer._optimizer()
+    assert optimizer.defaults["weight_decay"] == 0.01 and optimizer.defaults["eps"] == 1e-8
+    assert (
+        load_stage1_config(None, ["train.select_metric=pair_f1"]).train.resolved_select_metric("atl")
+        == "pair_f1"
+    )
+    assert load_stage1_config(None, []).train.resolved_select_metric("bce") == "pair_f1"
+    with pytest.raises(LmrcError, match="select_metric must be one of"):
+        load_stage1_config(None, ["train.select_metric=accuracy"])
+    with pytest.raises(LmrcError, match="bce has none"):
+        load_stage1_config(None, ["loss.name=bce", "train.select_metric=f1"])

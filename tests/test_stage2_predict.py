@@ -515,3 +515,26 @@ def test_gold_pairs_need_labels_and_exclude_candidates(adapter, docs_file, tmp_p
     assert not (tmp_path / "r.json").exists() and not sidecar(tmp_path / "r.json", ".progress.jsonl").exists()
     with pytest.raises(LmrcError, match="choose one of --candidates and --gold-pairs"):
         predict(adapter, docs_file, tmp_path / "r.json", candidates_path=docs_file, gold_pairs=True)
+
+
+def test_top_p_near_zero_samples_the_greedy_answer():
+    tok = smollm2_tokenizer()
+    prompts = [tok("(Alpha| -| Beta)\n")["input_ids"], tok("x")["input_ids"]]
+    greedy = _tiny_generator(2).generate(prompts, [8, 8])
+    narrow = _tiny_generator(2, do_sample=True, temperature=1.5, top_p=1e-6, seed=3).generate(prompts, [8, 8])
+    assert [g.text for g in narrow] == [g.text for g in greedy]
+
+
+def test_a_merged_adapter_generates_what_the_unmerged_one_does(adapter):
+    from lmrc.stage2.generate import HFGenerator
+    from lmrc.stage2.modeling import load_adapter_config
+
+    tok = smollm2_tokenizer()
+    prompts = [tok("(Alpha| -| Beta)\n")["input_ids"]]
+    outputs = []
+    for merge in (False, True):
+        cfg = load_adapter_config(adapter, [f"generation.merge_adapter={str(merge).lower()}"])
+        gen = HFGenerator.load(cfg, adapter, device="cpu")
+        assert hasattr(gen.model, "peft_config") != merge  # merged: a plain model, no LoRA layers left
+        outputs.append([g.text for g in gen.generate(prompts, [6])])
+    assert outputs[0] == outputs[1]

@@ -132,7 +132,8 @@ class GenerationConfig:
     # hf: fold the adapter into the base weights before generating. Faster, but in 16-bit weights the small
     # adapter updates are rounded (SmolLM2 bf16, short run: dev answer loss 0.761 unmerged, 0.767 merged).
     merge_adapter: bool = False
-    # Documents generated together; their results are appended to the progress file when the chunk finishes.
+    # `lmrc stage2 predict`: documents per batch (generated together, then appended to the progress file as one
+    # line); `lmrc predict` uses its own docs_per_batch.
     docs_per_chunk: int = 8
     gpu_memory_utilization: float = 0.85  # vllm only
     # hf: prefill a document's shared prompt prefix (instruction, relation set, text) once and reuse its KV cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,18 @@ def read_json(path: str | os.PathLike) -> Any:
         raise LmrcError(f"{path}: line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}") from None
 
 
+@contextlib.contextmanager
+def naming_os_errors(path: str | os.PathLike):
+    """Give an `OSError` that names no file (a full disk on write or fsync) the path being written, so the CLI's
+    one-line message says which output failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -40,7 +53,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with naming_os_errors(path), os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -61,7 +74,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
+    with naming_os_errors(path), open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
@@ -120,10 +133,11 @@ class JsonStreamWriter:
         self._first = False
 
     def commit(self) -> None:
-        self._fh.write(self._closing + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        with naming_os_errors(self.path):
+            self._fh.write(self._closing + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
         os.chmod(self._tmp, 0o644)
         os.replace(self._tmp, self.path)
         self._done = True

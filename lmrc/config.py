@@ -48,7 +48,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise LmrcError(f"{path}: is a folder, expected a YAML config file") from None
     except UnicodeDecodeError as exc:
         line = exc.object[: exc.start].count(b"\n") + 1
-        raise LmrcError(f"{path}: line {line}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+        raise LmrcError(
+            f"{path}: line {line}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"
+        ) from None
     except OSError as exc:
         raise LmrcError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:

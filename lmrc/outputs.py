@@ -87,13 +87,18 @@ def check_paths(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    companions: Iterable[Named] = (),
 ) -> None:
     """Refuse, before any work, outputs that would replace an input or each other, or that cannot be written.
 
-    An existing output is refused unless `overwrite`, or `resume` (the run continues what it wrote). Inputs are
-    not checked for existence here: their readers name a missing file with the right message.
+    An existing output is refused unless `overwrite`, or `resume` (the run continues what it wrote).
+    `companions` are files written beside an output (its summary, its strict-names copy): checked like outputs,
+    except that they may exist (they belong to the output, which is checked). Inputs are not checked for
+    existence here: their readers name a missing file with the right message.
     """
     inputs, outputs = list(inputs), list(outputs)
+    main = {id(o) for o in outputs}
+    outputs += list(companions)
     for i, out in enumerate(outputs):
         for src in inputs:
             if same_file(out.path, src.path):
@@ -108,7 +113,7 @@ def check_paths(
         if out.path.is_dir():
             raise LmrcError(f"{out.path}: is a folder; {out.flag} names a file to write")
         check_writable_folder(out.flag, out.path.parent)
-        if out.path.exists() and not (overwrite or resume):
+        if id(out) in main and out.path.exists() and not (overwrite or resume):
             raise LmrcError(f"{out.path}: exists ({out.flag}); pass --overwrite to replace it")
 
 

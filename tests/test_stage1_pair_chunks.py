@@ -107,3 +107,11 @@ def test_chunk_size_bounds_the_attention_product():
     assert long_doc * 12 * 5500 <= model_module.PAIR_CONTEXT_ELEMENTS
     assert model_module.pair_chunk(heads=12, length=10**9) == 1
     assert model_module.pair_chunk(heads=1, length=1) == model_module.MAX_PAIR_CHUNK
+
+
+def test_a_batch_without_pairs_gives_empty_logits_that_backpropagate():
+    model = tiny_model().train()
+    ids, mask, _, _ = batch()
+    logits = model(ids, mask, [[[1]], [[4]]], [[], []])
+    assert logits.shape == (0, 6) and logits.requires_grad
+    logits.sum().backward()  # a batch of one-entity documents trains without error

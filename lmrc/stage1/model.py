@@ -188,8 +188,9 @@ class Stage1Model(nn.Module):
             for s in range(0, pairs.size(0), step):
                 e_h, e_t, ctx = doc.pair_inputs(pairs[s : s + step])
                 logits.append(self._classify(e_h, e_t, ctx))
-        if not logits:
-            return hidden.new_zeros((0, self.num_logits))
+        if not logits:  # no pairs at all: empty logits that are still part of the graph (loss.backward works)
+            empty = hidden.reshape(-1, hidden.size(-1))[:0]
+            return self._classify(empty, empty, empty)
         return torch.cat(logits)
 
     def _classify(self, e_h: Tensor, e_t: Tensor, ctx: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
 """The `lmrc` command: parse arguments, call one library function per subcommand, print the result.
 
 Subcommands live in `lmrc/commands/<group>.py`; each module has `register(subparsers)`, and the handlers it
-sets return an exit code. Library errors (`LmrcError`) become one line `lmrc: error: ...` with exit 2,
-unless `--debug` asks for the traceback.
+sets return an exit code. Library errors (`LmrcError`) and operating-system errors (a read-only folder, a full
+disk, permission denied: `OSError`) become one line `lmrc: error: ...` with exit 2; `--debug` adds the
+traceback above that line and changes nothing else (the exit code stays 2).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 from lmrc import __version__
 from lmrc.errors import LmrcError
@@ -72,18 +74,33 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if args.command is None else 2
         return int(args.func(args) or 0)
     except LmrcError as exc:
-        if debug:
-            raise
-        print(f"lmrc: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lmrc: interrupted", file=sys.stderr)
-        return 130
+        return _error(str(exc), debug)
     except BrokenPipeError:
         # Output piped into e.g. `head`: stop quietly, as Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        return _error(os_error_line(exc), debug)
+    except KeyboardInterrupt:
+        print("lmrc: interrupted", file=sys.stderr)
+        return 130
+
+
+def os_error_line(exc: OSError) -> str:
+    """`<path>: <problem>` for an operating-system error (`<problem>` alone when it names no file)."""
+    problem = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None:
+        other = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{os.fsdecode(exc.filename)}{other}: {problem}"
+    return problem
+
+
+def _error(line: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"lmrc: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

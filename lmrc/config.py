@@ -44,14 +44,24 @@ def read_yaml(path: str | os.PathLike) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LmrcError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise LmrcError(f"{path}: is a folder, expected a YAML config file") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise LmrcError(
+            f"{path}: line {line}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"
+        ) from None
     except OSError as exc:
-        raise LmrcError(f"{path}: cannot read: {exc}") from None
+        raise LmrcError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         place = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise LmrcError(f"{path}: {place}malformed YAML") from None
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # A scalar YAML resolves but cannot build (a date such as 2020-13-45), or nesting too deep to read.
+        raise LmrcError(f"{path}: malformed YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -144,7 +154,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
         raise LmrcError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}

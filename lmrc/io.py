@@ -3,6 +3,7 @@ with a message naming the file and place."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -56,9 +57,10 @@ class AtomicFile:
         self._done = False
 
     def commit(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        with naming_os_errors(self.path):
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
         os.chmod(self.tmp, 0o644)
         os.replace(self.tmp, self.path)
         self._done = True
@@ -84,6 +86,18 @@ class AtomicFile:
             self.discard()
 
 
+@contextlib.contextmanager
+def naming_os_errors(path: str | os.PathLike):
+    """Give an `OSError` that names no file (a full disk on write or fsync) the path being written, so the CLI's
+    one-line message says which output failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -91,7 +105,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    with AtomicFile(path) as fh:
+    with naming_os_errors(path), AtomicFile(path) as fh:
         fh.write(data)
 
 
@@ -104,7 +118,7 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
+    with naming_os_errors(path), open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
@@ -160,8 +174,9 @@ class JsonStreamWriter:
         self._first = False
 
     def commit(self) -> None:
-        self._file.fh.write(self._closing + "\n")
-        self._file.commit()
+        with naming_os_errors(self.path):
+            self._file.fh.write(self._closing + "\n")
+            self._file.commit()
 
     def discard(self) -> None:
         self._file.discard()

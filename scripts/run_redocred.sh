@@ -33,7 +33,7 @@ run_lmrc predict --input "$D/test_revised.json" --output "$RUNS/test.direct$suff
 [ -n "${PREDICT_SHARD:-}" ] && exit 0   # merge the shards, then rerun without PREDICT_SHARD to compare
 
 run_lmrc evaluate --pred "$RUNS/test.classifier-llm.json" --gold "$D/test_revised.json" \
-  --train "$D/train_revised.json" --rel-info "$D/rel_info.json" --out "$RUNS/test.classifier-llm.metrics.json"
+  --train "$D/train_revised.json" --rel-info "$D/rel_info.json" --out "$RUNS/test.classifier-llm.metrics.json" --overwrite
 run_lmrc compare --config configs/redocred_compare.yaml --output-dir "$RUNS/compare" \
   --set "stage1.path=$RUNS/stage1/best" --set "rc.path=$RUNS/rc" --set "direct.path=$RUNS/direct" \
   --set "stage2_overrides.generation.backend=$BACKEND"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,10 +34,44 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stop-after-steps",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="save the resumable state and exit after N optimizer steps (time-box long runs; then --resume)",
     )
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "existing output files") -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} (without it an existing output is an error, never silently replaced)",
+    )
+
+
+# Numeric options are checked here, where the arguments are parsed, so a bad value is one usage line at once
+# (argparse: `lmrc ...: error: argument --batch-size: ...`, exit 2) rather than a traceback deep in a run.
+
+
+def _number(kind: Callable[[str], float], test: Callable[[float], bool], what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value) or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+finite_float = _number(float, lambda v: True, "a finite number")
+recall_fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+fold_count = _number(int, lambda v: v >= 2, "an integer >= 2")
 
 
 def data_dir() -> Path | None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmrc.commands.common import add_overwrite_arg, non_negative_int, positive_float
 from lmrc.data.docred import load_documents, validate_raw
 from lmrc.data.relations import RelationSet, load_relations
+from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
+from lmrc.outputs import check_paths, check_writable_folder, named, same_file
 
 
 def register(sub) -> None:
@@ -27,7 +30,7 @@ def register(sub) -> None:
     )
     v.add_argument(
         "--max-problems",
-        type=int,
+        type=non_negative_int,
         default=100,
         metavar="N",
         help="list at most N problems (0: all; default 100)",
@@ -40,8 +43,11 @@ def register(sub) -> None:
     s.add_argument(
         "--rel-info", type=Path, help="relation inventory: check relation ids and show their names"
     )
-    s.add_argument("--top", type=int, default=10, metavar="N", help="show the N most frequent relations")
+    s.add_argument(
+        "--top", type=non_negative_int, default=10, metavar="N", help="show the N most frequent relations"
+    )
     s.add_argument("--json", type=Path, metavar="OUT", help="also write the statistics as JSON to OUT")
+    add_overwrite_arg(s)
     s.set_defaults(func=cmd_stats)
 
     sp = data_sub.add_parser(
@@ -55,6 +61,7 @@ def register(sub) -> None:
     sp.add_argument("--ratios", required=True, help="comma-separated part sizes summing to 1, e.g. 0.9,0.1")
     sp.add_argument("--seed", type=int, required=True)
     sp.add_argument("--out-dir", type=Path, required=True)
+    add_overwrite_arg(sp, "existing split files")
     sp.set_defaults(func=cmd_split)
 
     f = data_sub.add_parser(
@@ -72,7 +79,9 @@ def register(sub) -> None:
     )
     f.add_argument("--files", default="train,dev,test", help="which files (default train,dev,test)")
     f.add_argument("--force", action="store_true", help="fetch again even when a good copy is already there")
-    f.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    f.add_argument(
+        "--timeout", type=positive_float, default=60.0, help="network timeout in seconds (default 60)"
+    )
     f.set_defaults(func=cmd_fetch)
 
 
@@ -106,6 +115,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from lmrc.data.stats import document_stats
 
+    check_paths(
+        named("the input", args.file) + named("--rel-info", args.rel_info),
+        named("--json", args.json),
+        overwrite=args.overwrite,
+    )
     relations = _relations(args.rel_info)
     stats = document_stats(load_documents(args.file, relations), relations)
     if args.json is not None:
@@ -155,9 +169,15 @@ def format_stats(stats: dict, title: str, top: int = 10) -> str:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from lmrc.data.split import manifest_path, parse_ratios, split_file
+    from lmrc.data.split import manifest_path, parse_ratios, split_file, split_output_paths
 
     ratios = parse_ratios(args.ratios)
+    parts = split_output_paths(args.file, args.out_dir, len(ratios))
+    check_paths(
+        named("the input", args.file),
+        named("a split part", parts) + named("the manifest", manifest_path(args.file, args.out_dir)),
+        overwrite=args.overwrite,
+    )
     parts = split_file(args.file, ratios, args.seed, args.out_dir)
     for p in parts:
         print(f"{p.path}: {len(p.indices)} documents (ratio {p.ratio:g})")
@@ -168,6 +188,11 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from lmrc.data.fetch import fetch_redocred
 
+    if args.to is not None and args.from_dir is not None:
+        for source in (args.from_dir, args.from_dir / "redocred"):
+            if same_file(args.to, source):
+                raise LmrcError(f"{args.to}: --to is the local copy read with --from; choose another folder")
+    check_writable_folder("--to", args.to)
     results = fetch_redocred(
         args.to,
         files=args.files,

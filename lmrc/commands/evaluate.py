@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from lmrc.commands.common import add_overwrite_arg
 from lmrc.data.docred import load_labelled
 from lmrc.data.relations import load_relations
 from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
 from lmrc.eval.report import format_table
 from lmrc.io import atomic_write_json
+from lmrc.outputs import check_paths, named
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", metavar="FILE", help="write all metrics as JSON here")
     p.add_argument("--per-relation", action="store_true", help="also print one row per relation")
+    add_overwrite_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_paths(
+        named("--pred", args.pred)
+        + named("--gold", args.gold)
+        + named("--train", args.train)
+        + named("--rel-info", args.rel_info),
+        named("--out", args.out),
+        overwrite=args.overwrite,
+    )
     relations = load_relations(args.rel_info) if args.rel_info else None
     predictions = load_predictions(args.pred)
     if relations is not None:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from lmrc.commands.common import add_config_args, log_to_file, sigterm_as_interrupt
-from lmrc.errors import LmrcError
+from lmrc.commands.common import (
+    add_config_args,
+    add_overwrite_arg,
+    finite_float,
+    log_to_file,
+    positive_int,
+    recall_fraction,
+    sigterm_as_interrupt,
+)
+from lmrc.outputs import Named, check_paths, check_progress, check_writable_folder, named
 
 
 def register(sub) -> None:
@@ -33,15 +42,18 @@ def register(sub) -> None:
     )
     p.add_argument("--mode", help="classifier-llm, direct or stage1-only (default: inferred)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=float, help="stage-1 candidate threshold")
+    g.add_argument("--threshold", type=finite_float, help="stage-1 candidate threshold")
     g.add_argument(
-        "--recall-target", type=float, metavar="R", help="calibrate the threshold to pair recall R"
+        "--recall-target", type=recall_fraction, metavar="R", help="calibrate the threshold to pair recall R"
     )
-    g.add_argument("--max-per-doc", type=int, metavar="K", help="the K best-scored pairs of every document")
+    g.add_argument(
+        "--max-per-doc", type=positive_int, metavar="K", help="the K best-scored pairs of every document"
+    )
     p.add_argument("--tune", metavar="FILE", help="labelled tuning file for --recall-target")
     p.add_argument("--calibration", metavar="FILE", help="a saved calibration for --recall-target")
     p.add_argument("--train", metavar="FILE", help="training documents for Ign F1 (default: the models')")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (same settings)")
+    add_overwrite_arg(p, "an existing result file and discard an earlier run's progress")
     p.add_argument(
         "--shard",
         metavar="I/N",
@@ -60,6 +72,7 @@ def register(sub) -> None:
     )
     m.add_argument("shards", nargs="+", type=Path, help="shard result files (e.g. shard_*.json)")
     m.add_argument("--output", required=True, type=Path, help="merged result file to write")
+    add_overwrite_arg(m)
     m.set_defaults(func=cmd_merge)
 
     c = sub.add_parser(
@@ -100,12 +113,51 @@ def _predict_config(args: argparse.Namespace):
     return load_config(PredictConfig, args.config, overrides)
 
 
+def _companions(output: Path) -> list[Named]:
+    """The files `lmrc predict` / `lmrc merge` write beside a result file."""
+    from lmrc.io import sidecar
+
+    return [
+        Named("the summary", sidecar(output, ".summary.json")),
+        Named("the strict-names result", sidecar(output, ".strict.json")),
+        Named("the progress file", sidecar(output, ".progress.jsonl")),
+    ]
+
+
+def _check_predict_paths(args: argparse.Namespace, cfg) -> None:
+    from lmrc.io import sidecar
+
+    def expand(value: str | None) -> Path | None:
+        # Config paths may hold $VARS (expanded where they are used; an unset one is reported there).
+        return Path(os.path.expandvars(value)).expanduser() if value else None
+
+    inputs = named("--input", args.input) + named("--config", args.config)
+    for key, value in (
+        ("--train", cfg.train),
+        ("--stage1", cfg.stage1.checkpoint),
+        ("--candidates", cfg.stage1.candidates),
+        ("--tune", cfg.stage1.tune),
+        ("--calibration", cfg.stage1.calibration),
+        ("--stage2", cfg.stage2.adapter),
+    ):
+        inputs += named(key, expand(value))
+    check_paths(
+        inputs,
+        named("--output", args.output) + named("--save-candidates", args.save_candidates),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        companions=_companions(args.output),
+    )
+    check_progress(sidecar(args.output, ".progress.jsonl"), resume=args.resume, overwrite=args.overwrite)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lmrc.io import sidecar
     from lmrc.pipeline.run import Shard, run_pipeline
 
     shard = Shard.parse(args.shard) if args.shard else None
     cfg = _predict_config(args)
+    _check_predict_paths(args, cfg)
     with sigterm_as_interrupt():  # finished batches are in the progress file; --resume continues
         summary = run_pipeline(
             cfg,
@@ -151,8 +203,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from lmrc.pipeline.merge import merge
 
-    if args.output in args.shards:
-        raise LmrcError(f"{args.output}: the merged file would overwrite a shard")
+    shards = [n for shard in args.shards for n in [Named("a shard", shard), *_companions(shard)]]
+    check_paths(
+        shards, named("--output", args.output), overwrite=args.overwrite, companions=_companions(args.output)
+    )
     summary = merge(args.shards, args.output)
     print(
         f"{args.output}: {summary['predictions']:,} predictions for {summary['documents']:,} documents "
@@ -165,6 +219,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lmrc.pipeline.compare import ANSWER_COLUMNS, answer_rows, compare, load_compare_config, text_table
 
     cfg = load_compare_config(args.config, args.overrides)
+    check_writable_folder("--output-dir", args.output_dir)
     with sigterm_as_interrupt(), log_to_file(args.output_dir / "compare.log"):
         result = compare(cfg, args.output_dir, on_stage=lambda msg: print(f"== {msg}", flush=True))
     print()

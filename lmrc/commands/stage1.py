@@ -6,8 +6,19 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from lmrc.commands.common import add_config_args, add_run_args, log_to_file, sigterm_as_interrupt
+from lmrc.commands.common import (
+    add_config_args,
+    add_overwrite_arg,
+    add_run_args,
+    finite_float,
+    fold_count,
+    log_to_file,
+    positive_int,
+    recall_fraction,
+    sigterm_as_interrupt,
+)
 from lmrc.errors import LmrcError
+from lmrc.outputs import check_paths, check_writable_folder, named
 
 
 def register(sub) -> None:
@@ -51,7 +62,10 @@ def register(sub) -> None:
     pr.add_argument(
         "--train", type=Path, help="training documents for Ign F1 (default: the checkpoint's data.train)"
     )
-    pr.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    pr.add_argument(
+        "--batch-size", type=positive_int, default=8, help="documents per forward pass (default 8)"
+    )
+    add_overwrite_arg(pr)
     pr.add_argument(
         "--head-param",
         dest="head_params",
@@ -70,26 +84,29 @@ def register(sub) -> None:
         "stage 2 learns from realistic candidates without leakage.",
     )
     add_config_args(c)
-    c.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    c.add_argument("--folds", type=fold_count, default=5, help="number of folds K (default 5)")
     c.add_argument("--output", required=True, type=Path, help="candidates file to write")
     c.add_argument("--output-dir", help="folder of the fold models (default: the config's output_dir)")
     _add_threshold_args(c, tune=False)
-    c.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
+    c.add_argument(
+        "--batch-size", type=positive_int, default=8, help="documents per forward pass (default 8)"
+    )
+    add_overwrite_arg(c, "an existing candidates file (the fold models are reused, as with --resume)")
     c.set_defaults(func=cmd_crossfit)
 
 
 def _add_threshold_args(p: argparse.ArgumentParser, tune: bool = True) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=float, help="keep pairs whose score is above this value")
+    g.add_argument("--threshold", type=finite_float, help="keep pairs whose score is above this value")
     g.add_argument(
         "--recall-target",
-        type=float,
+        type=recall_fraction,
         metavar="R",
         help="the highest threshold whose pair recall on the tuning file is >= R"
         + (" (--tune FILE, or a saved --calibration FILE)" if tune else " (data.tune of the config)"),
     )
     g.add_argument(
-        "--max-per-doc", type=int, metavar="K", help="keep the K best-scored pairs of every document"
+        "--max-per-doc", type=positive_int, metavar="K", help="keep the K best-scored pairs of every document"
     )
     if tune:
         p.add_argument("--tune", type=Path, help="labelled tuning file for --recall-target")
@@ -124,6 +141,7 @@ def cmd_train(args) -> int:
 
     cfg = _load_config(args, args.output_dir)
     out = Path(cfg.output_dir)
+    check_writable_folder("--output-dir", out)
     with sigterm_as_interrupt(), log_to_file(out / "train.log"):
         result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
     state = "finished" if result.finished else "paused (continue with --resume)"
@@ -134,7 +152,10 @@ def cmd_train(args) -> int:
         f"training {state}: step {result.global_step} of {result.total_steps}, {result.elapsed_s / 60:.1f} min"
     )
     print(f"best {result.select_metric} = {value} (step {result.best_step}) -> {result.best_dir}")
-    print(f"metrics: {out / 'metrics.jsonl'}  log: {out / 'train.log'}")
+    metrics = out / "metrics.jsonl"  # written only when there is a tuning file to evaluate on
+    print(
+        f"metrics: {metrics}  log: {out / 'train.log'}" if metrics.is_file() else f"log: {out / 'train.log'}"
+    )
     return 0
 
 
@@ -170,6 +191,18 @@ def _head_params(items: list[str]) -> dict:
 def cmd_predict(args) -> int:
     from lmrc.stage1.predict import predict
 
+    check_paths(
+        named("--checkpoint", args.checkpoint)
+        + named("--input", args.input)
+        + named("--tune", args.tune)
+        + named("--calibration", args.calibration)
+        + named("--gold", args.gold)
+        + named("--train", args.train),
+        named("--output", args.output)
+        + named("--relations", args.relations)
+        + named("--save-calibration", args.save_calibration),
+        overwrite=args.overwrite,
+    )
     result = predict(
         args.checkpoint,
         args.input,
@@ -201,6 +234,12 @@ def cmd_crossfit(args) -> int:
     from lmrc.stage1.crossfit import crossfit
 
     cfg = _load_config(args, args.output_dir)
+    check_paths(
+        [n for key in ("train", "tune", "rel_info") for n in named(f"data.{key}", cfg.data.path(key))],
+        named("--output", args.output),
+        overwrite=args.overwrite,
+    )
+    check_writable_folder("--output-dir", cfg.output_dir)
     with sigterm_as_interrupt(), log_to_file(Path(cfg.output_dir) / "crossfit.log"):
         result = crossfit(
             cfg,

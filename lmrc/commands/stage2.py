@@ -6,8 +6,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from lmrc.commands.common import add_config_args, add_run_args, log_to_file, sigterm_as_interrupt
+from lmrc.commands.common import (
+    add_config_args,
+    add_overwrite_arg,
+    add_run_args,
+    log_to_file,
+    sigterm_as_interrupt,
+)
 from lmrc.errors import LmrcError
+from lmrc.outputs import check_paths, check_progress, check_writable_folder, named
 
 
 def register(sub) -> None:
@@ -48,6 +55,7 @@ def register(sub) -> None:
     )
     pr.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
     pr.add_argument("--resume", action="store_true", help="skip the documents already in the progress file")
+    add_overwrite_arg(pr, "an existing result file and discard an earlier run's progress")
     pr.add_argument(
         "--debug-out",
         type=Path,
@@ -101,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lmrc.stage2.train import METRICS_FILE, train
 
     cfg = _load_train_config(args)
+    check_writable_folder("--output-dir", cfg.output_dir)
     with sigterm_as_interrupt(), log_to_file(Path(cfg.output_dir) / "train.log"):
         result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
     state = "finished" if result.finished else "paused (continue with --resume)"
@@ -122,6 +131,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lmrc.pipeline.config import stage2_predict_config
     from lmrc.pipeline.run import run_pipeline
 
+    output = Path(args.output)
+    check_paths(
+        named("--adapter", args.adapter)
+        + named("--input", args.input)
+        + named("--candidates", args.candidates),
+        named("--output", output) + named("--debug-out", args.debug_out),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        companions=[
+            *named("the summary", sidecar(output, ".summary.json")),
+            *named("the strict-names result", sidecar(output, ".strict.json")),
+            *named("the progress file", sidecar(output, ".progress.jsonl")),
+        ],
+    )
+    check_progress(sidecar(output, ".progress.jsonl"), resume=args.resume, overwrite=args.overwrite)
     cfg = stage2_predict_config(args.adapter, args.candidates, args.gold_pairs, args.overrides)
     with sigterm_as_interrupt():  # finished batches are already in the progress file; --resume continues
         summary = run_pipeline(cfg, args.input, args.output, resume=args.resume, debug_out=args.debug_out)
@@ -146,6 +170,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lmrc.stage2.modeling import export_merged
 
+    check_writable_folder("--out", args.out)
     out = export_merged(args.adapter, args.out, dtype=args.dtype)
     print(f"merged model written to {out}")
     return 0

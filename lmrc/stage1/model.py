@@ -35,6 +35,9 @@ def _fail(msg: str) -> LmrcError:
 
 
 PAIR_CHUNK = 512  # pairs whose outer products exist at once in grouped_bilinear
+# Pairs scored at once by Stage1Model.forward: see pair_chunk.
+PAIR_CONTEXT_ELEMENTS = 1 << 24  # 64 MiB of float32 for the [pairs, heads, length] attention product
+MAX_PAIR_CHUNK = 8192  # pairs whose features (entities, context, extractor outputs) exist at once
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -176,13 +179,22 @@ class Stage1Model(nn.Module):
             self.encoder, input_ids, attention_mask, self.window, self.specials, self.n_layers_avg
         )
         lengths = attention_mask.sum(1).tolist()
-        heads, tails, contexts = [], [], []
+        logits = []
         for b in range(len(entity_pos)):
-            h, t, c = self._pair_inputs(hidden[b], attention[b], entity_pos[b], hts[b], lengths[b], b)
-            heads.append(h)
-            tails.append(t)
-            contexts.append(c)
-        e_h, e_t, ctx = torch.cat(heads), torch.cat(tails), torch.cat(contexts)
+            n = lengths[b]  # padding adds nothing to the context (zero attention), so it is left out
+            doc = _DocumentEntities.build(hidden[b, :n], attention[b, :, :, :n], entity_pos[b], n, b)
+            pairs = torch.as_tensor(list(hts[b]), dtype=torch.long, device=hidden.device).view(-1, 2)
+            step = pair_chunk(attention.size(1), n)
+            for s in range(0, pairs.size(0), step):
+                e_h, e_t, ctx = doc.pair_inputs(pairs[s : s + step])
+                logits.append(self._classify(e_h, e_t, ctx))
+        if not logits:  # no pairs at all: empty logits that are still part of the graph (loss.backward works)
+            empty = hidden.reshape(-1, hidden.size(-1))[:0]
+            return self._classify(empty, empty, empty)
+        return torch.cat(logits)
+
+    def _classify(self, e_h: Tensor, e_t: Tensor, ctx: Tensor) -> Tensor:
+        """Logits [pairs, num_logits] from head / tail entities and their localized context."""
         logits = []
         for i, classifier in enumerate(self.classifiers):
             j = i if len(self.head_extractors) > 1 else 0
@@ -203,16 +215,32 @@ class Stage1Model(nn.Module):
         b2 = z_t.reshape(-1, k, self.block_size)
         return grouped_bilinear(b1, b2, classifier.weight, classifier.bias)
 
-    @staticmethod
-    def _pair_inputs(
+
+def pair_chunk(heads: int, length: int) -> int:
+    """Pairs scored at once: the [pairs, heads, length] attention product of a chunk holds at most
+    PAIR_CONTEXT_ELEMENTS numbers, and at most MAX_PAIR_CHUNK pairs' features exist at once. A long document
+    (hundreds of entities, thousands of tokens) then needs memory linear in its pairs (their logits) instead of
+    pairs x heads x length (50 GB for 433 entities and 5,500 tokens); a normal one is a single chunk, as before."""
+    return max(1, min(MAX_PAIR_CHUNK, PAIR_CONTEXT_ELEMENTS // max(1, heads * length)))
+
+
+class _DocumentEntities:
+    """One document's entity embeddings and entity attention, from which any chunk of pairs gets its inputs."""
+
+    def __init__(self, hidden: Tensor, entity: Tensor, entity_att: Tensor) -> None:
+        self.hidden = hidden  # [L, d]
+        self.entity = entity  # [E, d]
+        self.entity_att = entity_att  # [E, heads, L]
+
+    @classmethod
+    def build(
+        cls,
         hidden: Tensor,
         attention: Tensor,
         entity_pos: Sequence[Sequence[int]],
-        hts: Sequence[tuple[int, int]],
         length: int,
         doc: int,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Head entity, tail entity and localized context of every pair of one document ([P, d] each)."""
+    ) -> _DocumentEntities:
         device = hidden.device
         counts = [len(p) for p in entity_pos]
         if not counts or min(counts) == 0:
@@ -231,14 +259,19 @@ class Stage1Model(nn.Module):
         # LMRC Eq. 2: logsumexp pooling over mentions (empty slots are -inf, so they add nothing).
         mentions = hidden[index].masked_fill(~mask[..., None], float("-inf"))  # [E, M, d]
         entity = torch.logsumexp(mentions, dim=1)
-        # Entity attention: mean of the mentions' attention rows, per head -> [E, heads, L].
-        rows = attention[:, index].masked_fill(~mask[None, :, :, None], 0.0)  # [heads, E, M, L]
-        entity_att = (rows.sum(2) / count_t[None, :, None].to(rows.dtype)).transpose(0, 1)
+        # Entity attention: mean of the mentions' attention rows, per head -> [E, heads, L]. The rows are summed
+        # per entity (index_add) rather than gathered into padded [heads, E, M, L] slots, which a long document
+        # with one much-mentioned entity would make E x M x L large.
+        owner = torch.repeat_interleave(torch.arange(n_ent, device=device), count_t)
+        rows = attention[:, torch.tensor(flat, dtype=torch.long, device=device)]  # [heads, mentions, L]
+        summed = rows.new_zeros((attention.size(0), n_ent, attention.size(-1))).index_add(1, owner, rows)
+        entity_att = (summed / count_t[None, :, None].to(rows.dtype)).transpose(0, 1)
+        return cls(hidden, entity, entity_att)
 
-        pairs = torch.as_tensor(list(hts), dtype=torch.long, device=device).view(-1, 2)
+    def pair_inputs(self, pairs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Head entity, tail entity and localized context of the given (h, t) pairs ([P, d] each)."""
         h, t = pairs[:, 0], pairs[:, 1]
         # LMRC Eq. 3-4 / ATLOP: q = mean over heads of A_h * A_t, normalised; c = H^T q.
-        q = (entity_att[h] * entity_att[t]).mean(1)
+        q = (self.entity_att[h] * self.entity_att[t]).mean(1)
         q = q / (q.sum(1, keepdim=True) + 1e-5)
-        context = q @ hidden
-        return entity[h], entity[t], context
+        return self.entity[h], self.entity[t], q @ self.hidden

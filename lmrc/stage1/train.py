@@ -292,24 +292,39 @@ class _Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         seed_everything(cfg.train.seed)
+        documents = self._read_documents()  # a bad data file is reported before the encoder is loaded
         self.encoder, self.tokenizer = load_encoder(cfg.model.encoder)
-        self.data = self._load_data()
+        self.data = self._load_data(*documents)
         self._build_model()
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / ckpt.CONFIG_FILE)
         return resuming
 
-    def _load_data(self) -> _Data:
-        from lmrc.eval.metrics import TrainReference
-        from lmrc.stage1.features import featurize_all
-
+    def _read_documents(self) -> tuple[RelationSet, list[Document], list[Document] | None]:
+        """The relation set, training and tuning documents (None without a tuning file), checked."""
         cfg = self.config
         relations = load_relations(cfg.data.path("rel_info"))
         train_path = cfg.data.path("train")
         all_train = restrict_pairs(
             load_labelled(train_path, relations, role="training"), cfg.data.pair_types, train_path
         )
+        tune_path = cfg.data.path("tune")
+        tune_docs = None
+        if tune_path is not None:
+            tune_docs = restrict_pairs(
+                load_labelled(tune_path, relations, role="tuning"), cfg.data.pair_types, tune_path
+            )
+        return relations, all_train, tune_docs
+
+    def _load_data(
+        self, relations: RelationSet, all_train: list[Document], all_tune: list[Document] | None
+    ) -> _Data:
+        from lmrc.eval.metrics import TrainReference
+        from lmrc.stage1.features import featurize_all
+
+        cfg = self.config
+        train_path = cfg.data.path("train")
         cache = feature_cache_dir(cfg)
         all_features = featurize_all(
             all_train,
@@ -338,9 +353,7 @@ class _Trainer:
         tune_docs = tune_features = None
         tune_path = cfg.data.path("tune")
         if tune_path is not None:
-            tune_docs = restrict_pairs(
-                load_labelled(tune_path, relations, role="tuning"), cfg.data.pair_types, tune_path
-            )
+            tune_docs = all_tune
             overlap = {d.title for d in tune_docs} & {d.title for d in train_docs}
             if overlap:
                 raise LmrcError(

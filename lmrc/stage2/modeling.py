@@ -17,6 +17,7 @@ from typing import Any
 
 from lmrc.errors import LmrcError
 from lmrc.hardware import cpu_supports_bf16
+from lmrc.stage2.adapter import check_adapter_weights
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ def load_adapter(
     from peft import PeftModel
 
     adapter_dir = check_adapter_dir(adapter_dir)
+    check_adapter_weights(adapter_dir)  # a damaged file is one line now, not a traceback after the base model
     cfg = cfg or load_adapter_config(adapter_dir)
     device = device or pick_device()
     base_path = resolve_model_path(cfg.model)

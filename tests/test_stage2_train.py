@@ -144,7 +144,7 @@ def test_saved_adapter_reloads_to_identical_logits(reference_run):
     manual = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32), str(out)
     )
-    set_peft_model_state_dict(manual, load_file(str(out / STATE_DIR / "adapter.safetensors")))
+    set_peft_model_state_dict(manual, load_file(str(out / STATE_DIR / "adapter_model.safetensors")))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32)
     with torch.no_grad():
         a = loaded.model(input_ids=ids).logits

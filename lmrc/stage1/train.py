@@ -20,9 +20,13 @@ and the epoch). Continuing from it replays what the uninterrupted run does next,
 `train.deterministic` on the same hardware (without it, multi-threaded CPU backward kernels make even two
 uninterrupted runs differ in the last bits).
 
-Gradient accumulation: the micro-batches of an epoch are taken in groups of `grad_accum`; each micro-batch's
-loss (a mean over its pairs) is divided by the size of its group, so every optimizer step sees the mean of its
-micro-batch losses, including the shorter last group of an epoch.
+Gradient accumulation and several processes: the micro-batches of an epoch (`batch_size` documents each; one
+order for all processes) are taken in groups of `grad_accum * processes`; each process runs every
+`processes`-th micro-batch of a group and each micro-batch's loss (a mean over its pairs) is divided by the size
+of its group, so every optimizer step sees the mean of its group's micro-batch losses, including the shorter last
+group of an epoch. N processes with `grad_accum` k thus take the same optimizer steps over the same documents as
+one process with `grad_accum` N*k (the global batch). A process left without a micro-batch in a short last group
+runs a zero-weighted one, so that all processes join the same gradient reductions.
 """
 
 from __future__ import annotations
@@ -241,7 +245,6 @@ class _Trainer:
 
     def _check_output_dir(self) -> bool:
         """True when there is a run to resume; refuses to overwrite a run without --resume."""
-        ckpt.recover_dir(self.last_dir)
         has_state = (self.last_dir / ckpt.STATE_FILE).is_file()
         if not self.resume:
             if has_state or (self.best_dir / ckpt.META_FILE).is_file():
@@ -271,7 +274,6 @@ class _Trainer:
         from lmrc.stage1.encoder import load_encoder
 
         cfg = self.config
-        resuming = self._check_output_dir()
         cuda = torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
         log.info(
@@ -296,6 +298,10 @@ class _Trainer:
             mixed_precision=mp,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.is_main_process:  # an interrupted swap of last/ is undone once, on rank 0
+            ckpt.recover_dir(self.last_dir)
+        self.accelerator.wait_for_everyone()
+        resuming = self._check_output_dir()
         seed_everything(cfg.train.seed)
         self.encoder, self.tokenizer = load_encoder(cfg.model.encoder)
         self.data = self._load_data()
@@ -403,8 +409,14 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------- batches
 
+    @property
+    def _group_size(self) -> int:
+        """Micro-batches per optimizer step over all processes."""
+        return self.config.train.grad_accum * self.accelerator.num_processes
+
     def _local_batches(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches of an epoch (a pure function of seed and epoch)."""
+        """The micro-batches of an epoch, in one order for all processes (a pure function of seed and epoch);
+        `_step_batches` deals each step's group out to the processes."""
         from lmrc.stage1.features import length_grouped_batches
 
         cfg = self.config.train
@@ -414,11 +426,19 @@ class _Trainer:
             order = list(range(len(self.data.train_features)))
             random.Random(cfg.seed + epoch).shuffle(order)
             batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        world = self.accelerator.num_processes
-        if world > 1:  # every process gets the same number of batches (DDP steps in lockstep)
-            usable = len(batches) // world * world
-            batches = batches[self.accelerator.process_index : usable : world]
         return batches
+
+    def _step_batches(self, group: list[list[int]]) -> list[tuple[list[int], int, int]]:
+        """This process's micro-batches of one step's group, each with its loss weight: every process runs the
+        same number (DDP reduces in lockstep); a missing one is the group's first, weighted 0. The weights make
+        the gradient averaged over the processes the mean over the group's micro-batches."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine = group[rank::world]
+        passes = math.ceil(len(group) / world)
+        return [
+            (mine[j], world, len(group)) if j < len(mine) else (group[0], 0, len(group))
+            for j in range(passes)
+        ]
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -586,8 +606,8 @@ class _Trainer:
         resuming = self._setup()
         n_batches = len(self._local_batches(0))
         if n_batches == 0:
-            raise LmrcError(f"{self.config.data.train}: too few training documents for the processes in use")
-        self.pos.steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+            raise LmrcError(f"{self.config.data.train}: no training documents")
+        self.pos.steps_per_epoch = math.ceil(n_batches / self._group_size)
         self.pos.total_steps = self.pos.steps_per_epoch * cfg.epochs
         self.optimizer, self.scheduler = self._optimizer()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -665,14 +685,16 @@ class _Trainer:
                 self.batches = self._local_batches(pos.epoch)
                 epoch_loss, epoch_steps = 0.0, 0
                 while pos.batch_pos < len(self.batches):
-                    group = self.batches[pos.batch_pos : pos.batch_pos + cfg.grad_accum]
+                    group = self.batches[pos.batch_pos : pos.batch_pos + self._group_size]
+                    mine = self._step_batches(group)
                     step_loss = 0.0
-                    for j, batch in enumerate(group):
+                    for j, (batch, num, den) in enumerate(mine):
                         inputs = collate([self.data.train_features[i] for i in batch])
-                        sync = j == len(group) - 1
+                        sync = j == len(mine) - 1
                         ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
                         with ctx:
-                            step_loss += self._micro_step(inputs, len(group))
+                            step_loss += self._micro_step(inputs, num, den)
+                    step_loss = self._global_loss(step_loss)
                     if cfg.max_grad_norm > 0:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     self._boundary = None  # until the step is recorded, no consistent state to save
@@ -751,7 +773,9 @@ class _Trainer:
         finally:
             progress.close()
 
-    def _micro_step(self, inputs: dict, group_size: int) -> float:
+    def _micro_step(self, inputs: dict, num: int, den: int) -> float:
+        """Forward + backward of one micro-batch, its loss scaled by num / den; returns this process's share of
+        the step loss (the mean over the group's micro-batches once summed over processes)."""
         device = self.accelerator.device
         labels = inputs["labels"].to(device)
         logits = self.model(
@@ -761,8 +785,15 @@ class _Trainer:
             inputs["hts"],
         )
         loss = self.loss(logits, labels)
-        self.accelerator.backward(loss / group_size)
-        return loss.item() / group_size
+        self.accelerator.backward(loss * num / den)
+        return loss.item() * num / den / self.accelerator.num_processes
+
+    def _global_loss(self, local: float) -> float:
+        """The step loss over all processes (one small all-reduce; the same value on every process)."""
+        if self.accelerator.num_processes == 1:
+            return local
+        t = torch.tensor([local], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, "sum")[0])
 
     def _finish(self) -> None:
         pos = self.pos

@@ -531,7 +531,7 @@ class _Run:
         step = state.global_step
         loss = float(logs["loss"])
         local, self.trainer.local_tokens = self.trainer.local_tokens, 0
-        flag = self.interrupt.requested
+        flag = False
         record = {
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
@@ -544,6 +544,7 @@ class _Run:
                 self.on_step(dict(record))
         except KeyboardInterrupt:  # an interrupt raised by a hook: handled like Ctrl-C
             flag = True
+        flag = flag or self.interrupt.requested
         flag, tokens = self._agree(flag, local)
         self.tokens += tokens
         elapsed = time.perf_counter() - self.start

@@ -119,6 +119,19 @@ def _physical_index(index: int) -> int:
     return index
 
 
+def release_cuda_cache() -> None:
+    """Give the memory torch's caching allocator holds but no tensor uses back to the driver (after
+    collecting unreachable tensors), so that another engine in this or another process can take it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def reset_gpu_peaks() -> None:
     import torch
 

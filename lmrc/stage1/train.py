@@ -303,7 +303,8 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
         resuming = self._check_output_dir()
         seed_everything(cfg.train.seed)
-        self.encoder, self.tokenizer = load_encoder(cfg.model.encoder)
+        with self.accelerator.main_process_first():  # a hub model is downloaded once, by rank 0
+            self.encoder, self.tokenizer = load_encoder(cfg.model.encoder)
         self.data = self._load_data()
         self._build_model()
         if self.accelerator.is_main_process:

@@ -62,6 +62,25 @@ def resolve_model_path(name: str) -> Path:
     return path
 
 
+def prefetch_model(name: str) -> None:
+    """Download a Hugging Face hub model that is not cached yet (weights as safetensors, configs, tokenizer), so
+    that rank 0 fetches it once while the other ranks wait, instead of every rank fetching it."""
+    from lmrc.model_store import resolve
+
+    path = resolve(name)
+    if path.exists():
+        return
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s", name)
+    try:
+        snapshot_download(
+            str(name), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+        )
+    except Exception as exc:  # gated, offline, unknown: the same error as from_pretrained would give, earlier
+        raise LmrcError(f"{name}: cannot download the model: {exc}") from None
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer, with a pad token (eos when it has none: padding is always masked, never learned)."""
     from transformers import AutoTokenizer

@@ -51,6 +51,7 @@ from lmrc.stage2.modeling import (
     TEMPLATE_FILE,
     load_base_model,
     load_tokenizer,
+    prefetch_model,
     resolve_dtype,
     resolve_model_path,
     wrap_lora,
@@ -627,6 +628,9 @@ def train(
     # Data first: a bad file fails before minutes of model loading.
     relations, docs = load_training_documents(cfg)
     template, template_text = load_training_template(cfg)
+    if main:  # a hub model is downloaded once, by rank 0, while the others wait
+        prefetch_model(cfg.model)
+    state.wait_for_everyone()
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     examples, stats = build_training_examples(cfg, tokenizer, relations, docs, template)

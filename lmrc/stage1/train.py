@@ -806,6 +806,10 @@ class _Trainer:
             log.info("no evaluation selected a model: best/ holds the final weights")
             self._save_checkpoint(self.best_dir, None, pos)
         self._save_last(*self._boundary)
+        from lmrc.hardware import gpu_memory_line
+
+        if torch.cuda.is_available():
+            log.info("%s", gpu_memory_line())
         log.info(
             "training finished after %d steps (%.1f min); best %s = %s at step %s",
             pos.global_step,

@@ -177,3 +177,30 @@ def test_accelerate_configs_leave_batch_settings_to_the_trainer_and_gather_on_sa
     fsdp = yaml.safe_load((REPO / "configs/accelerate/fsdp.yaml").read_text())["fsdp_config"]
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" and fsdp["fsdp_use_orig_params"] is True
     assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp  # any model's own decoder layer
+
+
+def test_gpu_check_without_cuda_prints_one_line_and_skips_everything(tmp_path):
+    import json
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: make gpu-check runs for real")
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == ["gpu-check: no CUDA device: every check skipped"]
+    report = json.loads(out.read_text())
+    names = [c["name"] for c in report["checks"]]
+    assert len(names) == 11 and "vllm-lora-structured" in names and "zero3-1proc" in names
+    assert {(c["status"], c["detail"]) for c in report["checks"]} == {("skipped", "no CUDA device")}
+    assert report["machine"]["cuda"] is None
+    make = (REPO / "Makefile").read_text()
+    assert "gpu-check:" in make and "scripts/gpu_check.py" in make

@@ -128,6 +128,20 @@ def test_resume_reproduces_the_losses_of_an_uninterrupted_run(reference_run, tmp
     logged = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged] == pytest.approx(ref.losses, rel=1e-6, abs=1e-7)
+    # --resume of a finished run changes nothing; a run killed between its last save and the adapter folder
+    # writes the adapter from last/
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    again = train(cfg, out, resume=True)
+    assert again.finished and again.steps == 6 and not again.losses
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    (out / "adapter_config.json").unlink()
+    (out / "adapter_model.safetensors").unlink()
+    train(cfg, out, resume=True)
+    from safetensors.torch import load_file
+
+    rewritten = load_file(str(out / "adapter_model.safetensors"))
+    saved = load_file(str(out / STATE_DIR / "adapter_model.safetensors"))
+    assert rewritten.keys() == saved.keys() and all(torch.equal(rewritten[k], saved[k]) for k in saved)
 
 
 def test_saved_adapter_reloads_to_identical_logits(reference_run):

@@ -728,6 +728,13 @@ def train(
         place=False,  # the Trainer places it (DDP), or shards it (FSDP, DeepSpeed)
     )
     model = wrap_lora(model, cfg)
+    already_done = state_dir is not None and start_step >= total_steps
+    if already_done and not (out / ADAPTER_CONFIG).is_file():
+        # The last step was saved but the adapter folder was not written (killed in between): write it from last/.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(state_dir / "adapter_model.safetensors")))
 
     interrupt = _Interrupt()
     run = _Run(out, cfg, total_steps, per_epoch, start_step, stop_at, interrupt, on_step)
@@ -752,8 +759,10 @@ def train(
         raise KeyboardInterrupt
     finished = steps >= total_steps
 
-    if finished:
+    if finished and not (already_done and (out / ADAPTER_CONFIG).is_file()):
         _save_final(trainer, out, tokenizer, cfg, template_text, relations)
+    elif already_done:
+        log.info("%s: training had already finished (step %d of %d)", out, start_step, total_steps)
     if main:
         from lmrc.hardware import gpu_memory
 

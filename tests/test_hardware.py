@@ -150,3 +150,73 @@ def test_cpu_configs_leave_precision_and_threads_to_the_machine():
         train = (yaml.safe_load(path.read_text()) or {}).get("train", {}) or {}
         assert train.get("mixed_precision", "auto") == "auto", path.name
         assert "num_threads" not in train, path.name
+
+
+# ------------------------------------------------------------------------------------ vLLM engine (a fake vllm)
+
+
+def _fake_vllm(monkeypatch, new_api: bool) -> dict:
+    """A stand-in `vllm` package recording what lmrc passes; `new_api`: StructuredOutputsParams (>= 0.10.2),
+    else only the older GuidedDecodingParams."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    seen: dict = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def generate(self, inputs, params, lora_request=None, use_tqdm=True):
+            seen["params"], seen["lora"] = params, lora_request
+            out = SimpleNamespace(text="(a| b| c)", token_ids=[1, 2, 3], finish_reason="stop")
+            return [SimpleNamespace(outputs=[out]) for _ in inputs]
+
+    class Params:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, Params
+    sampling = types.ModuleType("vllm.sampling_params")
+    if new_api:
+        sampling.StructuredOutputsParams = type("StructuredOutputsParams", (Params,), {})
+    sampling.GuidedDecodingParams = type("GuidedDecodingParams", (Params,), {})
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, i, path: (name, i, path)
+    for name, mod in {"vllm": vllm, "vllm.sampling_params": sampling, "vllm.lora": lora,
+                      "vllm.lora.request": request}.items():  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, mod)
+    return seen
+
+
+@pytest.mark.parametrize("new_api", [True, False])
+def test_vllm_engine_gets_tensor_parallelism_structured_outputs_and_a_memory_fraction_that_fits(
+    monkeypatch, new_api
+):
+    from stage2_helpers import tiny_model_dir
+
+    from lmrc.stage2 import generate
+    from lmrc.stage2.config import load_stage2_config
+
+    seen = _fake_vllm(monkeypatch, new_api)
+    released = []
+    gib = 1024**3
+    monkeypatch.setattr(hardware, "release_cuda_cache", lambda: released.append(True))
+    # stage 1 still holds 10 GiB of a 40 GiB GPU: 0.85 of it is not free, vLLM would refuse to start
+    monkeypatch.setattr(hardware, "device_memory_used", lambda i: (10 * gib, 40 * gib))
+    cfg = load_stage2_config(None, [f"model={tiny_model_dir()}", "generation.tensor_parallel_size=2"])
+    gen = generate.VLLMGenerator(cfg, tiny_model_dir(), tiny_model_dir())
+    assert released == [True]  # torch's cache is given back before the engine measures free memory
+    assert seen["llm"]["tensor_parallel_size"] == 2 and seen["llm"]["enable_lora"] is True
+    assert seen["llm"]["gpu_memory_utilization"] == pytest.approx(0.73)
+    out = gen.generate([[1, 2, 3]], [8], grammars=['root ::= "x"'])
+    assert out[0].text == "(a| b| c)" and seen["lora"][2] == str(tiny_model_dir())
+    (params,) = seen["params"]
+    keyword = "structured_outputs" if new_api else "guided_decoding"
+    assert params.kw[keyword].kw == {"grammar": 'root ::= "x"'}
+    monkeypatch.setattr(hardware, "device_memory_used", lambda i: (1 * gib, 40 * gib))
+    generate.VLLMGenerator(cfg, tiny_model_dir(), tiny_model_dir())
+    assert seen["llm"]["gpu_memory_utilization"] == 0.85  # enough free memory: as configured

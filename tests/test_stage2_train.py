@@ -344,3 +344,15 @@ def test_cli_train_pauses_and_resumes_from_the_saved_config(redocred_dir, tmp_pa
     assert (out / "adapter_model.safetensors").is_file() and (out / "train.log").is_file()
     saved = load_stage2_config(out / "config.yaml")
     assert saved.model == str(tiny_model_dir()) and saved.output_dir == str(out)
+
+
+def test_sharded_training_leaves_the_weights_where_they_were_loaded(redocred_dir):
+    """Under FSDP / ZeRO-3 the Trainer shards the model; a full copy moved to every GPU first defeats that."""
+    from lmrc.stage2.modeling import load_base_model
+
+    cfg = _cfg(redocred_dir)
+    meta = torch.device("meta")  # stands for a GPU: a move there is visible, and costs nothing
+    kept = load_base_model(cfg, tiny_model_dir(), meta, training=True, place=False, dtype=torch.float32)
+    assert {p.device.type for p in kept.parameters()} == {"cpu"}
+    moved = load_base_model(cfg, tiny_model_dir(), meta, training=True)
+    assert {p.device.type for p in moved.parameters()} == {"meta"}

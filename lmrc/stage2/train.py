@@ -813,7 +813,8 @@ def _save_final(
     if main and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    if getattr(trainer, "is_fsdp_enabled", False):  # gather the adapter on rank 0, whatever the checkpoints use
+    # gather the adapter on rank 0, whatever state-dict type the checkpoints use
+    if getattr(trainer, "is_fsdp_enabled", False):
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()

@@ -37,8 +37,9 @@ def main() -> None:
             record["ended"] = "returned"
         except KeyboardInterrupt:
             record["ended"] = "interrupted"
-            state = out / "last" / "state.json"
-            record["saved"] = json.loads(state.read_text()) if state.is_file() else None
+            state = out / "last" / ("trainer_state.json" if spec["stage"] == 1 else "state.json")
+            saved = json.loads(state.read_text()) if state.is_file() else None
+            record["saved_step"] = None if saved is None else saved.get("step", saved.get("global_step"))
     record["batches"] = {str(k): v for k, v in seen.items()}
     Path(f"{spec['result']}.{rank}.json").write_text(json.dumps(record))
 
@@ -53,11 +54,16 @@ def _stage1(spec: dict, out: Path, seen: dict) -> dict:
     from lmrc.stage1.config import load_stage1_config
 
     original = train_mod._Trainer._micro_step
+    rank = int(os.environ.get("RANK", "0"))
+    signalled = []
 
     def recording(self, inputs, num, den):
+        step = self.pos.global_step + 1
         if num:  # a zero-weighted filler batch trains nothing
-            step = self.pos.global_step + 1
             seen.setdefault(step, []).extend(_fingerprint(ids) for ids in inputs["input_ids"].tolist())
+        if rank == spec.get("signal_rank") and step == spec.get("signal_at_step") and not signalled:
+            signalled.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)  # only this rank is told to stop, in the middle of a step
         return original(self, inputs, num, den)
 
     train_mod._Trainer._micro_step = recording

@@ -3,7 +3,7 @@
 What one GPU per rank would run, on tiny random models: the data is sharded over the ranks (each optimizer step
 sees the global batch once), two ranks with `grad_accum` k take the same steps over the same documents as one
 rank with `grad_accum` 2k and reach the same losses (to float rounding), files are written once (rank 0), and a
-run stopped on two ranks (a time box for stage 1; SIGTERM to one rank for stage 2) continues with `--resume` on
+run stopped by SIGTERM to one of two ranks saves the step under way on both and continues with `--resume` on
 two ranks to the losses of the uninterrupted run. Each launch is a separate process group (tests/multirank_driver.py).
 """
 
@@ -88,15 +88,15 @@ def stage1_runs(tmp_path_factory, dev_docs, redocred_dir):
     ]
     one = launch(tmp, "one", 1, stage=1, overrides=[*base, "train.grad_accum=2"], output_dir=str(tmp / "one"))
     two = launch(tmp, "two", 2, stage=1, overrides=[*base, "train.grad_accum=1"], output_dir=str(tmp / "two"))
-    paused = launch(
-        tmp, "paused", 2, stage=1, overrides=[*base, "train.grad_accum=1"], output_dir=str(tmp / "cont"),
-        stop_after_steps=2,
+    killed = launch(
+        tmp, "killed", 2, stage=1, overrides=[*base, "train.grad_accum=1"], output_dir=str(tmp / "cont"),
+        signal_rank=1, signal_at_step=2,
     )  # fmt: skip
     resumed = launch(
         tmp, "resumed", 2, stage=1, overrides=[*base, "train.grad_accum=1"], output_dir=str(tmp / "cont"),
         resume=True,
     )  # fmt: skip
-    return tmp, one, two, paused, resumed
+    return tmp, one, two, killed, resumed
 
 
 def test_stage1_two_ranks_take_the_steps_of_one_rank_with_the_global_batch(stage1_runs):
@@ -112,10 +112,13 @@ def test_stage1_two_ranks_take_the_steps_of_one_rank_with_the_global_batch(stage
     assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-4, abs=1e-6)
 
 
-def test_stage1_two_ranks_write_once_and_resume_on_two_ranks(stage1_runs):
-    tmp, _, two, paused, resumed = stage1_runs
-    assert paused[0]["steps"] == 2 and resumed[0]["steps"] == 6
-    assert paused[0]["losses"] + resumed[0]["losses"] == pytest.approx(two[0]["losses"], rel=1e-5, abs=1e-7)
+def test_stage1_sigterm_to_one_rank_saves_on_both_and_resumes_on_two_ranks(stage1_runs):
+    tmp, _, two, killed, resumed = stage1_runs
+    # SIGTERM to rank 1 during step 2: both ranks finish the step, save it, and stop (no deadlock)
+    assert [r["ended"] for r in killed] == ["interrupted", "interrupted"]
+    assert killed[0]["saved_step"] == 2
+    assert resumed[0]["steps"] == 6
+    assert resumed[0]["losses"] == pytest.approx(two[0]["losses"][2:], rel=1e-5, abs=1e-7)
     for run in ("two", "cont"):
         out = tmp / run
         assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [3, 6]  # one line per evaluation
@@ -125,7 +128,7 @@ def test_stage1_two_ranks_write_once_and_resume_on_two_ranks(stage1_runs):
         # every logged step once in train.log (rank 0 writes it)
         lines = log_lines(out / "train.log", " step 1/6 ")
         assert len(lines) == 1, lines
-    assert len(log_lines(tmp / "cont" / "train.log", " step 3/6 ")) == 1
+    assert len(log_lines(tmp / "cont" / "train.log", " step 3/6 ")) == 1  # resumed after step 2: logged once
 
 
 # ----------------------------------------------------------------------------------------------------- stage 2
@@ -185,7 +188,7 @@ def test_stage2_sigterm_to_one_rank_saves_on_all_and_resumes_on_two_ranks(stage2
     tmp, _, two, killed, stdout = stage2_runs
     assert [r["ended"] for r in killed] == ["interrupted", "interrupted"]  # no deadlock: both stopped
     cont = tmp / "cont"
-    assert killed[0]["saved"]["step"] == 2  # the step under way when rank 1 got SIGTERM, saved for both
+    assert killed[0]["saved_step"] == 2  # the step under way when rank 1 got SIGTERM, saved for both
     assert "training finished: step 4 of 4" in stdout
     assert (cont / "last" / "rng_state_0.pth").is_file() and (cont / "last" / "rng_state_1.pth").is_file()
     logged = read_jsonl(cont / "metrics.jsonl")

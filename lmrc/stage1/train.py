@@ -38,7 +38,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +242,8 @@ class _Trainer:
         self.evaluations: list[dict[str, Any]] = []
         self.pos = _Position()
         self._boundary: tuple[_Position, list[dict]] | None = None
+        self._stop_request = _StopRequest()
+        self._stopped = False
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -622,11 +626,12 @@ class _Trainer:
             log.info("%s: training already finished (step %d)", self.out, self.pos.global_step)
             return self._result()
         try:
-            self._loop(stop_after_steps)
+            with _StopRequest() as self._stop_request:
+                self._loop(stop_after_steps)
         except KeyboardInterrupt:
-            # With several processes a save would need every process to join a collective; the last
-            # periodic save is kept instead.
-            if self._boundary is not None and self.accelerator.num_processes == 1:
+            # A second Ctrl-C, or one raised inside a step: with several processes a save would need every
+            # process to join a collective, so the last save is kept (a first Ctrl-C / SIGTERM saves on all).
+            if self._boundary is not None and self.accelerator.num_processes == 1 and not self._stopped:
                 log.warning(
                     "interrupted: saving the state after step %d to %s",
                     self._boundary[0].global_step,
@@ -695,7 +700,7 @@ class _Trainer:
                         ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
                         with ctx:
                             step_loss += self._micro_step(inputs, num, den)
-                    step_loss = self._global_loss(step_loss)
+                    step_loss, stop = self._global_loss(step_loss, self._stop_request.requested)
                     if cfg.max_grad_norm > 0:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     self._boundary = None  # until the step is recorded, no consistent state to save
@@ -714,6 +719,15 @@ class _Trainer:
                     )
                     pos.eval_pending = due_eval
                     self._mark_boundary()
+                    if stop:  # Ctrl-C / SIGTERM on some process: all agree, save this step, stop
+                        log.warning(
+                            "interrupted: saving the state after step %d to %s",
+                            pos.global_step,
+                            self.last_dir,
+                        )
+                        self._save_last(*self._boundary)
+                        self._stopped = True
+                        raise KeyboardInterrupt
                     epoch_loss += step_loss
                     epoch_steps += 1
                     steps_this_call += 1
@@ -789,12 +803,14 @@ class _Trainer:
         self.accelerator.backward(loss * num / den)
         return loss.item() * num / den / self.accelerator.num_processes
 
-    def _global_loss(self, local: float) -> float:
-        """The step loss over all processes (one small all-reduce; the same value on every process)."""
+    def _global_loss(self, local: float, stop: bool) -> tuple[float, bool]:
+        """The step loss over all processes, and whether any process was asked to stop (one small all-reduce;
+        the same values on every process)."""
         if self.accelerator.num_processes == 1:
-            return local
-        t = torch.tensor([local], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, "sum")[0])
+            return local, stop
+        t = torch.tensor([local, float(stop)], dtype=torch.float64, device=self.accelerator.device)
+        total = self.accelerator.reduce(t, "sum")
+        return float(total[0]), bool(total[1] > 0)
 
     def _finish(self) -> None:
         pos = self.pos
@@ -836,6 +852,31 @@ class _Trainer:
             finished=pos.done,
             elapsed_s=pos.elapsed_s,
         )
+
+
+class _StopRequest:
+    """During the loop, a first Ctrl-C / SIGTERM asks to stop after the current optimizer step (every process
+    learns of it in the step's loss all-reduce, saves `last/` and stops); a second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: finishing the current step, then saving the state (Ctrl-C again aborts)")
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _progress(total: int, initial: int):

@@ -8,7 +8,7 @@ export LMRC_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/redocred),$(SHARED_DATA),
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean gpu-check
 
 $(VENV)/.lmrc-setup-done: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -36,3 +36,8 @@ clean:
 
 bench: setup
 	$(PY) benchmarks/bench.py   # under 20 minutes on 2 cores; rewrites docs/PERFORMANCE.md
+
+# Does this GPU machine run lmrc? One line per check (pass / fail / skipped with why) on one GPU with tiny random
+# models, a JSON report in runs/gpu_check/; prints one line and exits 0 without a CUDA device (README "Full-size runs").
+gpu-check: setup
+	$(PY) scripts/gpu_check.py --out runs/gpu_check/report.json

@@ -31,17 +31,127 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def cuda_supports_bf16(device: int | None = None) -> bool:
+    """Native bf16 on a CUDA GPU: compute capability 8.0 or newer (A100, H100, RTX 30xx+).
+
+    `torch.cuda.is_bf16_supported()` also says yes on V100 and T4, where bf16 is emulated (slow); there fp16
+    with a loss scaler is the fast choice."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= 8
+
+
 def resolve_mixed_precision(name: str, cuda: bool | None = None) -> str:
     """accelerate's mixed_precision for a config value: "auto" is bf16 where the hardware runs it natively
-    (a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX), fp16 on older CUDA GPUs, else "no" (float32)."""
+    (a CUDA GPU of compute capability >= 8.0, or a CPU with AVX512-BF16 / AMX), fp16 (with a loss scaler) on
+    older CUDA GPUs, else "no" (float32)."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if name != "auto":
         return name
     if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cuda_supports_bf16() else "fp16"
     return "bf16" if cpu_supports_bf16() else "no"
+
+
+def gpu_memory() -> list[dict[str, Any]]:
+    """Per local CUDA device: peak memory this process allocated and reserved through torch (GiB), and the
+    memory in use on the device by every process (an inference engine in another process, e.g. vLLM's, shows
+    only there), from NVML when installed, else `torch.cuda.mem_get_info`. Empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gib = 1024**3
+    out = []
+    for i in range(torch.cuda.device_count()):
+        entry: dict[str, Any] = {
+            "device": i,
+            "name": torch.cuda.get_device_name(i),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(i) / gib, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(i) / gib, 3),
+        }
+        used = device_memory_used(i)
+        if used is not None:
+            entry["device_used_gib"], entry["device_total_gib"] = (
+                round(used[0] / gib, 3),
+                round(used[1] / gib, 3),
+            )
+        out.append(entry)
+    return out
+
+
+def device_memory_used(index: int) -> tuple[int, int] | None:
+    """(bytes in use by all processes, total bytes) of CUDA device `index`; None when it cannot be read."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(_physical_index(index)))
+            return int(info.used), int(info.total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no pynvml, no driver access: fall back to the CUDA runtime
+        pass
+    try:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(index)
+        return int(total - free), int(total)
+    except Exception:
+        return None
+
+
+def _physical_index(index: int) -> int:
+    """NVML numbers all GPUs of the machine; CUDA_VISIBLE_DEVICES renumbers the visible ones from 0."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if ids and index < len(ids) and ids[index].isdigit():
+        return int(ids[index])
+    return index
+
+
+def release_cuda_cache() -> None:
+    """Give the memory torch's caching allocator holds but no tensor uses back to the driver (after
+    collecting unreachable tensors), so that another engine in this or another process can take it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def reset_gpu_peaks() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def gpu_memory_line(entries: list[dict[str, Any]] | None = None) -> str:
+    """ "GPU memory: peak 3.1 GiB allocated / 3.5 GiB reserved (device in use 20.2 of 80.0 GiB)" per device."""
+    entries = gpu_memory() if entries is None else entries
+    if not entries:
+        return "GPU memory: no CUDA device"
+    parts = []
+    for e in entries:
+        text = f"cuda:{e['device']} peak {e['peak_allocated_gib']} GiB allocated / {e['peak_reserved_gib']} GiB reserved"
+        if "device_used_gib" in e:
+            text += f" (device in use {e['device_used_gib']} of {e['device_total_gib']} GiB)"
+        parts.append(text)
+    return "GPU memory: " + "; ".join(parts)
 
 
 def _cpu_model() -> str:
@@ -70,6 +180,7 @@ def describe() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
+        info["cuda_native_bf16"] = cuda_supports_bf16(0)
     return info
 
 

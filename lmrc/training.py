@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -37,6 +38,30 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- processes
+
+
+def distributed_engine() -> str:
+    """The engine `accelerate launch` set up for this process: "deepspeed", "fsdp", or "ddp" (also one process)."""
+    from accelerate.utils import str_to_bool
+
+    if str_to_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        return "deepspeed"
+    if str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")):
+        return "fsdp"
+    return "ddp"
+
+
+def process_rank() -> int:
+    """This process's global rank under torchrun / accelerate launch (0 when run alone), from the environment,
+    so that it is known before any process group exists (e.g. to open train.log on rank 0 only)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def is_main_process() -> bool:
+    return process_rank() == 0
 
 
 # --------------------------------------------------------------------------------------------------- batches

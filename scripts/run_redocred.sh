@@ -7,6 +7,7 @@
 # PREDICT_SHARD=i/n runs one shard of the test predictions (a SLURM array: PREDICT_SHARD=$SLURM_ARRAY_TASK_ID/8),
 # then `lmrc merge RUNS/shard_*.json --output RUNS/test.classifier-llm.json`.
 # Environment: NUM_GPUS, ACCELERATE_CONFIG (FSDP / DeepSpeed for 13B+), DRY_RUN=1, BACKEND (hf or vllm).
+# Each PREDICT_SHARD runs on its own GPU (i mod NUM_GPUS) unless the job sets CUDA_VISIBLE_DEVICES itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/redocred}
@@ -27,9 +28,9 @@ suffix=""
 if [ -n "${PREDICT_SHARD:-}" ]; then shard=(--shard "$PREDICT_SHARD"); suffix=".shard${PREDICT_SHARD%%/*}"; fi
 run_lmrc predict --input "$D/test_revised.json" --output "$RUNS/test.classifier-llm$suffix.json" \
   --stage1 "$RUNS/stage1/best" --stage2 "$RUNS/rc" --recall-target 0.95 --tune "$D/dev_revised.json" \
-  --train "$D/train_revised.json" --set "stage2.overrides.generation.backend=$BACKEND" --resume "${shard[@]}"
+  --train "$D/train_revised.json" --set "stage2.overrides.generation.backend=$BACKEND" --resume ${shard[@]+"${shard[@]}"}
 run_lmrc predict --input "$D/test_revised.json" --output "$RUNS/test.direct$suffix.json" --stage2 "$RUNS/direct" \
-  --train "$D/train_revised.json" --set "stage2.overrides.generation.backend=$BACKEND" --resume "${shard[@]}"
+  --train "$D/train_revised.json" --set "stage2.overrides.generation.backend=$BACKEND" --resume ${shard[@]+"${shard[@]}"}
 [ -n "${PREDICT_SHARD:-}" ] && exit 0   # merge the shards, then rerun without PREDICT_SHARD to compare
 
 run_lmrc evaluate --pred "$RUNS/test.classifier-llm.json" --gold "$D/test_revised.json" \

@@ -43,7 +43,7 @@ for item in "${LIST[@]}"; do
   resume=()
   [ -f "$out/config.yaml" ] && resume=(--resume)
   echo "== $name: $(date -u +%H:%M:%S)"
-  /usr/bin/time -v -a -o "$out.time.txt" $LMRC -q stage1 train --config "$CONFIG" "${sets[@]}" --output-dir "$out" "${resume[@]}" \
+  /usr/bin/time -v -a -o "$out.time.txt" $LMRC -q stage1 train --config "$CONFIG" ${sets[@]+"${sets[@]}"} --output-dir "$out" ${resume[@]+"${resume[@]}"} \
     || { echo "!! $name failed (rerun this script to resume)"; continue; }
 done
 echo "== done $(date -u +%H:%M:%S)"

@@ -17,7 +17,7 @@ resume=()
 [ -f "$OUT/config.yaml" ] && resume=(--resume)
 echo "== train $(date -u +%H:%M:%S)"
 /usr/bin/time -v -a -o "$OUT.train.time.txt" $LMRC -q stage2 train --config configs/stage2_rc_smollm2_cpu.yaml \
-  --set train.lr=5e-4 --set train.num_threads=1 --set train.gradient_checkpointing=true --set max_pairs=18 --output-dir "$OUT" "${resume[@]}" || exit 1
+  --set train.lr=5e-4 --set train.num_threads=1 --set train.gradient_checkpointing=true --set max_pairs=18 --output-dir "$OUT" ${resume[@]+"${resume[@]}"} || exit 1
 echo "== predict (gold pairs, SBERT mapping + strict) $(date -u +%H:%M:%S)"
 /usr/bin/time -v -a -o "$OUT.predict.time.txt" $LMRC -q stage2 predict --adapter "$OUT" \
   --input "$LMRC_DATA_DIR/redocred/dev_50.json" --gold-pairs --output "$OUT/dev_50.gold_pairs.json" \

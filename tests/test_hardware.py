@@ -29,11 +29,109 @@ def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(native_bf16):
         assert hardware.resolve_mixed_precision(forced, cuda=False) == forced
 
 
-def test_auto_precision_on_cuda_prefers_bf16_then_fp16(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert hardware.resolve_mixed_precision("auto", cuda=True) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert hardware.resolve_mixed_precision("auto", cuda=True) == "fp16"
+def _fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
+    """A CUDA GPU of the given compute capability, as torch reports it (emulated bf16 counts as bf16 there)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation or capability >= (8, 0)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+
+
+@pytest.mark.parametrize(
+    "gpu, capability, native",
+    [("V100", (7, 0), False), ("T4", (7, 5), False), ("A100", (8, 0), True), ("H100", (9, 0), True)],
+)
+def test_auto_precision_on_cuda_is_bf16_only_where_native_else_fp16(monkeypatch, gpu, capability, native):
+    _fake_gpu(monkeypatch, capability)
+    assert torch.cuda.is_bf16_supported()  # what torch says with emulation: the old check accepted every GPU
+    assert hardware.cuda_supports_bf16() is native, gpu
+    assert hardware.resolve_mixed_precision("auto", cuda=True) == ("bf16" if native else "fp16")
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == (torch.bfloat16 if native else torch.float16)
+
+
+def test_bf16_detection_falls_back_to_the_compute_capability_on_older_torch(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def old_signature():  # torch < 2.3: no including_emulation argument
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", old_signature)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert hardware.cuda_supports_bf16() is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert hardware.cuda_supports_bf16() is True
+
+
+def test_on_a_v100_both_stages_train_in_fp16_with_a_loss_scaler(monkeypatch):
+    from dataclasses import astuple
+
+    from lmrc.stage2.config import load_stage2_config
+    from lmrc.stage2.train import resolve_precision
+
+    _fake_gpu(monkeypatch, (7, 0))
+    assert hardware.resolve_mixed_precision("auto") == "fp16"  # stage 1: accelerate's fp16 + GradScaler
+    cfg = load_stage2_config(None, [])
+    cuda = torch.device("cuda", 0)
+    # stage 2: fp16 weights with the Trainer's autocast + loss scaler; FSDP: float32 flat parameters
+    assert astuple(resolve_precision(cfg, cuda, "ddp")) == (torch.float16, False, True)
+    assert astuple(resolve_precision(cfg, cuda, "fsdp")) == (torch.float32, False, True)
+    _fake_gpu(monkeypatch, (8, 0))
+    assert astuple(resolve_precision(cfg, cuda, "fsdp")) == (torch.float32, True, False)
+    assert astuple(resolve_precision(cfg, cuda, "deepspeed")) == (torch.bfloat16, True, False)
+    assert astuple(resolve_precision(cfg, cuda, "ddp")) == (torch.bfloat16, False, False)
+
+
+def test_gpu_memory_reports_every_local_device(monkeypatch):
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: f"GPU{i}")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda i=None: (i + 1) * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda i=None: (i + 2) * gib)
+    # the device-wide use (another process, e.g. vLLM's engine core) comes from NVML or the CUDA runtime
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (30 * gib, 80 * gib))
+    entries = hardware.gpu_memory()
+    assert [(e["device"], e["peak_allocated_gib"], e["peak_reserved_gib"]) for e in entries] == [
+        (0, 1.0, 2.0),
+        (1, 2.0, 3.0),
+    ]
+    assert entries[1]["device_used_gib"] == 50.0 and entries[1]["device_total_gib"] == 80.0
+    line = hardware.gpu_memory_line(entries)
+    assert "cuda:0 peak 1.0 GiB allocated / 2.0 GiB reserved" in line and "cuda:1" in line
+
+
+def test_gpu_memory_without_cuda_is_empty():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert hardware.gpu_memory() == [] and hardware.gpu_memory_line() == "GPU memory: no CUDA device"
+
+
+def test_version_floors_are_what_the_code_needs_and_are_installed():
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    reqs = {r.name: r for r in map(Requirement, project["dependencies"])}
+    floor = {
+        name: min(Version(s.version) for s in r.specifier if s.operator == ">=") for name, r in reqs.items()
+    }
+    assert floor["transformers"] >= Version("5.5")  # Trainer._run_epoch, logits_to_keep masks
+    assert floor["torch"] >= Version("2.6") and floor["accelerate"] >= Version("1.1")
+    for name, r in reqs.items():  # the environment the tests run in satisfies every declared range
+        assert r.specifier.contains(version(name), prereleases=True), (name, version(name), str(r.specifier))
+    from transformers import Trainer
+
+    assert hasattr(Trainer, "_run_epoch")
+    vllm = [Requirement(r) for r in project["optional-dependencies"]["vllm"]]
+    assert min(Version(s.version) for s in vllm[0].specifier) >= Version("0.7")  # guided decoding API
 
 
 def test_describe_names_the_cpu_capability():
@@ -52,3 +150,73 @@ def test_cpu_configs_leave_precision_and_threads_to_the_machine():
         train = (yaml.safe_load(path.read_text()) or {}).get("train", {}) or {}
         assert train.get("mixed_precision", "auto") == "auto", path.name
         assert "num_threads" not in train, path.name
+
+
+# ------------------------------------------------------------------------------------ vLLM engine (a fake vllm)
+
+
+def _fake_vllm(monkeypatch, new_api: bool) -> dict:
+    """A stand-in `vllm` package recording what lmrc passes; `new_api`: StructuredOutputsParams (>= 0.10.2),
+    else only the older GuidedDecodingParams."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    seen: dict = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            seen["llm"] = kw
+
+        def generate(self, inputs, params, lora_request=None, use_tqdm=True):
+            seen["params"], seen["lora"] = params, lora_request
+            out = SimpleNamespace(text="(a| b| c)", token_ids=[1, 2, 3], finish_reason="stop")
+            return [SimpleNamespace(outputs=[out]) for _ in inputs]
+
+    class Params:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, Params
+    sampling = types.ModuleType("vllm.sampling_params")
+    if new_api:
+        sampling.StructuredOutputsParams = type("StructuredOutputsParams", (Params,), {})
+    sampling.GuidedDecodingParams = type("GuidedDecodingParams", (Params,), {})
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, i, path: (name, i, path)
+    for name, mod in {"vllm": vllm, "vllm.sampling_params": sampling, "vllm.lora": lora,
+                      "vllm.lora.request": request}.items():  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, mod)
+    return seen
+
+
+@pytest.mark.parametrize("new_api", [True, False])
+def test_vllm_engine_gets_tensor_parallelism_structured_outputs_and_a_memory_fraction_that_fits(
+    monkeypatch, new_api
+):
+    from stage2_helpers import tiny_model_dir
+
+    from lmrc.stage2 import generate
+    from lmrc.stage2.config import load_stage2_config
+
+    seen = _fake_vllm(monkeypatch, new_api)
+    released = []
+    gib = 1024**3
+    monkeypatch.setattr(hardware, "release_cuda_cache", lambda: released.append(True))
+    # stage 1 still holds 10 GiB of a 40 GiB GPU: 0.85 of it is not free, vLLM would refuse to start
+    monkeypatch.setattr(hardware, "device_memory_used", lambda i: (10 * gib, 40 * gib))
+    cfg = load_stage2_config(None, [f"model={tiny_model_dir()}", "generation.tensor_parallel_size=2"])
+    gen = generate.VLLMGenerator(cfg, tiny_model_dir(), tiny_model_dir())
+    assert released == [True]  # torch's cache is given back before the engine measures free memory
+    assert seen["llm"]["tensor_parallel_size"] == 2 and seen["llm"]["enable_lora"] is True
+    assert seen["llm"]["gpu_memory_utilization"] == pytest.approx(0.73)
+    out = gen.generate([[1, 2, 3]], [8], grammars=['root ::= "x"'])
+    assert out[0].text == "(a| b| c)" and seen["lora"][2] == str(tiny_model_dir())
+    (params,) = seen["params"]
+    keyword = "structured_outputs" if new_api else "guided_decoding"
+    assert params.kw[keyword].kw == {"grammar": 'root ::= "x"'}
+    monkeypatch.setattr(hardware, "device_memory_used", lambda i: (1 * gib, 40 * gib))
+    generate.VLLMGenerator(cfg, tiny_model_dir(), tiny_model_dir())
+    assert seen["llm"]["gpu_memory_utilization"] == 0.85  # enough free memory: as configured

@@ -123,3 +123,84 @@ def test_every_shipped_config_resolves():
             load_stage2_config(path)
         else:
             load_stage1_config(path)
+
+
+def test_training_without_an_accelerate_config_asks_for_every_gpu_explicitly():
+    """A node's default accelerate config could run one process: --multi_gpu and --num_processes override it."""
+    commands = _dry_run("scripts/run_redocred.sh", "runs/x")
+    for c in commands[:3]:
+        assert "--multi_gpu" in c and c[c.index("--num_processes") + 1] == "8"
+        assert "--config_file" not in c
+    (one,) = _dry_run("scripts/train_stage1.sh", NUM_GPUS="1")
+    assert "--multi_gpu" not in one and one[one.index("--num_processes") + 1] == "1"
+    (fsdp,) = _dry_run("scripts/train_stage2.sh", "rc", ACCELERATE_CONFIG="configs/accelerate/fsdp.yaml")
+    assert "--multi_gpu" not in fsdp  # the config file names the engine
+
+
+def test_prediction_shards_run_on_distinct_gpus_unless_the_job_chose_one():
+    gpus = set()
+    for i in range(8):
+        commands = _dry_run("scripts/run_redocred.sh", "runs/x", PREDICT_SHARD=f"{i}/8")
+        predicts = [c for c in commands if "predict" in c]
+        assert {c[0] for c in predicts} == {"env"}
+        gpus |= {c[1] for c in predicts}
+    assert gpus == {f"CUDA_VISIBLE_DEVICES={i}" for i in range(8)}
+    commands = _dry_run("scripts/run_redocred.sh", "runs/x", PREDICT_SHARD="3/8", CUDA_VISIBLE_DEVICES="5")
+    assert all(c[0] != "env" for c in commands)  # a SLURM job's own GPU is kept
+
+
+def test_scripts_expand_no_possibly_empty_array_under_set_u():
+    """bash < 4.4 (macOS, older clusters) treats "${a[@]}" of an empty array as unset under `set -u`."""
+    import re
+
+    for path in sorted((REPO / "scripts").glob("*.sh")):
+        text = "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
+        for m in re.finditer(r'"\$\{(\w+)\[@\]\}"', text):
+            name = m.group(1)
+            guarded = text[max(0, m.start() - len(name) - 8) : m.start()].endswith(f"${{{name}[@]+")
+            never_empty = name in ("cmd", "RUNS_A", "RUNS_B", "LIST")  # filled by the script itself
+            assert guarded or never_empty, f'{path.name}: unguarded "${{{name}[@]}}"'
+
+
+def test_run_redocred_runs_under_bash_set_u_without_shards():
+    commands = _dry_run("scripts/run_redocred.sh", "runs/x")
+    assert all("--shard" not in c for c in commands)
+
+
+def test_accelerate_configs_leave_batch_settings_to_the_trainer_and_gather_on_save():
+    import yaml
+
+    ds = yaml.safe_load((REPO / "configs/accelerate/deepspeed_zero3.yaml").read_text())["deepspeed_config"]
+    assert ds["zero_stage"] == 3 and ds["zero3_save_16bit_model"] is True
+    # a hard-coded accumulation or clipping would contradict train.grad_accum / max_grad_norm
+    assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds
+    fsdp = yaml.safe_load((REPO / "configs/accelerate/fsdp.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" and fsdp["fsdp_use_orig_params"] is True
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp  # any model's own decoder layer
+
+
+def test_gpu_check_without_cuda_prints_one_line_and_skips_everything(tmp_path):
+    import json
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: make gpu-check runs for real")
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == ["gpu-check: no CUDA device: every check skipped"]
+    report = json.loads(out.read_text())
+    names = [c["name"] for c in report["checks"]]
+    assert len(names) == 11 and "vllm-lora-structured" in names and "zero3-1proc" in names
+    assert {(c["status"], c["detail"]) for c in report["checks"]} == {("skipped", "no CUDA device")}
+    assert report["machine"]["cuda"] is None
+    make = (REPO / "Makefile").read_text()
+    assert "gpu-check:" in make and "scripts/gpu_check.py" in make

@@ -131,12 +131,12 @@ def test_ctrl_c_saves_the_last_step_and_resume_replays_the_rest(files, tmp_path,
     calls = {"n": 0}
     original = train_mod._Trainer._micro_step
 
-    def interrupt_in_step_two(self, inputs, group_size):
+    def interrupt_in_step_two(self, inputs, *scale):
         # 3 micro-batches per epoch in groups of 2 and 1: the third call is step 2, mid-epoch
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, inputs, group_size)
+        return original(self, inputs, *scale)
 
     monkeypatch.setattr(train_mod._Trainer, "_micro_step", interrupt_in_step_two)
     with pytest.raises(KeyboardInterrupt):

@@ -128,6 +128,20 @@ def test_resume_reproduces_the_losses_of_an_uninterrupted_run(reference_run, tmp
     logged = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged] == pytest.approx(ref.losses, rel=1e-6, abs=1e-7)
+    # --resume of a finished run changes nothing; a run killed between its last save and the adapter folder
+    # writes the adapter from last/
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    again = train(cfg, out, resume=True)
+    assert again.finished and again.steps == 6 and not again.losses
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    (out / "adapter_config.json").unlink()
+    (out / "adapter_model.safetensors").unlink()
+    train(cfg, out, resume=True)
+    from safetensors.torch import load_file
+
+    rewritten = load_file(str(out / "adapter_model.safetensors"))
+    saved = load_file(str(out / STATE_DIR / "adapter_model.safetensors"))
+    assert rewritten.keys() == saved.keys() and all(torch.equal(rewritten[k], saved[k]) for k in saved)
 
 
 def test_saved_adapter_reloads_to_identical_logits(reference_run):
@@ -144,7 +158,7 @@ def test_saved_adapter_reloads_to_identical_logits(reference_run):
     manual = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32), str(out)
     )
-    set_peft_model_state_dict(manual, load_file(str(out / STATE_DIR / "adapter.safetensors")))
+    set_peft_model_state_dict(manual, load_file(str(out / STATE_DIR / "adapter_model.safetensors")))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32)
     with torch.no_grad():
         a = loaded.model(input_ids=ids).logits
@@ -330,3 +344,15 @@ def test_cli_train_pauses_and_resumes_from_the_saved_config(redocred_dir, tmp_pa
     assert (out / "adapter_model.safetensors").is_file() and (out / "train.log").is_file()
     saved = load_stage2_config(out / "config.yaml")
     assert saved.model == str(tiny_model_dir()) and saved.output_dir == str(out)
+
+
+def test_sharded_training_leaves_the_weights_where_they_were_loaded(redocred_dir):
+    """Under FSDP / ZeRO-3 the Trainer shards the model; a full copy moved to every GPU first defeats that."""
+    from lmrc.stage2.modeling import load_base_model
+
+    cfg = _cfg(redocred_dir)
+    meta = torch.device("meta")  # stands for a GPU: a move there is visible, and costs nothing
+    kept = load_base_model(cfg, tiny_model_dir(), meta, training=True, place=False, dtype=torch.float32)
+    assert {p.device.type for p in kept.parameters()} == {"cpu"}
+    moved = load_base_model(cfg, tiny_model_dir(), meta, training=True)
+    assert {p.device.type for p in moved.parameters()} == {"meta"}

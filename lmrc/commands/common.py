@@ -82,7 +82,11 @@ def data_dir() -> Path | None:
 
 @contextlib.contextmanager
 def log_to_file(path: Path):
-    """Also append the log to `path` (long background runs are followed there), at INFO whatever the console."""
+    """Also append the log to `path` (long background runs are followed there), at INFO whatever the console.
+    Under several processes (torchrun, accelerate launch) only rank 0 writes it, so lines are not doubled."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from lmrc.commands.common import (
@@ -144,6 +145,8 @@ def cmd_train(args) -> int:
     check_writable_folder("--output-dir", out)
     with sigterm_as_interrupt(), log_to_file(out / "train.log"):
         result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # the summary is printed once, by rank 0
+        return 0
     state = "finished" if result.finished else "paused (continue with --resume)"
     if result.stopped_early:
         state = "stopped early (patience)"

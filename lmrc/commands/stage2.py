@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from lmrc.commands.common import (
@@ -112,6 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_writable_folder("--output-dir", cfg.output_dir)
     with sigterm_as_interrupt(), log_to_file(Path(cfg.output_dir) / "train.log"):
         result = train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # the summary is printed once, by rank 0
+        return 0
     state = "finished" if result.finished else "paused (continue with --resume)"
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     print(

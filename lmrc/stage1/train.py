@@ -20,9 +20,13 @@ and the epoch). Continuing from it replays what the uninterrupted run does next,
 `train.deterministic` on the same hardware (without it, multi-threaded CPU backward kernels make even two
 uninterrupted runs differ in the last bits).
 
-Gradient accumulation: the micro-batches of an epoch are taken in groups of `grad_accum`; each micro-batch's
-loss (a mean over its pairs) is divided by the size of its group, so every optimizer step sees the mean of its
-micro-batch losses, including the shorter last group of an epoch.
+Gradient accumulation and several processes: the micro-batches of an epoch (`batch_size` documents each; one
+order for all processes) are taken in groups of `grad_accum * processes`; each process runs every
+`processes`-th micro-batch of a group and each micro-batch's loss (a mean over its pairs) is divided by the size
+of its group, so every optimizer step sees the mean of its group's micro-batch losses, including the shorter last
+group of an epoch. N processes with `grad_accum` k thus take the same optimizer steps over the same documents as
+one process with `grad_accum` N*k (the global batch). A process left without a micro-batch in a short last group
+runs a zero-weighted one, so that all processes join the same gradient reductions.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,12 +237,13 @@ class _Trainer:
         self.evaluations: list[dict[str, Any]] = []
         self.pos = _Position()
         self._boundary: tuple[_Position, list[dict]] | None = None
+        self._stop_request = _StopRequest()
+        self._stopped = False
 
     # ------------------------------------------------------------------------------------------------ setup
 
     def _check_output_dir(self) -> bool:
         """True when there is a run to resume; refuses to overwrite a run without --resume."""
-        recover_dir(self.last_dir)
         has_state = (self.last_dir / ckpt.STATE_FILE).is_file()
         if not self.resume:
             if has_state or (self.best_dir / ckpt.META_FILE).is_file():
@@ -266,7 +273,6 @@ class _Trainer:
         from lmrc.stage1.encoder import load_encoder
 
         cfg = self.config
-        resuming = self._check_output_dir()
         cuda = torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
         log.info(
@@ -291,9 +297,14 @@ class _Trainer:
             mixed_precision=mp,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.is_main_process:  # an interrupted swap of last/ is undone once, on rank 0
+            recover_dir(self.last_dir)
+        self.accelerator.wait_for_everyone()
+        resuming = self._check_output_dir()
         seed_everything(cfg.train.seed)
         documents = self._read_documents()  # a bad data file is reported before the encoder is loaded
-        self.encoder, self.tokenizer = load_encoder(cfg.model.encoder)
+        with self.accelerator.main_process_first():  # a hub model is downloaded once, by rank 0
+            self.encoder, self.tokenizer = load_encoder(cfg.model.encoder)
         self.data = self._load_data(*documents)
         self._build_model()
         if self.accelerator.is_main_process:
@@ -411,8 +422,14 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------- batches
 
+    @property
+    def _group_size(self) -> int:
+        """Micro-batches per optimizer step over all processes."""
+        return self.config.train.grad_accum * self.accelerator.num_processes
+
     def _local_batches(self, epoch: int) -> list[list[int]]:
-        """This process's micro-batches of an epoch (a pure function of seed and epoch)."""
+        """The micro-batches of an epoch, in one order for all processes (a pure function of seed and epoch);
+        `_step_batches` deals each step's group out to the processes."""
         from lmrc.stage1.features import length_grouped_batches
 
         cfg = self.config.train
@@ -422,11 +439,19 @@ class _Trainer:
             order = list(range(len(self.data.train_features)))
             random.Random(cfg.seed + epoch).shuffle(order)
             batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        world = self.accelerator.num_processes
-        if world > 1:  # every process gets the same number of batches (DDP steps in lockstep)
-            usable = len(batches) // world * world
-            batches = batches[self.accelerator.process_index : usable : world]
         return batches
+
+    def _step_batches(self, group: list[list[int]]) -> list[tuple[list[int], int, int]]:
+        """This process's micro-batches of one step's group, each with its loss weight: every process runs the
+        same number (DDP reduces in lockstep); a missing one is the group's first, weighted 0. The weights make
+        the gradient averaged over the processes the mean over the group's micro-batches."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine = group[rank::world]
+        passes = math.ceil(len(group) / world)
+        return [
+            (mine[j], world, len(group)) if j < len(mine) else (group[0], 0, len(group))
+            for j in range(passes)
+        ]
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -594,8 +619,8 @@ class _Trainer:
         resuming = self._setup()
         n_batches = len(self._local_batches(0))
         if n_batches == 0:
-            raise LmrcError(f"{self.config.data.train}: too few training documents for the processes in use")
-        self.pos.steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+            raise LmrcError(f"{self.config.data.train}: no training documents")
+        self.pos.steps_per_epoch = math.ceil(n_batches / self._group_size)
         self.pos.total_steps = self.pos.steps_per_epoch * cfg.epochs
         self.optimizer, self.scheduler = self._optimizer()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
@@ -609,11 +634,12 @@ class _Trainer:
             log.info("%s: training already finished (step %d)", self.out, self.pos.global_step)
             return self._result()
         try:
-            self._loop(stop_after_steps)
+            with _StopRequest() as self._stop_request:
+                self._loop(stop_after_steps)
         except KeyboardInterrupt:
-            # With several processes a save would need every process to join a collective; the last
-            # periodic save is kept instead.
-            if self._boundary is not None and self.accelerator.num_processes == 1:
+            # A second Ctrl-C, or one raised inside a step: with several processes a save would need every
+            # process to join a collective, so the last save is kept (a first Ctrl-C / SIGTERM saves on all).
+            if self._boundary is not None and self.accelerator.num_processes == 1 and not self._stopped:
                 log.warning(
                     "interrupted: saving the state after step %d to %s",
                     self._boundary[0].global_step,
@@ -679,8 +705,8 @@ class _Trainer:
                 self.batches = self._local_batches(pos.epoch)
                 epoch_loss, epoch_steps = 0.0, 0
                 while pos.batch_pos < len(self.batches):
-                    group = self.batches[pos.batch_pos : pos.batch_pos + cfg.grad_accum]
-                    step_loss = self._optimizer_step(group)
+                    group = self.batches[pos.batch_pos : pos.batch_pos + self._group_size]
+                    step_loss, stop = self._optimizer_step(group)
                     pos.global_step += 1
                     pos.batch_pos += len(group)
                     pos.loss_sum += step_loss
@@ -693,6 +719,15 @@ class _Trainer:
                     )
                     pos.eval_pending = due_eval
                     self._mark_boundary()
+                    if stop:  # Ctrl-C / SIGTERM on some process: all agree, save this step, stop
+                        log.warning(
+                            "interrupted: saving the state after step %d to %s",
+                            pos.global_step,
+                            self.last_dir,
+                        )
+                        self._save_last(*self._boundary)
+                        self._stopped = True
+                        raise KeyboardInterrupt
                     epoch_loss += step_loss
                     epoch_steps += 1
                     steps_this_call += 1
@@ -725,25 +760,30 @@ class _Trainer:
         finally:
             progress.close()
 
-    def _optimizer_step(self, group: list[list[int]]) -> float:
-        """One optimizer step over a group of micro-batches (gradient accumulation); returns the step's loss."""
+    def _optimizer_step(self, group: list[list[int]]) -> tuple[float, bool]:
+        """One optimizer step over a group of micro-batches dealt to the processes (gradient accumulation).
+
+        Returns the step's loss (the mean over the group, summed over processes) and whether any process was
+        asked to stop (Ctrl-C / SIGTERM), agreed in the same all-reduce."""
         from lmrc.stage1.features import collate
 
         cfg = self.config.train
+        mine = self._step_batches(group)
         step_loss = 0.0
-        for j, batch in enumerate(group):
+        for j, (batch, num, den) in enumerate(mine):
             inputs = collate([self.data.train_features[i] for i in batch])
-            sync = j == len(group) - 1
+            sync = j == len(mine) - 1
             ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
             with ctx:
-                step_loss += self._micro_step(inputs, len(group))
+                step_loss += self._micro_step(inputs, num, den)
+        step_loss, stop = self._global_loss(step_loss, self._stop_request.requested)
         if cfg.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self._boundary = None  # until the step is recorded, no consistent state to save
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss
+        return step_loss, stop
 
     def _log_step(self, step_loss: float, epoch_mean: float) -> None:
         pos = self.pos
@@ -781,7 +821,9 @@ class _Trainer:
         self._save_last(*self._boundary)
         return False
 
-    def _micro_step(self, inputs: dict, group_size: int) -> float:
+    def _micro_step(self, inputs: dict, num: int, den: int) -> float:
+        """Forward + backward of one micro-batch, its loss scaled by num / den; returns this process's share of
+        the step loss (the mean over the group's micro-batches once summed over processes)."""
         device = self.accelerator.device
         labels = inputs["labels"].to(device)
         logits = self.model(
@@ -791,8 +833,17 @@ class _Trainer:
             inputs["hts"],
         )
         loss = self.loss(logits, labels)
-        self.accelerator.backward(loss / group_size)
-        return loss.item() / group_size
+        self.accelerator.backward(loss * num / den)
+        return loss.item() * num / den / self.accelerator.num_processes
+
+    def _global_loss(self, local: float, stop: bool) -> tuple[float, bool]:
+        """The step loss over all processes, and whether any process was asked to stop (one small all-reduce;
+        the same values on every process)."""
+        if self.accelerator.num_processes == 1:
+            return local, stop
+        t = torch.tensor([local, float(stop)], dtype=torch.float64, device=self.accelerator.device)
+        total = self.accelerator.reduce(t, "sum")
+        return float(total[0]), bool(total[1] > 0)
 
     def _finish(self) -> None:
         pos = self.pos
@@ -804,6 +855,10 @@ class _Trainer:
             log.info("no evaluation selected a model: best/ holds the final weights")
             self._save_checkpoint(self.best_dir, None, pos)
         self._save_last(*self._boundary)
+        from lmrc.hardware import gpu_memory_line
+
+        if torch.cuda.is_available():
+            log.info("%s", gpu_memory_line())
         log.info(
             "training finished after %d steps (%.1f min); best %s = %s at step %s",
             pos.global_step,
@@ -830,6 +885,31 @@ class _Trainer:
             finished=pos.done,
             elapsed_s=pos.elapsed_s,
         )
+
+
+class _StopRequest:
+    """During the loop, a first Ctrl-C / SIGTERM asks to stop after the current optimizer step (every process
+    learns of it in the step's loss all-reduce, saves `last/` and stops); a second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: finishing the current step, then saving the state (Ctrl-C again aborts)")
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _fmt(value: float | None) -> str:

@@ -135,7 +135,10 @@ class GenerationConfig:
     # `lmrc stage2 predict`: documents per batch (generated together, then appended to the progress file as one
     # line); `lmrc predict` uses its own docs_per_batch.
     docs_per_chunk: int = 8
-    gpu_memory_utilization: float = 0.85  # vllm only
+    gpu_memory_utilization: float = 0.85  # vllm only (lowered to what is free when the engine starts)
+    tensor_parallel_size: int = (
+        1  # vllm only: GPUs one engine shards the model over (vLLM does not by itself)
+    )
     # hf: prefill a document's shared prompt prefix (instruction, relation set, text) once and reuse its KV cache
     # for every prompt of the document (direct mode asks ~18 pairs per prompt, so a document has many prompts).
     # vllm does this by itself (automatic prefix caching).
@@ -147,7 +150,13 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"generation.backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("batch_size", "max_new_tokens_per_pair", "max_new_tokens_cap", "docs_per_chunk"):
+        for name in (
+            "batch_size",
+            "max_new_tokens_per_pair",
+            "max_new_tokens_cap",
+            "docs_per_chunk",
+            "tensor_parallel_size",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"generation.{name} must be at least 1")
         if self.stop_repeated_lines < 0 or self.stop_repeated_lines == 1:

@@ -341,6 +341,8 @@ class VLLMGenerator:
         if cfg.load_in_4bit:
             log.info("vllm serves the base model in %s; load_in_4bit applies to training only", cfg.dtype)
         self._sampling_params = SamplingParams
+        self._structured = _structured_outputs_api()
+        gen = cfg.generation
         self.llm = LLM(
             model=str(base_path),
             tokenizer=str(adapter_dir),
@@ -348,12 +350,13 @@ class VLLMGenerator:
             enable_lora=True,
             max_lora_rank=_vllm_rank(cfg.lora.r),
             enable_prefix_caching=True,
-            seed=cfg.generation.seed,
-            gpu_memory_utilization=cfg.generation.gpu_memory_utilization,
+            seed=gen.seed,
+            gpu_memory_utilization=_vllm_memory_fraction(gen.gpu_memory_utilization),
+            tensor_parallel_size=gen.tensor_parallel_size,
             trust_remote_code=False,
         )
         self.lora = LoRARequest("lmrc-adapter", 1, str(adapter_dir))
-        self.cfg = cfg.generation
+        self.cfg = gen
         self.tokenizer = load_tokenizer(adapter_dir)
 
     @classmethod
@@ -371,9 +374,8 @@ class VLLMGenerator:
     ) -> list[Generation]:
         structured: list[dict] = [{} for _ in prompts]
         if grammars is not None:
-            from vllm.sampling_params import StructuredOutputsParams
-
-            structured = [{"structured_outputs": StructuredOutputsParams(grammar=g)} for g in grammars]
+            keyword, params_class = self._structured
+            structured = [{keyword: params_class(grammar=g)} for g in grammars]
         params = [
             self._sampling_params(
                 max_tokens=int(n),
@@ -394,6 +396,51 @@ class VLLMGenerator:
                 Generation(text=c.text, n_tokens=len(c.token_ids), hit_limit=c.finish_reason == "length")
             )
         return results
+
+
+def _structured_outputs_api() -> tuple[str, type]:
+    """The SamplingParams keyword and class for grammar-constrained outputs: `structured_outputs` /
+    StructuredOutputsParams (vLLM >= 0.10.2), else the older `guided_decoding` / GuidedDecodingParams."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return "structured_outputs", StructuredOutputsParams
+    except ImportError:
+        pass
+    try:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return "guided_decoding", GuidedDecodingParams
+    except ImportError:
+        raise LmrcError(
+            "generation.constrained with vllm needs vLLM >= 0.7 (grammar-guided decoding): pip install -U 'lmrc[vllm]'"
+        ) from None
+
+
+def _vllm_memory_fraction(asked: float) -> float:
+    """vLLM's gpu_memory_utilization, after giving back what this process's torch cache holds (a stage-1 model
+    ran on the same GPU before the engine starts) and capped by what is free: vLLM refuses to start when the
+    asked fraction of the whole GPU is not free."""
+    from lmrc.hardware import device_memory_used, release_cuda_cache
+
+    release_cuda_cache()
+    used = device_memory_used(0)
+    if used is None:
+        return asked
+    in_use, total = used
+    free_fraction = (total - in_use) / total
+    if asked <= free_fraction - 0.02:
+        return asked
+    fraction = max(0.05, round(free_fraction - 0.02, 3))
+    log.warning(
+        "vllm: %.1f GiB of %.1f GiB on the GPU are in use by other models or processes; "
+        "gpu_memory_utilization %.2f lowered to %.2f",
+        in_use / 1024**3,
+        total / 1024**3,
+        asked,
+        fraction,
+    )
+    return fraction
 
 
 def _vllm_rank(r: int) -> int:

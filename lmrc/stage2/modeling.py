@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmrc.errors import LmrcError
-from lmrc.hardware import cpu_supports_bf16
+from lmrc.hardware import cpu_supports_bf16, cuda_supports_bf16
 from lmrc.stage2.adapter import check_adapter_weights
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 
@@ -43,13 +43,14 @@ def pick_device() -> Any:
 
 
 def resolve_dtype(name: str, device: Any) -> Any:
-    """The torch dtype for `name`; "auto" is bf16 where the hardware runs it natively, else float32."""
+    """The torch dtype for `name`; "auto" is bf16 where the hardware runs it natively; else float16 on CUDA GPUs
+    (V100, T4: training adds a loss scaler) and float32 on CPUs."""
     import torch
 
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_supports_bf16(device.index) else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
@@ -60,6 +61,25 @@ def resolve_model_path(name: str) -> Path:
     if path.exists() and not (path / "config.json").is_file():
         raise LmrcError(f"{path}: not a Hugging Face model folder (no config.json) for model {name!r}")
     return path
+
+
+def prefetch_model(name: str) -> None:
+    """Download a Hugging Face hub model that is not cached yet (weights as safetensors, configs, tokenizer), so
+    that rank 0 fetches it once while the other ranks wait, instead of every rank fetching it."""
+    from lmrc.model_store import resolve
+
+    path = resolve(name)
+    if path.exists():
+        return
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s", name)
+    try:
+        snapshot_download(
+            str(name), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+        )
+    except Exception as exc:  # gated, offline, unknown: the same error as from_pretrained would give, earlier
+        raise LmrcError(f"{name}: cannot download the model: {exc}") from None
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -77,12 +97,24 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
-def load_base_model(cfg: Stage2Config, path: Path, device: Any, training: bool, device_index: int = 0) -> Any:
-    """The base causal LM in the configured dtype; 4-bit NF4 (QLoRA) when `load_in_4bit`, CUDA only."""
+def load_base_model(
+    cfg: Stage2Config,
+    path: Path,
+    device: Any,
+    training: bool,
+    device_index: int = 0,
+    dtype: Any = None,
+    place: bool = True,
+) -> Any:
+    """The base causal LM in the configured dtype (or `dtype`); 4-bit NF4 (QLoRA) when `load_in_4bit`, CUDA only.
+
+    `place=False` leaves the weights where they were loaded: the Trainer moves them (DDP) or shards them (FSDP,
+    DeepSpeed), and a full copy on every GPU first would defeat the sharding.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if cfg.load_in_4bit:
         if device.type != "cuda":
@@ -106,7 +138,7 @@ def load_base_model(cfg: Stage2Config, path: Path, device: Any, training: bool, 
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise LmrcError(f"{path}: cannot load the model: {exc}") from None
-    if not cfg.load_in_4bit:
+    if place and not cfg.load_in_4bit:
         model.to(device)
     if training:
         model.config.use_cache = False

@@ -1,29 +1,37 @@
-"""LoRA fine-tuning of the stage-2 LLM (`lmrc stage2 train`).
+"""LoRA fine-tuning of the stage-2 LLM (`lmrc stage2 train`), on transformers' `Trainer`.
 
-A plain training loop (through `accelerate`, so `accelerate launch` gives multi-GPU data parallelism): AdamW on
-the LoRA weights, linear warmup then linear decay (LMRC Table 7 gives warmup steps), gradient clipping, gradient
-accumulation, length-grouped batches with right padding. The loss is the mean cross-entropy over the answer
-tokens of an optimizer step (prompt tokens masked); logits are computed only at answer positions, which saves
-the vocabulary projection over the long prompts.
+The Trainer runs the loop on one process or many (`accelerate launch` / `torchrun`: DDP, FSDP, DeepSpeed ZeRO-3),
+with what those engines need and a hand-written loop got wrong: gradient accumulation that steps the optimizer once
+per window under every engine, clipping over the whole (sharded) model, adapters gathered from the shards when
+saved, per-rank RNG states, mid-epoch resume. What is ours:
 
-Every `save_every_steps` optimizer steps the complete training state (adapter weights, optimizer, scheduler, RNG
-states, position in the data) is written to `<output_dir>/last` by a write-then-rename, so a killed run continues
-with `--resume` and repeats the very same losses. The finished run saves the adapter (safetensors), tokenizer,
-resolved config, prompt template and relation set to `<output_dir>`, which is all `lmrc stage2 predict` needs.
+- the loss: the mean next-token cross-entropy over the answer tokens of an optimizer step (prompt tokens masked),
+  summed over the step's micro-batches and ranks and divided by their answer-token count (the Trainer's
+  `num_items_in_batch`); logits are computed only at answer positions (transformers >= 5 `logits_to_keep` mask);
+- the batches: length-grouped, in an order that depends on (seed, epoch) only, so the training-token budget
+  (`train.max_tokens`) becomes a step count (`max_steps`) before training starts;
+- the run folder: `last/` is the Trainer's checkpoint (adapter safetensors, optimizer, scheduler, per-rank RNG,
+  trainer state) moved into place after every save, with `state.json` marking it complete; the finished run saves
+  the adapter (safetensors), tokenizer, resolved config, prompt template and relation set to `<output_dir>`, which
+  is all `lmrc stage2 predict` needs. Only rank 0 writes files other than the engine's own shards.
+- interrupts: Ctrl-C or SIGTERM (on any rank) sets a flag that all ranks agree on at the next step's end; the run
+  then saves that step's state and stops (a second Ctrl-C aborts at once). `--resume` continues with the same
+  losses (up to float rounding) as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import os
-import random
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,17 +51,16 @@ from lmrc.stage2.modeling import (
     TEMPLATE_FILE,
     load_base_model,
     load_tokenizer,
+    prefetch_model,
     resolve_dtype,
     resolve_model_path,
     wrap_lora,
 )
 from lmrc.stage2.prompts import PromptEncoder, PromptTemplate, default_prompts_dir, load_template
 from lmrc.training import (
-    capture_rng,
     changed_setting,
+    distributed_engine,
     length_grouped_batches,
-    linear_schedule,
-    restore_rng,
 )
 
 log = logging.getLogger(__name__)
@@ -196,10 +203,25 @@ def load_training_hints(cfg: Stage2Config, relations: RelationSet, docs: Sequenc
     }
 
 
-def steps_for_tokens(
-    lengths: Sequence[int], cfg: Stage2Config, steps_per_epoch: int, world: int, budget: int
-) -> int:
-    """The first step at which the sequences trained on (prompt + answer tokens, no padding) reach `budget`.
+def steps_per_epoch(n_batches: int, grad_accum: int, world: int) -> int:
+    """Optimizer steps in an epoch of `n_batches` micro-batches: each rank takes every `world`-th batch (the last
+    round wraps around to the first batches, as accelerate's even batches), `grad_accum` of them a step."""
+    local = math.ceil(n_batches / world)
+    return max(1, math.ceil(local / grad_accum))
+
+
+def step_batches(n_batches: int, step_in_epoch: int, grad_accum: int, world: int) -> list[int]:
+    """Indices into an epoch's batch order of the micro-batches of one optimizer step, over all ranks."""
+    local = math.ceil(n_batches / world)
+    out = []
+    for k in range(step_in_epoch * grad_accum, min(local, (step_in_epoch + 1) * grad_accum)):
+        out.extend((k * world + r) % n_batches for r in range(world))
+    return out
+
+
+def steps_for_tokens(lengths: Sequence[int], cfg: Stage2Config, world: int, budget: int) -> int:
+    """The first step at which the sequences trained on (prompt + answer tokens, no padding, all ranks) reach
+    `budget`.
 
     The batch order depends on (seed, epoch) only, so the count is known before training: two adapters given
     the same budget see the same number of LLM tokens (the comparison's fair budget for rc vs direct).
@@ -208,11 +230,10 @@ def steps_for_tokens(
     seen, step = 0, 0
     for epoch in range(cfg.train.epochs or 1):
         batches = length_grouped_batches(lengths, bs, cfg.train.seed + epoch)
-        windows = [batches[i : i + ga] for i in range(0, len(batches), ga)]
-        for in_epoch in range(steps_per_epoch):
-            for rank in range(world):
-                window = windows[(in_epoch * world + rank) % len(windows)]
-                seen += sum(lengths[j] for b in window for j in b)
+        for in_epoch in range(steps_per_epoch(len(batches), ga, world)):
+            seen += sum(
+                lengths[j] for k in step_batches(len(batches), in_epoch, ga, world) for j in batches[k]
+            )
             step += 1
             if seen >= budget:
                 return step
@@ -269,43 +290,8 @@ def answer_loss_sum(model: Any, batch: dict[str, Any], logit_mask: bool = True) 
 
 
 def _state_dir(output_dir: Path) -> Path | None:
-    recover_dir(output_dir / STATE_DIR)
     d = output_dir / STATE_DIR
     return d if (d / "state.json").is_file() else None
-
-
-def save_state(output_dir: Path, model: Any, optimizer: Any, scheduler: Any, progress: dict) -> None:
-    import torch
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    tmp = output_dir / (STATE_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(weights, str(tmp / "adapter.safetensors"))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng()},
-        tmp / "optimizer.pt",
-    )
-    # state.json last: its presence marks a complete folder.
-    atomic_write_json(tmp / "state.json", progress, indent=2)
-    replace_dir(tmp, output_dir / STATE_DIR)
-
-
-def load_state(state_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    progress = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
-    set_peft_model_state_dict(model, load_file(str(state_dir / "adapter.safetensors")))
-    blob = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    restore_rng(blob["rng"])
-    return progress
 
 
 def _check_resume_config(saved: Stage2Config, cfg: Stage2Config, where: Path) -> None:
@@ -318,12 +304,10 @@ def _check_resume_config(saved: Stage2Config, cfg: Stage2Config, where: Path) ->
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
-
-
 def prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
-    """The state folder to resume from (None: start afresh); refuses to overwrite another run."""
+    """The state folder to resume from (None: start afresh); refuses to overwrite another run.
+
+    Call it on every rank after rank 0 ran `recover_dir` (see `train`); it only reads."""
     state = _state_dir(output_dir)
     if resume:
         if state is None:
@@ -338,6 +322,268 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the weights are loaded and what the Trainer autocasts to.
+
+    Plain data parallel: the base weights in the resolved dtype, the LoRA weights in float32 (peft), no autocast,
+    except float16, which needs autocast + a loss scaler (GPUs without native bf16). FSDP flattens the parameters
+    of a wrapped module into one tensor of one dtype, so the base is loaded in float32 too and FSDP's mixed
+    precision computes in bf16/fp16 (float32 master weights). DeepSpeed casts every parameter to its bf16/fp16.
+    """
+
+    load_dtype: Any
+    bf16: bool
+    fp16: bool
+
+
+def resolve_precision(cfg: Stage2Config, device: Any, engine: str) -> Precision:
+    import torch
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    half = dtype in (torch.bfloat16, torch.float16)
+    if cfg.load_in_4bit:  # bitsandbytes computes in its compute dtype; the adapter stays float32
+        return Precision(dtype, False, False)
+    if engine == "fsdp":
+        return Precision(torch.float32, dtype == torch.bfloat16, dtype == torch.float16)
+    if engine == "deepspeed":
+        return Precision(dtype, dtype == torch.bfloat16, dtype == torch.float16)
+    return Precision(dtype, False, half and dtype == torch.float16 and device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data for the Trainer
+
+
+class _Examples:
+    """A map-style dataset over the built examples (the collator pads them)."""
+
+    def __init__(self, examples: Sequence[TrainExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> TrainExample:
+        return self.examples[i]
+
+
+class LengthGroupedBatchSampler:
+    """The batches of `length_grouped_batches` for (seed + epoch); the Trainer sets the epoch."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.epoch = 0
+        self._n = len(length_grouped_batches(self.lengths, batch_size, seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(length_grouped_batches(self.lengths, self.batch_size, self.seed + self.epoch))
+
+
+class AnswerCollator:
+    """Right-padded batches; labels hold the answer tokens only (the prompt is masked)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: Sequence[TrainExample]) -> dict[str, Any]:
+        return collate(examples, self.pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Trainer and its callback
+
+
+def _make_trainer_class() -> type:
+    """The Trainer subclass (built lazily: importing lmrc must not import transformers)."""
+    from transformers import Trainer
+
+    class AnswerLossTrainer(Trainer):
+        # compute_loss divides by the step's answer-token count over all micro-batches and ranks itself.
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args: Any, batch_sampler: LengthGroupedBatchSampler, logit_mask: bool, **kw: Any):
+            super().__init__(*args, **kw)
+            self.batch_sampler = batch_sampler
+            self.logit_mask = logit_mask
+            self.model_accepts_loss_kwargs = True  # count num_items_in_batch (labels[..., 1:] != -100)
+            self.local_tokens = 0
+
+        def get_train_dataloader(self) -> Any:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(
+                self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator
+            )
+            # accelerate shards the batches over the ranks (rank r takes batches r, r + world, ...).
+            return self.accelerator.prepare(loader)
+
+        def _run_epoch(self, model: Any, epoch: int, *args: Any, **kwargs: Any) -> Any:
+            # The batch order is a function of (seed, epoch); set it also when a resumed epoch skips batches.
+            self.batch_sampler.set_epoch(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
+
+        def compute_loss(
+            self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            loss_sum = answer_loss_sum(model, inputs, self.logit_mask)
+            self.local_tokens += int(inputs["attention_mask"].sum())
+            if num_items_in_batch is None:
+                num_items_in_batch = max(1, int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()))
+            loss = loss_sum / num_items_in_batch
+            # num_items_in_batch counts every rank's tokens; DDP/FSDP/DeepSpeed average the gradients over ranks.
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+    return AnswerLossTrainer
+
+
+class _Interrupt:
+    """Ctrl-C / SIGTERM set a flag; the training loop stops at the end of the step (all ranks agree there).
+    A second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: finishing the current step, then saving the state (Ctrl-C again aborts)")
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _run_callback_class() -> type:
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        """Our per-step record (metrics.jsonl, on_step), periodic/final/interrupt saves, `last/` in place."""
+
+        def __init__(self, run: _Run) -> None:
+            self.run = run
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> Any:
+            if not logs or "loss" not in logs or "train_loss" in logs:
+                return control
+            return self.run.on_step_logged(state, control, logs)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            self.run.publish_checkpoint(state.global_step)
+            return control
+
+    return RunCallback
+
+
+class _Run:
+    """What one `train` call tracks around the Trainer."""
+
+    def __init__(self, out: Path, cfg: Stage2Config, total_steps: int, steps_per_epoch: int, start_step: int,
+                 stop_at: int, interrupt: _Interrupt, on_step: Callable[[dict], None] | None) -> None:  # fmt: skip
+        self.out, self.cfg = out, cfg
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.start_step, self.stop_at = start_step, stop_at
+        self.interrupt, self.on_step = interrupt, on_step
+        self.trainer: Any = None
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.interrupted = False
+        self.running: float | None = None
+
+    @property
+    def main(self) -> bool:
+        return bool(self.trainer.accelerator.is_main_process)
+
+    def _agree(self, flag: bool, tokens: int) -> tuple[bool, int]:
+        """Every rank's interrupt flag and token count, in one collective: any rank's interrupt stops all."""
+        import torch
+
+        acc = self.trainer.accelerator
+        if acc.num_processes == 1:
+            return flag, tokens
+        t = torch.tensor([[float(flag), float(tokens)]], device=acc.device)
+        g = acc.gather(t)
+        return bool(g[:, 0].max() > 0), int(g[:, 1].sum())
+
+    def on_step_logged(self, state: Any, control: Any, logs: dict) -> Any:
+        step = state.global_step
+        loss = float(logs["loss"])
+        local, self.trainer.local_tokens = self.trainer.local_tokens, 0
+        flag = False
+        record = {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "loss": loss,
+            "lr": float(logs.get("learning_rate", 0.0)),
+            "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+        }
+        try:
+            if self.on_step is not None:
+                self.on_step(dict(record))
+        except KeyboardInterrupt:  # an interrupt raised by a hook: handled like Ctrl-C
+            flag = True
+        flag = flag or self.interrupt.requested
+        flag, tokens = self._agree(flag, local)
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.start
+        record["tokens_per_s"] = round(self.tokens / elapsed, 2) if elapsed > 0 else None
+        record["elapsed_s"] = round(elapsed, 2)
+        self.losses.append(loss)
+        self.running = loss if self.running is None else 0.9 * self.running + 0.1 * loss
+        every = self.cfg.train.log_every_steps
+        if self.main and (step % every == 0 or step == self.total_steps):
+            append_jsonl(self.out / METRICS_FILE, record)
+            log.info(
+                "step %d/%d loss %.4f (running %.4f) lr %.2e %s tokens/s",
+                step, self.total_steps, loss, self.running, record["lr"], record["tokens_per_s"],
+            )  # fmt: skip
+        if flag:
+            self.interrupted = True
+            log.warning("interrupted: saving the state after step %d to %s", step, self.out / STATE_DIR)
+        if flag or step >= self.stop_at:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def publish_checkpoint(self, step: int) -> None:
+        """Move the Trainer's `checkpoint-<step>` (complete on every rank) into `last/`, on rank 0."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        acc = self.trainer.accelerator
+        acc.wait_for_everyone()
+        if self.main:
+            src = self.out / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            # state.json last: its presence marks a complete folder.
+            atomic_write_json(src / "state.json", {"step": step, "total_steps": self.total_steps}, indent=2)
+            replace_dir(src, self.out / STATE_DIR)
+        acc.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
 def train(
     cfg: Stage2Config,
     output_dir: str | os.PathLike | None = None,
@@ -348,35 +594,41 @@ def train(
     """Fine-tune LoRA adapters as configured, or continue an interrupted run (`resume`).
 
     `stop_after_steps` pauses after that many steps of this call (state saved; continue with `resume`), to
-    time-box long CPU runs. `on_step` receives each step's metrics record. Ctrl-C (KeyboardInterrupt) saves the
-    state of the last finished step before re-raising.
+    time-box long CPU runs. `on_step` receives each step's metrics record (raising KeyboardInterrupt there acts
+    as Ctrl-C). Ctrl-C / SIGTERM saves the state of the step under way once it is finished, then raises
+    KeyboardInterrupt.
     """
     import torch
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    from accelerate import PartialState
+    from transformers import TrainingArguments, set_seed
 
     out = Path(output_dir or cfg.output_dir)
     cfg = copy.deepcopy(cfg)  # the caller's config stays as given; the saved one names the output folder
     cfg.output_dir = str(out)
-    state_dir = prepare_output_dir(out, resume)
-    if state_dir is not None:
-        _check_resume_config(load_stage2_config(out / CONFIG_FILE), cfg, out / CONFIG_FILE)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # A stage-1 run earlier in this process (lmrc compare) may have left accelerate's global state in bf16
-        # autocast; stage 2 sets its precision through the weights' dtype instead.
+        # autocast; stage 2 sets its precision through the weights' dtype and the Trainer's arguments.
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision="no")
-    main = accelerator.is_main_process
-    random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
+    cuda = torch.cuda.is_available()
+    state = PartialState(cpu=not cuda)  # joins the process group under torchrun / accelerate launch
+    main, world = state.is_main_process, state.num_processes
+    if main:  # an interrupted swap of last/ is undone once, before any rank looks at it
+        recover_dir(out / STATE_DIR)
+    state.wait_for_everyone()
+    state_dir = prepare_output_dir(out, resume)
+    if state_dir is not None:
+        _check_resume_config(load_stage2_config(out / CONFIG_FILE), cfg, out / CONFIG_FILE)
 
     # Data first: a bad file fails before minutes of model loading.
     relations, docs = load_training_documents(cfg)
     template, template_text = load_training_template(cfg)
+    if main:  # a hub model is downloaded once, by rank 0, while the others wait
+        prefetch_model(cfg.model)
+    state.wait_for_everyone()
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     examples, stats = build_training_examples(cfg, tokenizer, relations, docs, template)
@@ -390,33 +642,15 @@ def train(
         stats.answer_tokens,
     )
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if state_dir is None:
-            save_config(cfg, out / CONFIG_FILE)
-            if (out / METRICS_FILE).exists():
-                (out / METRICS_FILE).unlink()
-
-    model = load_base_model(
-        cfg, model_path, accelerator.device, training=True, device_index=accelerator.local_process_index
-    )
-    model = wrap_lora(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
     lengths = [len(e) for e in examples]
-    world = accelerator.num_processes
     bs, ga = cfg.train.batch_size, cfg.train.grad_accum
-    windows_per_epoch = math.ceil(math.ceil(len(examples) / bs) / ga)
-    steps_per_epoch = math.ceil(windows_per_epoch / world)
-    epochs = cfg.train.epochs or 1
-    total_steps = steps_per_epoch * epochs
+    sampler = LengthGroupedBatchSampler(lengths, bs, cfg.train.seed)
+    per_epoch = steps_per_epoch(len(sampler), ga, world)
+    total_steps = per_epoch * (cfg.train.epochs or 1)
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     if cfg.train.max_tokens is not None:
-        total_steps = min(
-            total_steps, steps_for_tokens(lengths, cfg, steps_per_epoch, world, cfg.train.max_tokens)
-        )
+        total_steps = min(total_steps, steps_for_tokens(lengths, cfg, world, cfg.train.max_tokens))
     warmup = cfg.train.warmup_steps or 0
     if warmup >= total_steps:
         log.warning(
@@ -424,15 +658,12 @@ def train(
             warmup,
             total_steps,
         )
-    scheduler = linear_schedule(optimizer, warmup, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
 
-    step = 0
+    start_step = 0
     if state_dir is not None:
-        progress = load_state(state_dir, unwrapped, optimizer, scheduler)
-        step = int(progress["step"])
-        log.info("resumed from %s at step %d of %d", state_dir, step, total_steps)
+        progress = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+        start_step = int(progress["step"])
+        log.info("resuming from %s at step %d of %d", state_dir, start_step, total_steps)
         if progress.get("total_steps") != total_steps:
             log.warning(
                 "the interrupted run planned %s steps, this one %d (max_steps or the data changed): the learning "
@@ -440,138 +671,154 @@ def train(
                 progress.get("total_steps"),
                 total_steps,
             )
-        if main:  # forget metrics logged after the saved state: those steps run again
-            kept = [r for r in read_jsonl(out / METRICS_FILE) if r.get("step", 0) <= step]
-            atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
-
-    logit_mask = _supports_logit_mask()
-    model.train()
-    losses: list[float] = []
-    tokens_run = 0
-    saved_step = step if state_dir is not None else -1
-    boundary_rng = capture_rng()
-    start = time.perf_counter()
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="stage2 train",
-        disable=None if main else True,
-        dynamic_ncols=True,
-    )
-    running = None
-    epoch_windows: dict[int, list] = {}
-    stop_at = total_steps if stop_after_steps is None else min(total_steps, step + stop_after_steps)
-
-    def save(at: int) -> None:
-        nonlocal saved_step
-        accelerator.wait_for_everyone()
-        if main:
-            save_state(out, unwrapped, optimizer, scheduler, {"step": at, "total_steps": total_steps})
-        saved_step = at
-
-    try:
-        while step < stop_at:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            if epoch not in epoch_windows:  # the order of an epoch depends on (seed, epoch) only: resumable
-                batches = length_grouped_batches(lengths, bs, cfg.train.seed + epoch)
-                epoch_windows = {epoch: [batches[i : i + ga] for i in range(0, len(batches), ga)]}
-            windows = epoch_windows[epoch]
-            # Each step takes `world` windows, one per process; the last group wraps around (DistributedSampler).
-            window = windows[(in_epoch * world + accelerator.process_index) % len(windows)]
-            collated = [collate([examples[j] for j in b], tokenizer.pad_token_id) for b in window]
-            n_answer = sum(int((c["labels"] != IGNORE_INDEX).sum()) for c in collated)
-            loss_total = 0.0
-            for i, batch in enumerate(collated):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                last = i == len(collated) - 1
-                ctx = accelerator.no_sync(model) if not last and world > 1 else contextlib.nullcontext()
-                with ctx:
-                    loss_sum = answer_loss_sum(model, batch, logit_mask)
-                    # Mean over the answer tokens of the whole step, not of each micro-batch.
-                    accelerator.backward(loss_sum / max(1, n_answer))
-                loss_total += float(loss_sum.detach())
-                tokens_run += int(batch["attention_mask"].sum())
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            boundary_rng = capture_rng()
-            loss = loss_total / max(1, n_answer)
-            if world > 1:
-                loss = float(accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean"))
-            losses.append(loss)
-            running = loss if running is None else 0.9 * running + 0.1 * loss
-            elapsed = time.perf_counter() - start
-            record = {
-                "step": step,
-                "epoch": round(step / steps_per_epoch, 4),
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "answer_tokens": n_answer,
-                "tokens_per_s": round(tokens_run / elapsed, 2) if elapsed > 0 else None,
-                "elapsed_s": round(elapsed, 2),
-            }
-            if main and (step % cfg.train.log_every_steps == 0 or step == total_steps):
-                append_jsonl(out / METRICS_FILE, record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
-            if bar.disable and main and (step % cfg.train.log_every_steps == 0 or step == total_steps):
-                log.info(
-                    "step %d/%d loss %.4f (running %.4f) lr %.2e %s tokens/s",
-                    step, total_steps, loss, running, lr, record["tokens_per_s"],
-                )  # fmt: skip
-            every = cfg.train.save_every_steps
-            if step == stop_at or (every and step % every == 0):
-                save(step)
-            if on_step is not None:
-                on_step(record)
-    except KeyboardInterrupt:
-        # Ctrl-C / SIGTERM: keep the steps finished so far. The RNG is rewound to the last step boundary, so the
-        # resumed run draws the same dropout masks as an uninterrupted one.
-        if step > saved_step and step > 0:
-            log.warning("interrupted: saving the state after step %d to %s", step, out / STATE_DIR)
-            restore_rng(boundary_rng)
-            save(step)
-        raise
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    finished = step >= total_steps
-
-    accelerator.wait_for_everyone()
     if main:
-        if finished:
-            _save_final(out, unwrapped, tokenizer, cfg, template_text, relations)
+        out.mkdir(parents=True, exist_ok=True)
+        if state_dir is None:
+            save_config(cfg, out / CONFIG_FILE)
+            if (out / METRICS_FILE).exists():
+                (out / METRICS_FILE).unlink()
+        else:  # forget metrics logged after the saved state: those steps run again
+            kept = [r for r in read_jsonl(out / METRICS_FILE) if r.get("step", 0) <= start_step]
+            atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+    state.wait_for_everyone()
+    stop_at = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
+
+    engine = distributed_engine()
+    device = state.device
+    precision = resolve_precision(cfg, device, engine)
+    every = cfg.train.save_every_steps
+    # Built before the model: under DeepSpeed ZeRO-3 this makes from_pretrained load the weights partitioned.
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        learning_rate=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        lr_scheduler_type="linear",  # warmup from 0, then linear decay to 0 (training.linear_schedule)
+        warmup_steps=warmup,
+        max_steps=total_steps,
+        optim="adamw_torch",
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="steps" if every else "no",
+        save_steps=every or 1,
+        report_to="none",
+        disable_tqdm=not (main and sys.stderr.isatty()),
+        seed=cfg.train.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        average_tokens_across_devices=True,
+        use_cpu=not cuda,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        ddp_find_unused_parameters=False,
+        log_level="warning",
+    )
+    set_seed(cfg.train.seed)
+    model = load_base_model(
+        cfg,
+        model_path,
+        device,
+        training=True,
+        device_index=state.local_process_index,
+        dtype=precision.load_dtype,
+        place=False,  # the Trainer places it (DDP), or shards it (FSDP, DeepSpeed)
+    )
+    model = wrap_lora(model, cfg)
+    already_done = state_dir is not None and start_step >= total_steps
+    if already_done and not (out / ADAPTER_CONFIG).is_file():
+        # The last step was saved but the adapter folder was not written (killed in between): write it from last/.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(state_dir / "adapter_model.safetensors")))
+
+    interrupt = _Interrupt()
+    run = _Run(out, cfg, total_steps, per_epoch, start_step, stop_at, interrupt, on_step)
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=_Examples(examples),
+        data_collator=AnswerCollator(tokenizer.pad_token_id),
+        callbacks=[_run_callback_class()(run)],
+        batch_sampler=sampler,
+        logit_mask=_supports_logit_mask(),
+    )
+    run.trainer = trainer
+    finished = start_step >= total_steps
+    start = time.perf_counter()
+    if not finished:
+        with interrupt, _quiet_trainer_logs():
+            trainer.train(resume_from_checkpoint=str(state_dir) if state_dir is not None else None)
+    steps = int(trainer.state.global_step) if not finished else start_step
+    seconds = time.perf_counter() - start
+    if run.interrupted:
+        raise KeyboardInterrupt
+    finished = steps >= total_steps
+
+    if finished and not (already_done and (out / ADAPTER_CONFIG).is_file()):
+        _save_final(trainer, out, tokenizer, cfg, template_text, relations)
+    elif already_done:
+        log.info("%s: training had already finished (step %d of %d)", out, start_step, total_steps)
+    if main:
+        from lmrc.hardware import gpu_memory
+
         summary = {
             "finished": finished,
             "examples": stats.to_dict(),
             "documents": len(docs),
-            "steps": step,
+            "steps": steps,
             "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
+            "steps_per_epoch": per_epoch,
             "seconds_this_call": round(seconds, 2),
-            "tokens_this_call": tokens_run,
-            "tokens_per_s": round(tokens_run / seconds, 2) if seconds > 0 else None,
-            "final_loss": losses[-1] if losses else None,
-            "device": str(accelerator.device),
+            "tokens_this_call": run.tokens,
+            "tokens_per_s": round(run.tokens / seconds, 2) if seconds > 0 else None,
+            "final_loss": run.losses[-1] if run.losses else None,
+            "device": str(device),
             "processes": world,
-            "dtype": str(resolve_dtype(cfg.dtype, accelerator.device)).replace("torch.", ""),
+            "engine": engine,
+            "dtype": str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
+            "gpu_memory": gpu_memory(),
         }
         atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
-    return TrainResult(out, step, total_steps, losses, seconds, tokens_run, stats, finished)
+    state.wait_for_everyone()
+    return TrainResult(out, steps, total_steps, run.losses, seconds, run.tokens, stats, finished)
+
+
+class _quiet_trainer_logs:
+    """The Trainer prints its own progress lines at INFO; ours go to the log (and train.log) instead."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self.level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_warning()
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self.level)
 
 
 def _save_final(
-    out: Path, model: Any, tokenizer: Any, cfg: Stage2Config, template_text: str, relations: RelationSet
+    trainer: Any, out: Path, tokenizer: Any, cfg: Stage2Config, template_text: str, relations: RelationSet
 ) -> None:
-    """The adapter folder: written to a temporary name first, then the files are moved in."""
+    """The adapter folder. Every rank takes part in the Trainer's save (it gathers the adapter from the shards
+    under FSDP / ZeRO-3); rank 0 writes it to a temporary folder first, then moves the files in."""
     tmp = out / ".final.tmp"
-    if tmp.exists():
+    main = trainer.accelerator.is_main_process
+    if main and tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    trainer.accelerator.wait_for_everyone()
+    # gather the adapter on rank 0, whatever state-dict type the checkpoints use
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if not main:
+        return
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config says it all
     tokenizer.save_pretrained(str(tmp))
     atomic_write_text(tmp / TEMPLATE_FILE, template_text)
     atomic_write_json(tmp / RELATIONS_FILE, {rid: relations.name(rid) for rid in relations.ids}, indent=1)

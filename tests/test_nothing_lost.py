@@ -75,11 +75,30 @@ SAME_FILE_CASES = {
         "--save-candidates",
     ),
     "predict --output is the --train file": (
-        ["predict", "--input", "docs.json", "--output", "pred.json", "--train", "pred.json", "--stage1", "model"],
+        [
+            "predict",
+            "--input",
+            "docs.json",
+            "--output",
+            "pred.json",
+            "--train",
+            "pred.json",
+            "--stage1",
+            "model",
+        ],
         "--train",
     ),
     "stage1 predict --output is --input": (
-        ["stage1", "predict", "--checkpoint", "model", "--input", "docs.json", "--output", "sub/../docs.json"],
+        [
+            "stage1",
+            "predict",
+            "--checkpoint",
+            "model",
+            "--input",
+            "docs.json",
+            "--output",
+            "sub/../docs.json",
+        ],
         "--input",
     ),
     "stage1 predict --relations is --output": (
@@ -210,7 +229,9 @@ def test_a_full_disk_is_one_line_naming_the_output(files, capsys, monkeypatch):
     assert not (files / "stats.json").exists() and not list(files.glob(".stats.json.*"))  # no temp file left
     code, _, err = run(capsys, "--debug", "data", "stats", "docs.json", "--json", "stats.json")
     assert code == 2  # --debug adds the traceback and keeps the exit code
-    assert "Traceback" in err and err.rstrip().endswith(f"lmrc: error: stats.json: {os.strerror(errno.ENOSPC)}")
+    assert "Traceback" in err and err.rstrip().endswith(
+        f"lmrc: error: stats.json: {os.strerror(errno.ENOSPC)}"
+    )
 
 
 def test_permission_denied_while_reading_is_one_line(files, capsys, monkeypatch):
@@ -320,7 +341,10 @@ def test_an_existing_output_is_replaced_only_with_overwrite(files, capsys):
     (files / "m.json").write_text("keep me")
     argv = ["evaluate", "--pred", "pred.json", "--gold", "docs.json", "--out", "m.json"]
     code, _, err = run(capsys, *argv)
-    assert code == 2 and one_error_line(err) == "lmrc: error: m.json: exists (--out); pass --overwrite to replace it"
+    assert (
+        code == 2
+        and one_error_line(err) == "lmrc: error: m.json: exists (--out); pass --overwrite to replace it"
+    )
     assert (files / "m.json").read_text() == "keep me"
     code, _, _ = run(capsys, *argv, "--overwrite")
     assert code == 0 and json.loads((files / "m.json").read_text())["inputs"]["gold"] == "docs.json"
@@ -337,19 +361,25 @@ def test_a_killed_runs_progress_is_kept_without_resume_or_overwrite(files, capsy
     ):
         code, _, err = run(capsys, *argv)
         line = one_error_line(err)
-        assert code == 2 and line.startswith("lmrc: error: r.progress.jsonl: progress of an earlier run"), line
+        assert code == 2 and line.startswith("lmrc: error: r.progress.jsonl: progress of an earlier run"), (
+            line
+        )
         assert "--resume continues it, --overwrite discards it" in line
         assert progress.read_bytes() == before
     # --resume and --overwrite get past the check (to the stand-in model folder, which is not a model).
     for flag in ("--resume", "--overwrite"):
-        code, _, err = run(capsys, "predict", "--input", "docs.json", "--output", "r.json", "--stage1", "model", flag)
+        code, _, err = run(
+            capsys, "predict", "--input", "docs.json", "--output", "r.json", "--stage1", "model", flag
+        )
         assert code == 2 and "progress of an earlier run" not in err and "Traceback" not in err
 
 
 def test_a_finished_result_needs_overwrite_or_resume(files, capsys):
     (files / "r.json").write_text("[]")
     code, _, err = run(capsys, "predict", "--input", "docs.json", "--output", "r.json", "--stage1", "model")
-    assert code == 2 and one_error_line(err).endswith("r.json: exists (--output); pass --overwrite to replace it")
+    assert code == 2 and one_error_line(err).endswith(
+        "r.json: exists (--output); pass --overwrite to replace it"
+    )
 
 
 # ---------------------------------------------------------------------------------- 7: stage1 train

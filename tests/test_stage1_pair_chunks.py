@@ -102,7 +102,9 @@ def test_chunked_gradients_equal_one_pass(monkeypatch):
 
 def test_chunk_size_bounds_the_attention_product():
     """A normal document is one chunk; a long one gets chunks whose [pairs, heads, length] product is bounded."""
-    assert model_module.pair_chunk(heads=12, length=400) >= 380  # a typical Re-DocRED document's pairs, at once
+    assert (
+        model_module.pair_chunk(heads=12, length=400) >= 380
+    )  # a typical Re-DocRED document's pairs, at once
     long_doc = model_module.pair_chunk(heads=12, length=5500)
     assert long_doc * 12 * 5500 <= model_module.PAIR_CONTEXT_ELEMENTS
     assert model_module.pair_chunk(heads=12, length=10**9) == 1

@@ -77,7 +77,9 @@ def check_safetensors(path: str | os.PathLike) -> None:
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
             raise bad(f"tensor {name!r}: malformed byte range")
         if end > data_size:
-            raise bad(f"tensor {name!r} ends at byte {end:,} of {data_size:,} data bytes (the file is cut short)")
+            raise bad(
+                f"tensor {name!r} ends at byte {end:,} of {data_size:,} data bytes (the file is cut short)"
+            )
         if end - begin != want:
             raise bad(f"tensor {name!r}: {end - begin:,} bytes for shape {shape} of {dtype}")
         ranges.append((begin, end))

@@ -16,7 +16,7 @@ import sys
 from lmrc import __version__
 from lmrc.errors import LmrcError
 
-COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline")
+COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline", "entities")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,21 @@ def register(sub) -> None:
     sp.add_argument("--out-dir", type=Path, required=True)
     sp.set_defaults(func=cmd_split)
 
+    ft = data_sub.add_parser(
+        "from-text",
+        help="build DocRED documents (entities, coreference) from plain text",
+        description="Read a .txt file, a folder of .txt files or JSON lines {title, text}; cut sentences and "
+        "tokens (spaCy), find and group the entity mentions with --entities, and write DocRED documents (with "
+        "their text and token character offsets) for inspection or `lmrc predict --input`. Unreadable, empty or "
+        "binary texts are reported one line each and skipped.",
+    )
+    ft.add_argument("input", type=Path, help=".txt file, folder of .txt files, or .jsonl")
+    ft.add_argument(
+        "--entities", required=True, help="entity checkpoint (lmrc entities train) or spacy:<pipeline>"
+    )
+    ft.add_argument("--output", required=True, type=Path, help="DocRED-format JSON file to write")
+    ft.set_defaults(func=cmd_from_text)
+
     f = data_sub.add_parser(
         "fetch",
         help="get the official Re-DocRED train/dev/test files (sha256-verified, atomic)",
@@ -183,3 +198,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         check = "sha256 verified" if r.verified else f"sha256 {r.sha256} (no published hash)"
         print(f"{r.name}: {r.status} -> {r.path}  [{check}]")
     return 1 if any(r.status == "missing" for r in results) else 0
+
+
+def cmd_from_text(args: argparse.Namespace) -> int:
+    from lmrc.text.run import build_file
+
+    docs, stats = build_file(args.input, args.entities, args.output)
+    for s in stats.skipped:
+        print(f"skipped: {s.format()}")
+    print(
+        f"{args.output}: {len(docs)} documents, {stats.entities} entities, {stats.mentions} mentions "
+        f"({stats.seconds / max(len(docs), 1):.2f} s per document)"
+    )
+    return 0

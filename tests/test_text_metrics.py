@@ -62,7 +62,11 @@ def test_ceaf_e_pradhan_example():
     close(s.recall, 13, 20)  # 1.3 / 2 key entities
     close(s.precision, 13, 30)  # 1.3 / 3 response entities
     cf = conll_f1(muc(KEY, RESPONSE), b_cubed(KEY, RESPONSE), s)
-    expected = (Fraction(2, 5) + Fraction(2 * 5 * 6, 12 * 11) + 2 * Fraction(13, 20) * Fraction(13, 30) / Fraction(13 * 5, 60)) / 3
+    expected = (
+        Fraction(2, 5)
+        + Fraction(2 * 5 * 6, 12 * 11)
+        + 2 * Fraction(13, 20) * Fraction(13, 30) / Fraction(13 * 5, 60)
+    ) / 3
     assert cf == pytest.approx(float(expected))
 
 
@@ -111,10 +115,20 @@ def test_entity_matching_strict_and_lenient():
 
 
 def test_relation_scores_strict_and_lenient():
-    gold = {"D": ([frozenset({(0, 4), (20, 24)}), frozenset({(10, 13)}), frozenset({(40, 45)})], {(0, 1, "P1"), (2, 1, "P2")})}
+    gold = {
+        "D": (
+            [frozenset({(0, 4), (20, 24)}), frozenset({(10, 13)}), frozenset({(40, 45)})],
+            {(0, 1, "P1"), (2, 1, "P2")},
+        )
+    }
     built = {"D": [frozenset({(0, 4)}), frozenset({(10, 13)}), frozenset({(20, 24)}), frozenset({(40, 45)})]}
     preds = [
-        {"title": "D", "h_idx": 0, "t_idx": 1, "r": "P1"},  # head only shares a span with gold 0: lenient right
+        {
+            "title": "D",
+            "h_idx": 0,
+            "t_idx": 1,
+            "r": "P1",
+        },  # head only shares a span with gold 0: lenient right
         {"title": "D", "h_idx": 2, "t_idx": 1, "r": "P1"},  # also lenient right, the same gold fact
         {"title": "D", "h_idx": 3, "t_idx": 1, "r": "P2"},  # exact entities: right in both
         {"title": "D", "h_idx": 3, "t_idx": 1, "r": "P1"},  # wrong relation

@@ -140,7 +140,10 @@ def _save_state(folder: Path, tagger, tokenizer, optimizer, counters: dict) -> N
 
 
 def train(
-    cfg: EntitiesConfig, output_dir: str | Path | None = None, resume: bool = False, stop_after_epochs: int = 0
+    cfg: EntitiesConfig,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after_epochs: int = 0,
 ) -> Path:
     """Train (or continue) the entity model; returns the checkpoint folder (= the output folder).
 

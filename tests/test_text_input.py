@@ -242,3 +242,30 @@ def test_oracle_mentions_are_typed_as_given():
     doc = simple_doc()
     e = doc.entities[0]
     assert isinstance(e, Entity) and isinstance(e.mentions[0], Mention) and e.type == "PER"
+
+
+def test_evaluate_with_the_oracle_scores_one_everywhere(tmp_path, capsys):
+    from lmrc.data.docred import document_to_raw
+
+    gold = tmp_path / "gold.json"
+    gold.write_text(json.dumps([document_to_raw(simple_doc())]), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    texts = tmp_path / "texts.jsonl"
+    assert main(["entities", "evaluate", "--entities", f"gold:{gold}", "--gold", str(gold), "--output", str(out),
+                 "--text-output", str(texts)]) == 0  # fmt: skip
+    r = read_json(out)
+    for k in ("mention", "muc", "b_cubed", "ceaf_e", "exact"):
+        assert r[k]["f1"] == pytest.approx(1.0), k
+    assert r["conll_f1"] == pytest.approx(1.0) and r["type_accuracy"] == 1.0
+    assert r["gold_mentions_on_token_boundaries"] == 1.0
+    assert json.loads(texts.read_text("utf-8"))["text"] == gold_of(simple_doc()).text
+    assert "CoNLL F1" in capsys.readouterr().out
+
+
+def test_predict_text_needs_entities_and_entities_needs_text(tmp_path, capsys):
+    f = tmp_path / "a.txt"
+    f.write_text("Ada Lovelace was born in London.", encoding="utf-8")
+    assert main(["predict", "--text", str(f), "--output", str(tmp_path / "r.json"), "--stage1", "x"]) == 2
+    assert "--text needs --entities" in capsys.readouterr().err
+    assert main(["predict", "--input", str(f), "--entities", "x", "--output", str(tmp_path / "r.json")]) == 2
+    assert "--entities goes with --text" in capsys.readouterr().err

@@ -181,8 +181,10 @@ def test_from_text_cli_with_the_oracle_and_a_bad_file(tmp_path, capsys):
     (folder / "broken.txt").write_bytes(b"\xff\xfe\x00\x00")
     out = tmp_path / "built.json"
     assert main(["data", "from-text", str(folder), "--entities", f"gold:{gold}", "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "broken.txt" in printed and "binary" in printed
+    captured = capsys.readouterr()
+    assert "1 documents" in captured.out and "1 skipped" in captured.out
+    warned = [line for line in captured.err.splitlines() if "broken.txt" in line]
+    assert len(warned) == 1 and "binary" in warned[0]
     built = parse_documents(read_json(out), out)
     assert len(built) == 1 and built[0].entities == doc.entities
     # the output never replaces the input

@@ -203,11 +203,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_from_text(args: argparse.Namespace) -> int:
     from lmrc.text.run import build_file
 
-    docs, stats = build_file(args.input, args.entities, args.output)
-    for s in stats.skipped:
-        print(f"skipped: {s.format()}")
+    docs, stats = build_file(args.input, args.entities, args.output)  # skipped texts: one warning line each
     print(
         f"{args.output}: {len(docs)} documents, {stats.entities} entities, {stats.mentions} mentions "
-        f"({stats.seconds / max(len(docs), 1):.2f} s per document)"
+        f"({stats.seconds / max(len(docs), 1):.2f} s per document); {len(stats.skipped)} skipped"
     )
     return 0

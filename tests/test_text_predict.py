@@ -185,3 +185,11 @@ def test_entity_model_finds_entities_and_resumes_to_the_same_model(files, entiti
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert read_json(whole / "entities.json")["coref"] == read_json(part / "entities.json")["coref"]
     assert tiny["labels"][0] == "O"
+
+
+def test_cli_train_refuses_a_finished_run_without_resume(entities, capsys):
+    code = main(
+        ["entities", "train", "--config", str(entities / "config.yaml"), "--output-dir", str(entities)]
+    )
+    assert code == 2
+    assert "holds an entity-model run" in capsys.readouterr().err

@@ -25,7 +25,11 @@ def register(sub) -> None:
     )
     add_config_args(t)
     t.add_argument("--output-dir", type=Path, help="output folder (default: the config's output_dir)")
-    t.add_argument("--resume", action="store_true", help="continue after the last finished epoch")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue after the last finished epoch (same config; without --config the run's saved config.yaml)",
+    )
     t.set_defaults(func=cmd_train)
 
     ev = e_sub.add_parser(
@@ -62,7 +66,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lmrc.text.config import EntitiesConfig
     from lmrc.text.train import train
 
-    cfg = load_config(EntitiesConfig, args.config, args.overrides)
+    config = args.config
+    if args.resume and config is None and args.output_dir and (args.output_dir / "config.yaml").is_file():
+        config = args.output_dir / "config.yaml"  # --resume without --config: the run's own saved config
+    cfg = load_config(EntitiesConfig, config, args.overrides)
     out = Path(args.output_dir or cfg.output_dir)
     with sigterm_as_interrupt(), log_to_file(out / "train.log"):
         folder = train(cfg, out, resume=args.resume)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
@@ -122,6 +121,3 @@ def format_scores(scores: dict) -> str:
             f"({s['right']} of {s['predicted']} predicted triples right, {s['found']} of {s['gold']} gold facts found)"
         )
     return "\n".join(lines)
-
-
-__all__ = ["score_files", "score_triples", "entity_matches", "built_entity_spans", "Path"]

@@ -8,7 +8,6 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 from lmrc.data.docred import load_documents
 from lmrc.io import atomic_write_text
@@ -86,6 +85,3 @@ def format_report(r: dict) -> str:
             f"peak memory {r['peak_rss_gib']:.2f} GiB",
         ]
     )
-
-
-__all__ = ["evaluate", "format_report", "Path"]

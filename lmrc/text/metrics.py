@@ -13,7 +13,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 Span = tuple[int, int]
-Cluster = frozenset
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
 from lmrc.text.annotate import TokenMention, align_span, gold_of
 from lmrc.text.config import EntitiesConfig
-from lmrc.text.coref import FEATURES, PairScorer, cluster, train_scorer
+from lmrc.text.coref import PairScorer, link, pair_matrix, train_scorer
 from lmrc.text.mentions import (
     bio_labels,
     collate,
@@ -298,8 +298,6 @@ def tune_threshold(scorer: PairScorer, tagger, tokenizer, max_tokens, examples: 
     data = _coref_data(tagger, tokenizer, max_tokens, examples)
     feats = []
     for infos, _ in data:
-        from lmrc.text.coref import pair_matrix
-
         x, pairs = pair_matrix(infos)
         with torch.no_grad():
             feats.append((pairs, torch.sigmoid(scorer(x)).tolist() if pairs else []))
@@ -307,8 +305,6 @@ def tune_threshold(scorer: PairScorer, tagger, tokenizer, max_tokens, examples: 
     for thr in grid:
         s = EntityScores.empty()
         for ex, (infos, _), (pairs, probs) in zip(examples, data, feats):
-            from lmrc.text.coref import link
-
             groups = link(len(infos), pairs, probs, thr)
             ents = typed_clusters(ex.mentions, groups)
             pred = [[(_span(ex.seg, m), m.type) for m in e] for e in ents]
@@ -324,6 +320,3 @@ def tune_threshold(scorer: PairScorer, tagger, tokenizer, max_tokens, examples: 
 
 def _span(seg: Segmented, m: TokenMention) -> tuple[int, int]:
     return seg.sents[m.sent][m.start].start, seg.sents[m.sent][m.end - 1].end
-
-
-__all__ = ["train", "make_example", "predict_entities", "FEATURES", "cluster"]

@@ -19,9 +19,9 @@ class EntityDataSettings:
 
 @dataclass
 class TaggerTrainSettings:
-    epochs: int = 3
-    batch_size: int = 8
-    lr: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 4
+    lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_tokens: int = 256  # word-pieces per window (<= the encoder's positions); long documents take several

@@ -18,7 +18,7 @@ import traceback
 from lmrc import __version__
 from lmrc.errors import LmrcError
 
-COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline")
+COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline", "entities")
 
 
 def build_parser() -> argparse.ArgumentParser:

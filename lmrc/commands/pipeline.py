@@ -15,6 +15,7 @@ from lmrc.commands.common import (
     recall_fraction,
     sigterm_as_interrupt,
 )
+from lmrc.errors import LmrcError
 from lmrc.outputs import Named, check_paths, check_progress, check_writable_folder, named
 
 
@@ -30,7 +31,21 @@ def register(sub) -> None:
         "<output>.summary.json (models, settings, candidate counts, LLM prompts and tokens, drop reasons, "
         "time, peak memory); prints the official scores when the input is labelled.",
     )
-    p.add_argument("--input", required=True, type=Path, help="DocRED-format documents (labels optional)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", type=Path, help="DocRED-format documents (labels optional)")
+    src.add_argument(
+        "--text",
+        type=Path,
+        metavar="INPUT",
+        help="plain text instead: a .txt file, a folder of .txt files or JSON lines {title, text}; the entities "
+        "are built with --entities (cached in <output stem>.text-docs.json) and <output stem>.triples.jsonl "
+        "shows the triples in the text",
+    )
+    p.add_argument(
+        "--entities",
+        metavar="CKPT",
+        help="with --text: entity checkpoint (lmrc entities train) or spacy:<pipeline>",
+    )
     p.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
     p.add_argument("--stage1", metavar="CHECKPOINT", help="stage-1 checkpoint folder")
     p.add_argument("--stage2", metavar="ADAPTER", help="stage-2 adapter folder (rc or direct)")
@@ -113,15 +128,24 @@ def _predict_config(args: argparse.Namespace):
     return load_config(PredictConfig, args.config, overrides)
 
 
-def _companions(output: Path) -> list[Named]:
-    """The files `lmrc predict` / `lmrc merge` write beside a result file."""
+def _companions(output: Path, text: bool = False) -> list[Named]:
+    """The files `lmrc predict` / `lmrc merge` write beside a result file (with --text, also the documents built
+    from the text and the readable triples)."""
     from lmrc.io import sidecar
 
-    return [
+    companions = [
         Named("the summary", sidecar(output, ".summary.json")),
         Named("the strict-names result", sidecar(output, ".strict.json")),
         Named("the progress file", sidecar(output, ".progress.jsonl")),
     ]
+    if text:
+        from lmrc.text.run import docs_path, triples_path
+
+        companions += [
+            Named("the documents built from the text", docs_path(Path(output))),
+            Named("the readable triples", triples_path(Path(output))),
+        ]
+    return companions
 
 
 def _check_predict_paths(args: argparse.Namespace, cfg) -> None:
@@ -131,7 +155,9 @@ def _check_predict_paths(args: argparse.Namespace, cfg) -> None:
         # Config paths may hold $VARS (expanded where they are used; an unset one is reported there).
         return Path(os.path.expandvars(value)).expanduser() if value else None
 
-    inputs = named("--input", args.input) + named("--config", args.config)
+    inputs = named("--input", args.input) + named("--config", args.config) + named("--text", args.text)
+    if args.entities and not str(args.entities).startswith(("spacy:", "gold:")):
+        inputs += named("--entities", args.entities)
     for key, value in (
         ("--train", cfg.train),
         ("--stage1", cfg.stage1.checkpoint),
@@ -146,7 +172,7 @@ def _check_predict_paths(args: argparse.Namespace, cfg) -> None:
         named("--output", args.output) + named("--save-candidates", args.save_candidates),
         overwrite=args.overwrite,
         resume=args.resume,
-        companions=_companions(args.output),
+        companions=_companions(args.output, text=args.text is not None),
     )
     check_progress(sidecar(args.output, ".progress.jsonl"), resume=args.resume, overwrite=args.overwrite)
 
@@ -157,16 +183,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     shard = Shard.parse(args.shard) if args.shard else None
     cfg = _predict_config(args)
+    if args.text is not None and not args.entities:
+        raise LmrcError("--text needs --entities CKPT (an entity checkpoint, or spacy:<pipeline>)")
+    if args.entities and args.text is None:
+        raise LmrcError("--entities goes with --text (DocRED input already has its entities)")
     _check_predict_paths(args, cfg)
     with sigterm_as_interrupt():  # finished batches are in the progress file; --resume continues
-        summary = run_pipeline(
-            cfg,
-            args.input,
-            args.output,
-            resume=args.resume,
-            shard=shard,
-            save_candidates=args.save_candidates,
-        )
+        if args.text is not None:
+            from lmrc.text.run import predict_text
+
+            summary = predict_text(
+                cfg,
+                args.text,
+                args.output,
+                args.entities,
+                resume=args.resume,
+                shard=shard,
+                save_candidates=args.save_candidates,
+            )
+        else:
+            summary = run_pipeline(
+                cfg,
+                args.input,
+                args.output,
+                resume=args.resume,
+                shard=shard,
+                save_candidates=args.save_candidates,
+            )
     print(
         f"{args.output}: {summary['predictions']:,} predictions for {summary['documents']:,} documents "
         f"({summary['mode']}{', shard ' + summary['shard'] if shard else ''})"
@@ -196,6 +239,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"{label}: P {100 * s['precision']:.2f}  R {100 * s['recall']:.2f}  F1 {100 * s['f1']:.2f}  "
                 f"Ign F1 {100 * s['ign_f1']:.2f}  intra F1 {100 * s['intra_f1']:.2f}  inter F1 {100 * s['inter_f1']:.2f}"
             )
+    t = summary.get("text_input")
+    if t:
+        b = t["build"]
+        print(f"text: {b['documents']} documents built ({b['entities']} entities, {b['mentions']} mentions, "
+              f"{b['seconds_per_document'] or 0:.2f} s per document), {len(b['skipped'])} skipped; "
+              f"triples: {t['triples']}")  # fmt: skip
     print(f"summary: {sidecar(args.output, '.summary.json')}")
     return 0
 

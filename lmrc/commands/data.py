@@ -64,21 +64,7 @@ def register(sub) -> None:
     add_overwrite_arg(sp, "existing split files")
     sp.set_defaults(func=cmd_split)
 
-    ft = data_sub.add_parser(
-        "from-text",
-        help="build DocRED documents (entities, coreference) from plain text",
-        description="Read a .txt file, a folder of .txt files or JSON lines {title, text}; cut sentences and "
-        "tokens (spaCy), find and group the entity mentions with --entities, and write DocRED documents (with "
-        "their text and token character offsets) for inspection or `lmrc predict --input`. Unreadable, empty or "
-        "binary texts are reported one line each and skipped.",
-    )
-    ft.add_argument("input", type=Path, help=".txt file, folder of .txt files, or .jsonl")
-    ft.add_argument(
-        "--entities", required=True, help="entity checkpoint (lmrc entities train) or spacy:<pipeline>"
-    )
-    ft.add_argument("--output", required=True, type=Path, help="DocRED-format JSON file to write")
-    add_overwrite_arg(ft)
-    ft.set_defaults(func=cmd_from_text)
+    _register_from_text(data_sub)
 
     f = data_sub.add_parser(
         "fetch",
@@ -99,6 +85,24 @@ def register(sub) -> None:
         "--timeout", type=positive_float, default=60.0, help="network timeout in seconds (default 60)"
     )
     f.set_defaults(func=cmd_fetch)
+
+
+def _register_from_text(data_sub) -> None:
+    ft = data_sub.add_parser(
+        "from-text",
+        help="build DocRED documents (entities, coreference) from plain text",
+        description="Read a .txt file, a folder of .txt files or JSON lines {title, text}; cut sentences and "
+        "tokens (spaCy), find and group the entity mentions with --entities, and write DocRED documents (with "
+        "their text and token character offsets) for inspection or `lmrc predict --input`. Unreadable, empty or "
+        "binary texts are reported one line each and skipped.",
+    )
+    ft.add_argument("input", type=Path, help=".txt file, folder of .txt files, or .jsonl")
+    ft.add_argument(
+        "--entities", required=True, help="entity checkpoint (lmrc entities train) or spacy:<pipeline>"
+    )
+    ft.add_argument("--output", required=True, type=Path, help="DocRED-format JSON file to write")
+    add_overwrite_arg(ft)
+    ft.set_defaults(func=cmd_from_text)
 
 
 def _relations(path: Path | None) -> RelationSet | None:

@@ -31,21 +31,7 @@ def register(sub) -> None:
         "<output>.summary.json (models, settings, candidate counts, LLM prompts and tokens, drop reasons, "
         "time, peak memory); prints the official scores when the input is labelled.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", type=Path, help="DocRED-format documents (labels optional)")
-    src.add_argument(
-        "--text",
-        type=Path,
-        metavar="INPUT",
-        help="plain text instead: a .txt file, a folder of .txt files or JSON lines {title, text}; the entities "
-        "are built with --entities (cached in <output stem>.text-docs.json) and <output stem>.triples.jsonl "
-        "shows the triples in the text",
-    )
-    p.add_argument(
-        "--entities",
-        metavar="CKPT",
-        help="with --text: entity checkpoint (lmrc entities train) or spacy:<pipeline>",
-    )
+    _add_input_args(p)
     p.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
     p.add_argument("--stage1", metavar="CHECKPOINT", help="stage-1 checkpoint folder")
     p.add_argument("--stage2", metavar="ADAPTER", help="stage-2 adapter folder (rc or direct)")
@@ -102,6 +88,25 @@ def register(sub) -> None:
     add_config_args(c)
     c.add_argument("--output-dir", required=True, type=Path, help="folder for models, runs, tables, pictures")
     c.set_defaults(func=cmd_compare)
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """Where the documents come from: DocRED-format documents, or plain text with an entity model."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", type=Path, help="DocRED-format documents (labels optional)")
+    src.add_argument(
+        "--text",
+        type=Path,
+        metavar="INPUT",
+        help="plain text instead: a .txt file, a folder of .txt files or JSON lines {title, text}; the entities "
+        "are built with --entities (cached in <output stem>.text-docs.json) and <output stem>.triples.jsonl "
+        "shows the triples in the text",
+    )
+    p.add_argument(
+        "--entities",
+        metavar="CKPT",
+        help="with --text: entity checkpoint (lmrc entities train) or spacy:<pipeline>",
+    )
 
 
 def _predict_config(args: argparse.Namespace):

@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -147,16 +148,33 @@ def train(
 ) -> Path:
     """Train (or continue) the entity model; returns the checkpoint folder (= the output folder).
 
+    First the BIO mention tagger, one resumable epoch at a time (the best epoch on the tuning file is kept), then
+    the mention-pair coreference scorer on the best tagger and its clustering threshold on the tuning file.
     `stop_after_epochs` > 0 stops after that many epochs of this call, with the state saved (tests, time-boxed
     jobs; then `resume`)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
-    from lmrc.model_store import resolve
-    from lmrc.stage1.checkpoint import _join_optimizer_state
-
     out = Path(output_dir or cfg.output_dir)
-    state_dir = out / STATE_DIR
+    _check_run_folder(cfg, out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t0 = time.perf_counter()
+    train_docs = _load(cfg.data.train, "train", cfg.data.max_docs)
+    tune_docs = _load(cfg.data.tune, "tune", cfg.data.max_docs)
+    labels = bio_labels(_types(train_docs))
+    train_ex = [make_example(d) for d in train_docs]
+    tune_ex = [make_example(d) for d in tune_docs]
+    log.info(
+        "entities train: %d training and %d tuning documents, labels %s", len(train_ex), len(tune_ex), labels
+    )
+    run = _TaggerRun.start(cfg, out, labels, train_ex, resume)
+    for k, epoch in enumerate(range(run.counters["epoch"] + 1, cfg.train.epochs + 1)):
+        if stop_after_epochs and k >= stop_after_epochs:
+            raise KeyboardInterrupt
+        run.train_epoch(epoch, tune_ex)
+    return _finish(cfg, out, run, labels, train_ex, tune_ex, t0)
+
+
+def _check_run_folder(cfg: EntitiesConfig, out: Path, resume: bool) -> None:
+    """A new run needs a folder without one; --resume needs the same config as the interrupted run."""
     if not resume and any((out / name).exists() for name in (STATE_DIR, "entities.json", "config.yaml")):
         raise LmrcError(
             f"{out}: holds an entity-model run (continue it with --resume, or choose another folder)"
@@ -165,103 +183,142 @@ def train(
         saved = read_json_yaml(out / "config.yaml")
         if saved != json.loads(json.dumps(to_dict(cfg))):
             raise LmrcError(f"{out}: --resume with a different config than {out / 'config.yaml'}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    t0 = time.perf_counter()
-    tc = cfg.train
-    train_docs = _load(cfg.data.train, "train", cfg.data.max_docs)
-    tune_docs = _load(cfg.data.tune, "tune", cfg.data.max_docs)
-    labels = bio_labels(_types(train_docs))
+
+
+@dataclass
+class _TaggerRun:
+    """The mention tagger being trained: model, tokenizer, its training windows, optimizer and counters (epoch,
+    step, best tuning F1, history), saved after every epoch so that --resume continues after the last one."""
+
+    cfg: EntitiesConfig
+    out: Path
+    tagger: Any
+    tokenizer: Any
+    labels: list[str]
+    window_cap: int
+    rows: list
+    optimizer: Any
+    counters: dict
+
+    @classmethod
+    def start(
+        cls, cfg: EntitiesConfig, out: Path, labels: list[str], train_ex: list, resume: bool
+    ) -> _TaggerRun:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+        from lmrc.model_store import resolve
+        from lmrc.stage1.checkpoint import _join_optimizer_state
+
+        tc, state_dir = cfg.train, out / STATE_DIR
+        resuming = resume and (state_dir / "trainer.json").is_file()
+        start_from = state_dir / "tagger" if resuming else resolve(cfg.model.encoder)
+        tokenizer = AutoTokenizer.from_pretrained(start_from, trust_remote_code=False)
+        torch.manual_seed(tc.seed)
+        tagger = AutoModelForTokenClassification.from_pretrained(
+            start_from, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)}, trust_remote_code=False,
+        )  # fmt: skip
+        window_cap = min(tc.max_tokens, int(getattr(tagger.config, "max_position_embeddings", tc.max_tokens)))
+        rows = _training_windows(train_ex, tokenizer, window_cap, labels)
+        no_decay = ("bias", "LayerNorm")
+        decay = [p for n, p in tagger.named_parameters() if not any(k in n for k in no_decay)]
+        other = [p for n, p in tagger.named_parameters() if any(k in n for k in no_decay)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": other, "weight_decay": 0.0}],
+            lr=tc.lr,
+        )
+        counters = {"epoch": 0, "step": 0, "best_f1": -1.0, "best_epoch": 0, "history": []}
+        if resuming:
+            counters = read_json(state_dir / "trainer.json")
+            optimizer.load_state_dict(
+                _join_optimizer_state(
+                    load_file(str(state_dir / "optimizer.safetensors")),
+                    read_json(state_dir / "optimizer.json"),
+                )
+            )
+            log.info("%s: resuming after epoch %d", out, counters["epoch"])
+        return cls(cfg, out, tagger, tokenizer, labels, window_cap, rows, optimizer, counters)
+
+    def _lr(self, step: int) -> float:
+        """Linear warmup over warmup_ratio of the steps, then linear decay to 0."""
+        tc = self.cfg.train
+        total = math.ceil(len(self.rows) / tc.batch_size) * tc.epochs
+        warmup = int(tc.warmup_ratio * total)
+        if step < warmup:
+            return tc.lr * step / max(warmup, 1)
+        return tc.lr * max(0.0, (total - step) / max(total - warmup, 1))
+
+    def train_epoch(self, epoch: int, tune_ex: list) -> None:
+        """One epoch over the length-grouped windows, then the tuning mention F1, the best tagger and the state."""
+        tc, counters, tagger = self.cfg.train, self.counters, self.tagger
+        tagger.train()
+        torch.manual_seed(tc.seed * 1000 + epoch)
+        batches = length_grouped_batches([len(r[0]) for r in self.rows], tc.batch_size, seed=tc.seed + epoch)
+        e0, loss_sum = time.perf_counter(), 0.0
+        pad = self.tokenizer.pad_token_id or 0
+        for bi, batch in enumerate(batches):
+            for g in self.optimizer.param_groups:
+                g["lr"] = self._lr(counters["step"])
+            ids, mask, labs = collate([self.rows[i] for i in batch], pad)
+            loss = tagger(input_ids=ids, attention_mask=mask, labels=labs).loss
+            self.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tagger.parameters(), 1.0)
+            self.optimizer.step()
+            counters["step"] += 1
+            loss_sum += float(loss.detach())
+            if (bi + 1) % 20 == 0:
+                log.info("epoch %d step %d/%d loss %.4f", epoch, bi + 1, len(batches), loss_sum / (bi + 1))
+        tagger.eval()
+        f1 = mention_f1(tagger, self.tokenizer, self.labels, self.window_cap, tune_ex)
+        mean_loss = loss_sum / max(len(batches), 1)
+        counters["history"].append({"epoch": epoch, "loss": mean_loss, "tune_mention_f1": f1,
+                                    "seconds": round(time.perf_counter() - e0, 1)})  # fmt: skip
+        log.info("epoch %d: loss %.4f, tune mention F1 %.4f (%.0f s)", epoch, mean_loss, f1,
+                 time.perf_counter() - e0)  # fmt: skip
+        if f1 > counters["best_f1"]:
+            counters["best_f1"], counters["best_epoch"] = f1, epoch
+            write_dir_atomically(self.out / BEST_DIR, lambda tmp: (tagger.save_pretrained(tmp, safe_serialization=True),
+                                                                    self.tokenizer.save_pretrained(tmp)))  # fmt: skip
+        counters["epoch"] = epoch
+        _save_state(self.out / STATE_DIR, tagger, self.tokenizer, self.optimizer, counters)
+
+
+def _training_windows(train_ex: list, tokenizer: Any, window_cap: int, labels: list[str]) -> list:
+    """(token ids, first word-piece of each word, BIO label ids) for every encoder-size window of every document."""
     label_ids = {lab: i for i, lab in enumerate(labels)}
-    train_ex = [make_example(d) for d in train_docs]
-    tune_ex = [make_example(d) for d in tune_docs]
-    log.info(
-        "entities train: %d training and %d tuning documents, labels %s", len(train_ex), len(tune_ex), labels
-    )
-
-    start_from = (
-        state_dir / "tagger"
-        if resume and (state_dir / "trainer.json").is_file()
-        else resolve(cfg.model.encoder)
-    )
-    tokenizer = AutoTokenizer.from_pretrained(start_from, trust_remote_code=False)
-    torch.manual_seed(tc.seed)
-    tagger = AutoModelForTokenClassification.from_pretrained(
-        start_from, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids,
-        trust_remote_code=False,
-    )  # fmt: skip
-    window_cap = min(tc.max_tokens, int(getattr(tagger.config, "max_position_embeddings", tc.max_tokens)))
-
     rows = []
     for ex in train_ex:
         words = ex.seg.words()
         for w in plan_windows(words, tokenizer, window_cap):
             ids, first = encode_window(tokenizer, words, w, window_cap)
             rows.append((ids, first, window_labels(w, ex.mentions, label_ids)))
-    steps_per_epoch = math.ceil(len(rows) / tc.batch_size)
-    total = steps_per_epoch * tc.epochs
-    warmup = int(tc.warmup_ratio * total)
-    decay = [p for n, p in tagger.named_parameters() if not any(k in n for k in ("bias", "LayerNorm"))]
-    other = [p for n, p in tagger.named_parameters() if any(k in n for k in ("bias", "LayerNorm"))]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=tc.lr
-    )
-    counters = {"epoch": 0, "step": 0, "best_f1": -1.0, "best_epoch": 0, "history": []}
-    if start_from == state_dir / "tagger":
-        counters = read_json(state_dir / "trainer.json")
-        optimizer.load_state_dict(
-            _join_optimizer_state(
-                load_file(str(state_dir / "optimizer.safetensors")), read_json(state_dir / "optimizer.json")
-            )
-        )
-        log.info("%s: resuming after epoch %d", out, counters["epoch"])
-    pad = tokenizer.pad_token_id or 0
-    for k, epoch in enumerate(range(counters["epoch"] + 1, tc.epochs + 1)):
-        if stop_after_epochs and k >= stop_after_epochs:
-            raise KeyboardInterrupt
-        tagger.train()
-        torch.manual_seed(tc.seed * 1000 + epoch)
-        batches = length_grouped_batches([len(r[0]) for r in rows], tc.batch_size, seed=tc.seed + epoch)
-        e0, loss_sum = time.perf_counter(), 0.0
-        for bi, batch in enumerate(batches):
-            step = counters["step"]
-            lr = tc.lr * (
-                step / max(warmup, 1) if step < warmup else max(0.0, (total - step) / max(total - warmup, 1))
-            )
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            ids, mask, labs = collate([rows[i] for i in batch], pad)
-            loss = tagger(input_ids=ids, attention_mask=mask, labels=labs).loss
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tagger.parameters(), 1.0)
-            optimizer.step()
-            counters["step"] += 1
-            loss_sum += float(loss.detach())
-            if (bi + 1) % 20 == 0:
-                log.info("epoch %d step %d/%d loss %.4f", epoch, bi + 1, len(batches), loss_sum / (bi + 1))
-        tagger.eval()
-        f1 = mention_f1(tagger, tokenizer, labels, window_cap, tune_ex)
-        counters["history"].append({"epoch": epoch, "loss": loss_sum / max(len(batches), 1), "tune_mention_f1": f1,
-                                    "seconds": round(time.perf_counter() - e0, 1)})  # fmt: skip
-        log.info("epoch %d: loss %.4f, tune mention F1 %.4f (%.0f s)", epoch, loss_sum / max(len(batches), 1), f1,
-                 time.perf_counter() - e0)  # fmt: skip
-        if f1 > counters["best_f1"]:
-            counters["best_f1"], counters["best_epoch"] = f1, epoch
-            write_dir_atomically(out / BEST_DIR, lambda tmp: (tagger.save_pretrained(tmp, safe_serialization=True),
-                                                               tokenizer.save_pretrained(tmp)))  # fmt: skip
-        counters["epoch"] = epoch
-        _save_state(state_dir, tagger, tokenizer, optimizer, counters)
+    return rows
+
+
+def _finish(
+    cfg: EntitiesConfig,
+    out: Path,
+    run: _TaggerRun,
+    labels: list[str],
+    train_ex: list,
+    tune_ex: list,
+    t0: float,
+) -> Path:
+    """The coreference scorer on the best tagger, its threshold on the tuning file, and the checkpoint folder."""
+    from transformers import AutoModelForTokenClassification
 
     best = AutoModelForTokenClassification.from_pretrained(out / BEST_DIR, trust_remote_code=False)
     best.eval()
+    tokenizer, window_cap = run.tokenizer, run.window_cap
     log.info("coreference: pair features of %d training documents", len(train_ex))
     scorer = train_scorer(
         _coref_data(best, tokenizer, window_cap, train_ex),
         cfg.coref.hidden,
         cfg.coref.steps,
         cfg.coref.lr,
-        tc.seed,
+        cfg.train.seed,
     )
     threshold, tune_scores = tune_threshold(
         scorer, best, tokenizer, window_cap, tune_ex, cfg.coref.thresholds
@@ -272,8 +329,8 @@ def train(
         e2e.add(ex.gold, predict_entities(model, ex.seg))
     summary = {
         "encoder": cfg.model.encoder,
-        "best_epoch": counters["best_epoch"],
-        "history": counters["history"],
+        "best_epoch": run.counters["best_epoch"],
+        "history": run.counters["history"],
         "coref_threshold": threshold,
         "tune_gold_mentions": tune_scores,
         "tune": e2e.report(),

@@ -281,3 +281,15 @@ def open_progress(
         path.unlink()
     append_jsonl(path, {"format": fmt, "fingerprint": fingerprint})
     return []
+
+
+def move_files_into(src: Path, dest: Path, last: str | None = None) -> None:
+    """Move every file of the finished folder `src` into `dest`, `last` (a marker of completeness) after the
+    others, then remove `src`. Not write_dir_atomically: `dest` also holds files of its own (a training run's
+    metrics.jsonl, last/, train.log) that must stay; each file is renamed atomically, and the marker is only there
+    once all others are."""
+    names = sorted(p.name for p in src.iterdir())
+    names.sort(key=lambda n: n == last)
+    for name in names:
+        os.replace(src / name, dest / name)
+    src.rmdir()

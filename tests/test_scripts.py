@@ -111,7 +111,6 @@ def test_train_stage1_and_bad_mode():
 def test_every_shipped_config_resolves():
     import yaml
 
-    from lmrc.config import load_config
     from lmrc.pipeline.compare import load_compare_config
     from lmrc.stage1.config import load_stage1_config
     from lmrc.stage2.config import load_stage2_config

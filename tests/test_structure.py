@@ -86,7 +86,6 @@ def test_downstream_layers_are_not_imported_upstream():
 # Files rewritten in other branches at the time of writing: they should use the helpers named below, and leave
 # this list when they do.
 _REWRITTEN_ELSEWHERE = {
-    "lmrc/stage2/train.py",  # moving onto transformers' Trainer
     "lmrc/pipeline/compare.py",  # its tables, curves and report moving into their own module
 }
 
@@ -109,9 +108,11 @@ def _using(pattern: str, skip: set[str] = _REWRITTEN_ELSEWHERE) -> set[str]:
 def test_atomic_writes_have_one_helper():
     """Temporary files and folders renamed into place: lmrc.io.AtomicFile, atomic_write_* and
     write_dir_atomically. A module that re-codes them (mkstemp / mkdtemp + os.replace) is listed here."""
-    assert _using(r"\bmkstemp\(|\bmkdtemp\(|\bos\.replace\(|\.replace\(\s*(out|target|path)\w*\s*\)") == {
-        "lmrc/io.py"
-    }
+    temporaries = _using(r"\bmkstemp\(|\bmkdtemp\(")
+    renames = _using(r"\bos\.replace\(|\.replace\(\s*(out|target|path)\w*\s*\)")
+    # lmrc/outputs.py creates (and deletes) a probe file to learn whether a folder is writable: never renamed
+    assert temporaries & renames == {"lmrc/io.py"}
+    assert temporaries <= {"lmrc/io.py", "lmrc/outputs.py"}, temporaries
 
 
 def test_progress_bars_have_one_helper():

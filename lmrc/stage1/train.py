@@ -675,6 +675,10 @@ class _Trainer:
             )
 
     def _loop(self, stop_after_steps: int | None) -> None:
+        """The epochs and their optimizer steps, with the bookkeeping that makes a stop at any step resumable.
+
+        Not split: the order of the bookkeeping after a step (position, consistent-state boundary, interrupt,
+        evaluation, save, pause) is the resume contract; it reads as one sequence."""
         cfg = self.config.train
         pos = self.pos
         tune = self.data.tune_docs is not None

@@ -38,10 +38,18 @@ from typing import Any
 
 from lmrc.config import expand_path, save_config, to_dict
 from lmrc.data.candidates import load_candidates
-from lmrc.data.docred import Document, load_documents, restrict_pairs
+from lmrc.data.docred import Document, load_documents, require_labels, restrict_pairs
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, recover_dir, replace_dir
+from lmrc.io import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    move_files_into,
+    read_jsonl,
+    recover_dir,
+    replace_dir,
+)
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 from lmrc.stage2.examples import IGNORE_INDEX, ExampleBuilder, ExampleStats, TrainExample
 from lmrc.stage2.modeling import (
@@ -117,11 +125,7 @@ def load_training_documents(cfg: Stage2Config) -> tuple[RelationSet, list[Docume
     assert rel_path is not None and train_path is not None
     relations = load_relations(rel_path)
     docs = restrict_pairs(load_documents(train_path, relations), cfg.data.pair_types, train_path)
-    for doc in docs:
-        if not doc.labelled:
-            raise LmrcError(
-                f'{train_path}: document {doc.index} ("{doc.title}") has no labels; training needs them'
-            )
+    require_labels(docs, train_path, "training")
     if cfg.data.max_docs is not None and cfg.data.max_docs < len(docs):
         log.info(
             "data.max_docs=%d: training on the first %d of %d documents",
@@ -584,6 +588,44 @@ class _Run:
 # The entry point
 
 
+def _training_arguments(
+    cfg: Stage2Config, out: Path, total_steps: int, warmup: int, precision: Any, *, main: bool, cuda: bool
+) -> Any:
+    """The Trainer's arguments: our batch sizes, schedule, precision and save cadence; logging every step (our
+    callback writes metrics.jsonl), no reporting integrations, the progress bar only on rank 0's terminal."""
+    from transformers import TrainingArguments
+
+    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
+    every = cfg.train.save_every_steps
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        learning_rate=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        lr_scheduler_type="linear",  # warmup from 0, then linear decay to 0 (training.linear_schedule)
+        warmup_steps=warmup,
+        max_steps=total_steps,
+        optim="adamw_torch",
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="steps" if every else "no",
+        save_steps=every or 1,
+        report_to="none",
+        disable_tqdm=not (main and sys.stderr.isatty()),
+        seed=cfg.train.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        average_tokens_across_devices=True,
+        use_cpu=not cuda,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        ddp_find_unused_parameters=False,
+        log_level="warning",
+    )
+
+
 def train(
     cfg: Stage2Config,
     output_dir: str | os.PathLike | None = None,
@@ -597,10 +639,13 @@ def train(
     time-box long CPU runs. `on_step` receives each step's metrics record (raising KeyboardInterrupt there acts
     as Ctrl-C). Ctrl-C / SIGTERM saves the state of the step under way once it is finished, then raises
     KeyboardInterrupt.
+
+    Not split: this is the recipe read top to bottom (run folder and resume point, data, step plan, model, Trainer,
+    adapter, summary), in the order in which the ranks meet at their barriers; its parts are functions already.
     """
     import torch
     from accelerate import PartialState
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     out = Path(output_dir or cfg.output_dir)
     cfg = copy.deepcopy(cfg)  # the caller's config stays as given; the saved one names the output folder
@@ -686,35 +731,8 @@ def train(
     engine = distributed_engine()
     device = state.device
     precision = resolve_precision(cfg, device, engine)
-    every = cfg.train.save_every_steps
     # Built before the model: under DeepSpeed ZeRO-3 this makes from_pretrained load the weights partitioned.
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=bs,
-        gradient_accumulation_steps=ga,
-        learning_rate=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        lr_scheduler_type="linear",  # warmup from 0, then linear decay to 0 (training.linear_schedule)
-        warmup_steps=warmup,
-        max_steps=total_steps,
-        optim="adamw_torch",
-        logging_strategy="steps",
-        logging_steps=1,
-        save_strategy="steps" if every else "no",
-        save_steps=every or 1,
-        report_to="none",
-        disable_tqdm=not (main and sys.stderr.isatty()),
-        seed=cfg.train.seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        average_tokens_across_devices=True,
-        use_cpu=not cuda,
-        bf16=precision.bf16,
-        fp16=precision.fp16,
-        ddp_find_unused_parameters=False,
-        log_level="warning",
-    )
+    args = _training_arguments(cfg, out, total_steps, warmup, precision, main=main, cuda=cuda)
     set_seed(cfg.train.seed)
     model = load_base_model(
         cfg,
@@ -823,9 +841,4 @@ def _save_final(
     atomic_write_text(tmp / TEMPLATE_FILE, template_text)
     atomic_write_json(tmp / RELATIONS_FILE, {rid: relations.name(rid) for rid in relations.ids}, indent=1)
     save_config(cfg, tmp / CONFIG_FILE)
-    # adapter_config.json marks a finished adapter, so it is moved in last.
-    names = sorted(p.name for p in tmp.iterdir())
-    names.sort(key=lambda n: n == ADAPTER_CONFIG)
-    for name in names:
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
+    move_files_into(tmp, out, last=ADAPTER_CONFIG)  # adapter_config.json marks a finished adapter

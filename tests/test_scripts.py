@@ -111,13 +111,17 @@ def test_train_stage1_and_bad_mode():
 def test_every_shipped_config_resolves():
     import yaml
 
+    from lmrc.config import load_config
     from lmrc.pipeline.compare import load_compare_config
     from lmrc.stage1.config import load_stage1_config
     from lmrc.stage2.config import load_stage2_config
+    from lmrc.text.config import EntitiesConfig
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
-        if "eval" in raw:
+        if path.name.startswith("entities_"):
+            load_config(EntitiesConfig, path)
+        elif "eval" in raw:
             load_compare_config(path)
         elif "mode" in raw:
             load_stage2_config(path)

@@ -363,3 +363,26 @@ def test_grouped_bilinear_without_stored_outer_products_equals_the_linear_layer(
         expected = lin32((x1.unsqueeze(3) * x2.unsqueeze(2)).reshape(20, -1))
     assert out.dtype == expected.dtype == torch.bfloat16
     assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
+
+
+def test_encode_with_rows_equals_those_rows_of_the_full_attention(bert_tok, dev_docs, monkeypatch):
+    """The model asks encode for the mention rows only; they must be the full attention's rows, re-normalised
+    the same way, on a document of many windows, also when the windows go through the encoder in several groups
+    (a row asked twice, rows of different counts per document, an unordered request)."""
+    import lmrc.stage1.encoder as encoder_module
+
+    window = 64
+    enc = tiny_bert(bert_tok.vocab_size, max_pos=window).eval()
+    fs = [featurize(dev_docs[0], bert_tok, None), featurize(dev_docs[1], bert_tok, None)]
+    ids, mask, pos, _ = batch_of(fs)
+    rows = [[p for ps in pos[0] for p in ps][::-1] + [0], [p for ps in pos[1] for p in ps][:5]]
+    with torch.no_grad():
+        hidden, full = encode(enc, ids, mask, window=window)
+        monkeypatch.setattr(encoder_module, "SEGMENTS_PER_CALL", 3)
+        hidden_r, part = encode(enc, ids, mask, window=window, rows=rows)
+    assert len(plan_segments(fs[0].input_ids, 0, window)) > 3
+    assert torch.allclose(hidden, hidden_r, atol=1e-6)
+    assert part.shape == (2, full.size(1), max(len(r) for r in rows), full.size(-1))
+    for b, r in enumerate(rows):
+        assert torch.allclose(part[b, :, : len(r)], full[b][:, r], atol=1e-6)
+        assert not part[b, :, len(r) :].any()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,11 @@ def plan_segments(
     return out
 
 
+SEGMENTS_PER_CALL = (
+    8  # windows through the encoder at once: bounds every layer's attention kept alive in inference
+)
+
+
 def encode(
     encoder,
     input_ids: Tensor,
@@ -108,10 +114,16 @@ def encode(
     window: int | None = None,
     specials: SpecialTokens | None = None,
     n_layers_avg: int = 1,
+    rows: Sequence[Sequence[int]] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Hidden states [B, L, d] and attention probabilities [B, heads, L, L] of right-padded documents.
+    """Hidden states [B, L, d] and attention probabilities of right-padded documents: [B, heads, L, L], or with
+    `rows` (per document, the token positions whose attention rows are needed) [B, heads, R, L], where row r of
+    document b is position rows[b][r] (rows past len(rows[b]) are zero).
 
-    All windows of the batch go through the encoder in one call. With `n_layers_avg` k > 1, hidden states and
+    Why rows: the model only reads the attention rows at mention markers; a long document's full [heads, L, L]
+    (12 x 5,500 x 5,500 floats for 20 concatenated DocRED documents) is gigabytes it never looks at.
+    The windows go through the encoder SEGMENTS_PER_CALL at a time, so in inference (no autograd graph) every
+    layer's attention of one group is freed before the next. With `n_layers_avg` k > 1, hidden states and
     attentions are averaged over the last k layers (DREEAM, Ma et al., 2023; MD-RE Sec. 3.2). Where windows
     overlap, hidden states are averaged; a document encoded in several windows has its attention rows summed
     over windows and re-normalised to 1 (ATLOP), which also spreads the mass of the dropped edge tokens.
@@ -126,27 +138,46 @@ def encode(
     ]
     pad = encoder.config.pad_token_id
     pad = 0 if pad is None else pad
-    width = max(len(seg.ids) for seg in segments)
-    seg_ids = torch.full((len(segments), width), pad, dtype=torch.long)
-    seg_mask = torch.zeros((len(segments), width), dtype=torch.long)
-    for i, seg in enumerate(segments):
-        seg_ids[i, : len(seg.ids)] = torch.tensor(seg.ids, dtype=torch.long)
-        seg_mask[i, : len(seg.ids)] = 1
     device = input_ids.device
-    hidden, attention = _run(encoder, seg_ids.to(device), seg_mask.to(device), n_layers_avg)
-
     B, L = input_ids.shape
-    out_h = hidden.new_zeros((B, L, hidden.size(-1)))
-    out_a = attention.new_zeros((B, attention.size(1), L, L))
-    count = hidden.new_zeros((B, L, 1))
+    row_pos = None
+    if rows is not None:  # [B, R] positions, -1 where a document has fewer rows
+        most = max((len(r) for r in rows), default=0)
+        row_pos = torch.full((B, most), -1, dtype=torch.long)
+        for b, r in enumerate(rows):
+            row_pos[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    out_h = out_a = count = None
     n_windows = [0] * B
-    for i, seg in enumerate(segments):
-        k0, k1, d0 = seg.keep_start, seg.keep_end, seg.doc_start
-        d1 = d0 + (k1 - k0)
-        out_h[seg.doc, d0:d1] += hidden[i, k0:k1]
-        out_a[seg.doc, :, d0:d1, d0:d1] += attention[i, :, k0:k1, k0:k1]
-        count[seg.doc, d0:d1] += 1
-        n_windows[seg.doc] += 1
+    for g0 in range(0, len(segments), SEGMENTS_PER_CALL):
+        group = segments[g0 : g0 + SEGMENTS_PER_CALL]
+        width = max(len(seg.ids) for seg in group)
+        seg_ids = torch.full((len(group), width), pad, dtype=torch.long)
+        seg_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, seg in enumerate(group):
+            seg_ids[i, : len(seg.ids)] = torch.tensor(seg.ids, dtype=torch.long)
+            seg_mask[i, : len(seg.ids)] = 1
+        hidden, attention = _run(encoder, seg_ids.to(device), seg_mask.to(device), n_layers_avg)
+        if out_h is None:
+            heads = attention.size(1)
+            out_h = hidden.new_zeros((B, L, hidden.size(-1)))
+            n_rows = L if row_pos is None else row_pos.size(1)
+            out_a = attention.new_zeros((B, heads, n_rows, L))
+            count = hidden.new_zeros((B, L, 1))
+        for i, seg in enumerate(group):
+            k0, k1, d0 = seg.keep_start, seg.keep_end, seg.doc_start
+            d1 = d0 + (k1 - k0)
+            out_h[seg.doc, d0:d1] += hidden[i, k0:k1]
+            if row_pos is None:
+                out_a[seg.doc, :, d0:d1, d0:d1] += attention[i, :, k0:k1, k0:k1]
+            else:  # only the needed rows that this window keeps
+                pos = row_pos[seg.doc]
+                r = torch.nonzero((pos >= d0) & (pos < d1)).flatten()
+                if r.numel():
+                    src = (pos[r] - d0 + k0).to(device)
+                    out_a[seg.doc, :, r.to(device), d0:d1] += attention[i][:, src, k0:k1]
+            count[seg.doc, d0:d1] += 1
+            n_windows[seg.doc] += 1
+        del hidden, attention
     out_h = out_h / count.clamp(min=1)
     multi = torch.tensor([w > 1 for w in n_windows], device=out_a.device).view(B, 1, 1, 1)
     if bool(multi.any()):

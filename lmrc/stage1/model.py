@@ -175,14 +175,18 @@ class Stage1Model(nn.Module):
         hts: Sequence[Sequence[tuple[int, int]]],
     ) -> Tensor:
         """Logits [sum over documents of len(hts), num_logits], pairs in document then `hts` order."""
+        # Only the attention rows at mention markers are used: encode returns those ([B, heads, R, L]).
+        rows = [sorted({p for ent in doc_pos for p in ent}) for doc_pos in entity_pos]
         hidden, attention = encode(
-            self.encoder, input_ids, attention_mask, self.window, self.specials, self.n_layers_avg
+            self.encoder, input_ids, attention_mask, self.window, self.specials, self.n_layers_avg, rows=rows
         )
         lengths = attention_mask.sum(1).tolist()
         logits = []
         for b in range(len(entity_pos)):
             n = lengths[b]  # padding adds nothing to the context (zero attention), so it is left out
-            doc = _DocumentEntities.build(hidden[b, :n], attention[b, :, :, :n], entity_pos[b], n, b)
+            doc = _DocumentEntities.build(
+                hidden[b, :n], attention[b, :, :, :n], entity_pos[b], n, b, positions=rows[b]
+            )
             pairs = torch.as_tensor(list(hts[b]), dtype=torch.long, device=hidden.device).view(-1, 2)
             step = pair_chunk(attention.size(1), n)
             for s in range(0, pairs.size(0), step):
@@ -240,7 +244,9 @@ class _DocumentEntities:
         entity_pos: Sequence[Sequence[int]],
         length: int,
         doc: int,
+        positions: Sequence[int] | None = None,
     ) -> _DocumentEntities:
+        """`attention` is [heads, L, L], or [heads, R, L] holding the rows of `positions` (in that order)."""
         device = hidden.device
         counts = [len(p) for p in entity_pos]
         if not counts or min(counts) == 0:
@@ -263,7 +269,9 @@ class _DocumentEntities:
         # per entity (index_add) rather than gathered into padded [heads, E, M, L] slots, which a long document
         # with one much-mentioned entity would make E x M x L large.
         owner = torch.repeat_interleave(torch.arange(n_ent, device=device), count_t)
-        rows = attention[:, torch.tensor(flat, dtype=torch.long, device=device)]  # [heads, mentions, L]
+        row_of = {p: r for r, p in enumerate(positions)} if positions is not None else None
+        picked = flat if row_of is None else [row_of[p] for p in flat]
+        rows = attention[:, torch.tensor(picked, dtype=torch.long, device=device)]  # [heads, mentions, L]
         summed = rows.new_zeros((attention.size(0), n_ent, attention.size(-1))).index_add(1, owner, rows)
         entity_att = (summed / count_t[None, :, None].to(rows.dtype)).transpose(0, 1)
         return cls(hidden, entity, entity_att)

@@ -405,3 +405,20 @@ def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_h
     assert "best guesses of a relation classifier" in prompts[0].prefix
     with pytest.raises(LmrcError, match="data.candidates"):
         adapter(redocred_dir, "rc", None, ("hints=2",))
+
+
+def test_predict_peak_memory_counts_every_gpu_and_what_other_processes_use(monkeypatch):
+    """GPU memory in the predict summary: torch's peak over all local devices, and the device memory in use by
+    every process (a vLLM engine's), from lmrc.hardware.gpu_memory (mocked: no GPU here)."""
+    import lmrc.hardware
+    from lmrc.pipeline import run
+
+    fake = [
+        {"device": 0, "peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0, "device_used_gib": 30.0},
+        {"device": 1, "peak_allocated_gib": 0.5, "peak_reserved_gib": 1.0, "device_used_gib": 20.0},
+    ]
+    monkeypatch.setattr(lmrc.hardware, "gpu_memory", lambda: fake)
+    peaks = run._peak_memory()
+    assert peaks["peak_cuda_gib"] == 2.0 and peaks["gpu_in_use_gib"] == 50.0 and peaks["peak_rss_gib"] > 0
+    monkeypatch.setattr(lmrc.hardware, "gpu_memory", lambda: [])
+    assert set(run._peak_memory()) == {"peak_rss_gib"}

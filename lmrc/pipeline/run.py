@@ -225,11 +225,18 @@ def peak_rss_gib() -> float:
 
 
 def _peak_memory() -> dict[str, float]:
-    import torch
+    """Peak memory after a batch: this process's RSS; with CUDA, what torch allocated over every local device,
+    and the memory in use on those devices by every process, which is where a vLLM engine's shows (it
+    pre-allocates its share at start, so in-use after a batch is its peak)."""
+    from lmrc.hardware import gpu_memory
 
     peaks = {"peak_rss_gib": peak_rss_gib()}
-    if torch.cuda.is_available():
-        peaks["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    gpus = gpu_memory()
+    if gpus:
+        peaks["peak_cuda_gib"] = round(sum(g["peak_allocated_gib"] for g in gpus), 3)
+        used = [g["device_used_gib"] for g in gpus if "device_used_gib" in g]
+        if used:
+            peaks["gpu_in_use_gib"] = round(sum(used), 3)
     return peaks
 
 

@@ -270,7 +270,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lmrc.pipeline.compare import ANSWER_COLUMNS, answer_rows, compare, load_compare_config, text_table
+    from lmrc.pipeline.compare import compare, load_compare_config
+    from lmrc.pipeline.report import ANSWER_COLUMNS, answer_rows, text_table
 
     cfg = load_compare_config(args.config, args.overrides)
     check_writable_folder("--output-dir", args.output_dir)

@@ -92,12 +92,12 @@ def check_paths(
     """Refuse, before any work, outputs that would replace an input or each other, or that cannot be written.
 
     An existing output is refused unless `overwrite`, or `resume` (the run continues what it wrote).
-    `companions` are files written beside an output (its summary, its strict-names copy): checked like outputs,
-    except that they may exist (they belong to the output, which is checked). Inputs are not checked for
-    existence here: their readers name a missing file with the right message.
+    `companions` are files written beside an output (its summary, its strict-names copy, the documents built from
+    text): checked like outputs, also when the output itself is gone (an earlier run's summary is not replaced
+    without --overwrite either). Inputs are not checked for existence here: their readers name a missing file
+    with the right message.
     """
     inputs, outputs = list(inputs), list(outputs)
-    main = {id(o) for o in outputs}
     outputs += list(companions)
     for i, out in enumerate(outputs):
         for src in inputs:
@@ -113,7 +113,7 @@ def check_paths(
         if out.path.is_dir():
             raise LmrcError(f"{out.path}: is a folder; {out.flag} names a file to write")
         check_writable_folder(out.flag, out.path.parent)
-        if id(out) in main and out.path.exists() and not (overwrite or resume):
+        if out.path.exists() and not (overwrite or resume):
             raise LmrcError(f"{out.path}: exists ({out.flag}); pass --overwrite to replace it")
 
 

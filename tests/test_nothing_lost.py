@@ -394,3 +394,19 @@ def test_stage1_train_reports_a_bad_data_file_before_loading_the_encoder(files, 
     )  # fmt: skip
     line = one_error_line(err)
     assert code == 2 and line.startswith("lmrc: error: train.json: line 1"), line
+
+
+def test_an_earlier_runs_summary_is_not_replaced_without_overwrite(tmp_path):
+    """The result file is gone but its summary is still there: a new run must not replace it silently."""
+    from lmrc.errors import LmrcError
+    from lmrc.io import sidecar
+    from lmrc.outputs import Named, check_paths
+
+    out = tmp_path / "result.json"
+    summary = sidecar(out, ".summary.json")
+    summary.write_text("{}")
+    companions = [Named("the summary", summary)]
+    with pytest.raises(LmrcError, match="exists"):
+        check_paths([], [Named("--output", out)], companions=companions)
+    check_paths([], [Named("--output", out)], companions=companions, overwrite=True)
+    check_paths([], [Named("--output", out)], companions=companions, resume=True)

@@ -172,6 +172,8 @@ def _check_predict_paths(args: argparse.Namespace, cfg) -> None:
         ("--stage2", cfg.stage2.adapter),
     ):
         inputs += named(key, expand(value))
+    # a killed run's progress first: its message says what --resume and --overwrite do
+    check_progress(sidecar(args.output, ".progress.jsonl"), resume=args.resume, overwrite=args.overwrite)
     check_paths(
         inputs,
         named("--output", args.output) + named("--save-candidates", args.save_candidates),
@@ -179,7 +181,6 @@ def _check_predict_paths(args: argparse.Namespace, cfg) -> None:
         resume=args.resume,
         companions=_companions(args.output, text=args.text is not None),
     )
-    check_progress(sidecar(args.output, ".progress.jsonl"), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

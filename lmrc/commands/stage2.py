@@ -135,6 +135,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lmrc.pipeline.run import run_pipeline
 
     output = Path(args.output)
+    # a killed run's progress first: its message says what --resume and --overwrite do
+    check_progress(sidecar(output, ".progress.jsonl"), resume=args.resume, overwrite=args.overwrite)
     check_paths(
         named("--adapter", args.adapter)
         + named("--input", args.input)
@@ -148,7 +150,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
             *named("the progress file", sidecar(output, ".progress.jsonl")),
         ],
     )
-    check_progress(sidecar(output, ".progress.jsonl"), resume=args.resume, overwrite=args.overwrite)
     cfg = stage2_predict_config(args.adapter, args.candidates, args.gold_pairs, args.overrides)
     with sigterm_as_interrupt():  # finished batches are already in the progress file; --resume continues
         summary = run_pipeline(cfg, args.input, args.output, resume=args.resume, debug_out=args.debug_out)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import signal
+import threading
 from collections.abc import Collection, Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------------- RNG
 
@@ -128,3 +133,33 @@ def changed_setting(
         if a.get(key) != b.get(key):
             return key, a.get(key), b.get(key)
     return None
+
+
+# --------------------------------------------------------------------------------------------------- interrupts
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM during training set `requested`; the training loop stops at the end of the step, where all
+    processes agree on it (one rank's signal stops every rank at the same step, which saves and exits). A second
+    Ctrl-C raises KeyboardInterrupt at once. Signal handlers can only be set in the main thread; elsewhere it is a
+    flag nobody sets."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: finishing the current step, then saving the state (Ctrl-C again aborts)")
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

@@ -38,8 +38,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +55,7 @@ from lmrc.io import append_jsonl, file_sha256, recover_dir
 from lmrc.progress import Progress
 from lmrc.stage1 import checkpoint as ckpt
 from lmrc.stage1.config import Stage1Config, check_loss_name
-from lmrc.training import capture_rng, changed_setting, linear_schedule, restore_rng
+from lmrc.training import StopRequest, capture_rng, changed_setting, linear_schedule, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +235,7 @@ class _Trainer:
         self.evaluations: list[dict[str, Any]] = []
         self.pos = _Position()
         self._boundary: tuple[_Position, list[dict]] | None = None
-        self._stop_request = _StopRequest()
+        self._stop_request = StopRequest()
         self._stopped = False
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -634,7 +632,7 @@ class _Trainer:
             log.info("%s: training already finished (step %d)", self.out, self.pos.global_step)
             return self._result()
         try:
-            with _StopRequest() as self._stop_request:
+            with StopRequest() as self._stop_request:
                 self._loop(stop_after_steps)
         except KeyboardInterrupt:
             # A second Ctrl-C, or one raised inside a step: with several processes a save would need every
@@ -889,31 +887,6 @@ class _Trainer:
             finished=pos.done,
             elapsed_s=pos.elapsed_s,
         )
-
-
-class _StopRequest:
-    """During the loop, a first Ctrl-C / SIGTERM asks to stop after the current optimizer step (every process
-    learns of it in the step's loss all-reduce, saves `last/` and stops); a second Ctrl-C raises at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupted: finishing the current step, then saving the state (Ctrl-C again aborts)")
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
 
 
 def _fmt(value: float | None) -> str:

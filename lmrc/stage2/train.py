@@ -27,9 +27,7 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,6 +64,7 @@ from lmrc.stage2.modeling import (
 )
 from lmrc.stage2.prompts import PromptEncoder, PromptTemplate, default_prompts_dir, load_template
 from lmrc.training import (
+    StopRequest,
     changed_setting,
     distributed_engine,
     length_grouped_batches,
@@ -453,31 +452,6 @@ def _make_trainer_class() -> type:
     return AnswerLossTrainer
 
 
-class _Interrupt:
-    """Ctrl-C / SIGTERM set a flag; the training loop stops at the end of the step (all ranks agree there).
-    A second Ctrl-C raises KeyboardInterrupt at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupted: finishing the current step, then saving the state (Ctrl-C again aborts)")
-
-    def __enter__(self) -> _Interrupt:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
 def _run_callback_class() -> type:
     from transformers import TrainerCallback
 
@@ -503,7 +477,7 @@ class _Run:
     """What one `train` call tracks around the Trainer."""
 
     def __init__(self, out: Path, cfg: Stage2Config, total_steps: int, steps_per_epoch: int, start_step: int,
-                 stop_at: int, interrupt: _Interrupt, on_step: Callable[[dict], None] | None) -> None:  # fmt: skip
+                 stop_at: int, interrupt: StopRequest, on_step: Callable[[dict], None] | None) -> None:  # fmt: skip
         self.out, self.cfg = out, cfg
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.start_step, self.stop_at = start_step, stop_at
@@ -752,7 +726,7 @@ def train(
 
         set_peft_model_state_dict(model, load_file(str(state_dir / "adapter_model.safetensors")))
 
-    interrupt = _Interrupt()
+    interrupt = StopRequest()
     run = _Run(out, cfg, total_steps, per_epoch, start_step, stop_at, interrupt, on_step)
     trainer = _make_trainer_class()(
         model=model,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stage2_helpers import smollm2_tokenizer, tiny_model_dir
 
-from lmrc.stage2.grammar import GrammarCompiler, answer_grammar, relation_rule
+from lmrc.stage2.grammar import GrammarCompiler, answer_bound, answer_grammar, relation_rule, utf8_bytes
 from lmrc.stage2.parse import parse_triples
 
 
@@ -40,47 +40,101 @@ name = (
 )
 
 
+def answer_of(slots) -> str:
+    """The answer text of `slots`: a list of ((head, tail), [relations]) in order."""
+    return "\n".join(f"({h}| {r}| {t})" for (h, t), rels in slots for r in rels)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     entities=st.lists(name, min_size=2, max_size=6, unique=True),
-    relations=st.lists(name, min_size=1, max_size=6, unique=True),
+    relations=st.lists(name.filter(lambda s: s != "None"), min_size=1, max_size=6, unique=True),
     allow_none=st.booleans(),
+    k=st.integers(1, 4),
     data=st.data(),
 )
-def test_the_grammar_accepts_exactly_the_allowed_answers(entities, relations, allow_none, data):
+def test_the_grammar_accepts_exactly_one_bounded_answer_per_asked_pair_in_order(
+    entities, relations, allow_none, k, data
+):
     all_pairs = [(h, t) for h in entities for t in entities if h != t]
     asked = data.draw(st.lists(st.sampled_from(all_pairs), min_size=1, max_size=5, unique=True))
-    rels = relations + (["None"] if allow_none else [])
-    ebnf = answer_grammar(asked, relation_rule(relations, allow_none))
-    # any sequence of lines about asked pairs with relation-set names, and the empty answer, is accepted
-    lines = data.draw(st.lists(st.tuples(st.sampled_from(asked), st.sampled_from(rels)), max_size=4))
-    answer = "\n".join(f"({h}| {r}| {t})" for (h, t), r in lines)
-    assert accepts(ebnf, answer)
-    (h, t), r = asked[0], rels[0]
-    # what the scorer would drop cannot be generated
+    rel = relation_rule(relations, allow_none, k)
+    ebnf = answer_grammar(asked, rel)
+    # every asked pair in order: None (when offered), or 1..k distinct relation-set names (none at all when the
+    # template has no None)
+    relation_sets = st.lists(st.sampled_from(relations), min_size=1, max_size=k, unique=True)
+    no_answer = st.just(["None"]) if allow_none else st.just([])
+    slots = [(p, data.draw(st.one_of(no_answer, relation_sets))) for p in asked]
+    answer = answer_of(slots)
+    assert accepts(ebnf, answer), answer
+    tok = smollm2_tokenizer()
+    # the bound: the answer's characters and its tokens (+ EOS), whatever it holds
+    assert len(answer) + 1 <= answer_bound(asked, rel)
+    assert len(tok(answer)["input_ids"]) + 1 <= answer_bound(asked, rel, utf8_bytes)
+    assert len(tok(answer)["input_ids"]) + 1 <= answer_bound(asked, rel, lambda s: len(tok(s)["input_ids"]))
+
+    (h, t), r = asked[0], relations[0]
     unasked = [p for p in all_pairs if p not in asked]
     bad = [
         f"({h}| -| {t})",  # the placeholder echoed back
         f"({h}| {r}| {t}",  # a line cut short
         f"({h} | {r} | {t})",  # another spacing
-        f"({h}| {r}| {t})\n",  # a trailing empty line
-        f"({h}| {r}| {t}) extra",
+        answer + "\n",  # a trailing empty line
+        answer + " extra",
+        answer_of([(asked[0], [r] * (k + 1))]),  # k + 1 lines for one pair
     ]
-    if "zz" + r not in rels:
-        bad.append(f"({h}| zz{r}| {t})")  # a name outside the relation set
-    if not allow_none and "None" not in relations:
-        bad.append(f"({h}| None| {t})")
+    if "zz" + r not in relations:
+        bad.append(answer_of([(asked[0], ["zz" + r])]))  # a name outside the relation set
+    if not allow_none:
+        bad.append(answer_of([(asked[0], ["None"])]))
     if unasked:
-        uh, ut = unasked[0]
-        bad.append(f"({uh}| {r}| {ut})")  # a pair that was not asked
+        bad.append(answer_of([(unasked[0], [r])]))  # a pair that was not asked
+    if len(asked) > 1:
+        one = [(p, [r]) for p in asked]
+        bad.append(answer_of(one[::-1]))  # out of order
+        bad.append(answer_of(one + one[:1]))  # the first pair again after the others: a loop
+        if allow_none:
+            bad.append(answer_of(one[1:]))  # a pair left out
+    if allow_none:
+        bad.append("")  # no answer at all
+    else:
+        assert accepts(ebnf, "")  # no pair holds a relation
     for text in bad:
         assert not accepts(ebnf, text), text
 
 
-def test_relation_rule_lists_longer_names_first_and_none_only_when_allowed():
-    rule = relation_rule(["country", "country of citizenship"], allow_none=False)
-    assert rule == 'rel ::= "country of citizenship" | "country"'
-    assert relation_rule(["a"], allow_none=True) == 'rel ::= "None" | "a"'
+def test_the_relation_side_keeps_the_relation_set_order_and_checks_its_arguments():
+    rel = relation_rule(["country", "capital", "country"], allow_none=True)
+    assert rel.names == ("country", "capital") and rel.max_relations == 4
+    with pytest.raises(ValueError):
+        relation_rule(["a"], allow_none=True, max_relations=0)
+    with pytest.raises(ValueError):
+        relation_rule(["None"], allow_none=True)
+    with pytest.raises(ValueError):
+        relation_rule([], allow_none=False)
+
+
+def test_longer_relation_names_are_not_cut_short_by_a_prefix():
+    rel = relation_rule(["country", "country of citizenship"], allow_none=False, max_relations=2)
+    ebnf = answer_grammar([("A", "B")], rel)
+    assert accepts(ebnf, "(A| country of citizenship| B)\n(A| country| B)")
+    assert not accepts(ebnf, "(A| country of| B)")
+
+
+def test_the_budget_is_the_bound_within_the_context():
+    from lmrc.stage2.config import GenerationConfig
+    from lmrc.stage2.generate import answer_budget
+
+    rel = relation_rule(["country", "capital"], allow_none=True, max_relations=2)
+    pairs = [("Paris", "France"), ("France", "Europe")]
+    bound = answer_bound(pairs, rel, utf8_bytes)
+    # two pairs x two lines of the longest names, the newlines, the end
+    lines = ["(Paris| country| France)", "(Paris| capital| France)", "(France| country| Europe)"]
+    assert bound == sum(map(len, lines)) + len("(France| capital| Europe)") + 3 + 1
+    cfg = GenerationConfig(max_new_tokens_per_pair=4)
+    assert answer_budget(2, cfg, bound=bound) == bound  # not pairs x per-pair tokens: the grammar's own bound
+    assert answer_budget(2, cfg) == 8
+    assert answer_budget(2, cfg, prompt_len=1000, context=1010, bound=bound) == 10  # the room left
 
 
 def test_a_random_model_under_the_grammar_writes_only_asked_pairs_and_known_relations():
@@ -95,7 +149,7 @@ def test_a_random_model_under_the_grammar_writes_only_asked_pairs_and_known_rela
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir())).eval()
     tok = load_tokenizer(tiny_model_dir())
     gen = HFGenerator(model, tok, GenerationConfig(batch_size=4, stop_repeated_lines=0))
-    rel_rule = relation_rule(["country", "capital", "member of"], allow_none=False)
+    rel_rule = relation_rule(["country", "capital", "member of"], allow_none=False, max_relations=2)
     asks = [[("Perth", "Australia")], [("Paris", "France"), ("France", "Europe")], [("A", "B")]]
     prompts = [tok(f"Question {i}: relations?")["input_ids"] for i in range(len(asks))]
     budgets = [40, 60, 3]  # the last one is cut by its budget mid-line
@@ -104,17 +158,24 @@ def test_a_random_model_under_the_grammar_writes_only_asked_pairs_and_known_rela
     assert not any(parse_triples(g.text) for g in free)  # unconstrained, a random model writes noise
     for g, asked, budget in zip(constrained, asks, budgets):
         assert g.n_tokens <= budget
+        seen = []
         for line in filter(None, g.text.split("\n")):
             if g.hit_limit and line == g.text.split("\n")[-1]:
                 continue  # the line the budget cut
             assert line.startswith("(") and line.endswith(")"), g.text
             ((h, r, t),) = parse_triples(line)
             assert (h, t) in asked and r in {"country", "capital", "member of"}
+            seen.append((h, t))
+        assert seen == sorted(seen, key=asked.index)  # in the order asked
+        assert all(seen.count(p) <= 2 for p in asked)  # at most k = 2 lines per pair
     assert any(parse_triples(g.text) for g in constrained[:2])
     assert constrained[2].hit_limit
+    # budgets of the grammar's bound: the answers end by themselves, none is cut
+    bounds = [answer_bound(a, rel_rule, utf8_bytes) for a in asks]
+    ended = gen.generate(prompts, bounds, [answer_grammar(a, rel_rule) for a in asks])
+    assert not any(g.hit_limit for g in ended), [g.text for g in ended]
 
 
-@pytest.mark.parametrize("pairs", [[]])
-def test_a_grammar_needs_a_pair(pairs):
+def test_a_grammar_needs_a_pair():
     with pytest.raises(ValueError):
-        answer_grammar(pairs, relation_rule(["a"], False))
+        answer_grammar([], relation_rule(["a"], False))

@@ -143,9 +143,11 @@ class GenerationConfig:
     # for every prompt of the document (direct mode asks ~18 pairs per prompt, so a document has many prompts).
     # vllm does this by itself (automatic prefix caching).
     prefix_cache: bool = True
-    # Grammar-constrained answers (lmrc.stage2.grammar): only `(head| relation| tail)` lines of the asked pairs
-    # with relation-set names can be generated. Off by default: LMRC generates freely.
+    # Grammar-constrained answers (lmrc.stage2.grammar): every asked pair answered once, in order, with None or 1
+    # to `max_relations_per_pair` relation-set names; the budget is then the grammar's own bound on the answer's
+    # length (within the context), so an answer cannot loop or be cut. Off by default: LMRC generates freely.
     constrained: bool = False
+    max_relations_per_pair: int = 4  # constrained only: k, the reference ATLOP's cap on relations per pair
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -156,6 +158,7 @@ class GenerationConfig:
             "max_new_tokens_cap",
             "docs_per_chunk",
             "tensor_parallel_size",
+            "max_relations_per_pair",
         ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"generation.{name} must be at least 1")

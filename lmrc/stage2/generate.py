@@ -53,11 +53,17 @@ class Generator(Protocol):
 
 
 def answer_budget(
-    n_pairs: int, cfg: GenerationConfig, prompt_len: int = 0, context: int | None = None
+    n_pairs: int,
+    cfg: GenerationConfig,
+    prompt_len: int = 0,
+    context: int | None = None,
+    bound: int | None = None,
 ) -> int:
-    """New-token budget of a prompt: pairs x per-pair budget, within the room left by the prompt in `context`
-    (max_seq_len, or the model's window when smaller) and the optional hard cap."""
-    budget = n_pairs * cfg.max_new_tokens_per_pair
+    """New-token budget of a prompt: pairs x per-pair budget, or with constrained answers the grammar's bound on
+    the answer's length (`bound`, lmrc.stage2.grammar.answer_bound: the grammar ends the answer by itself, so a
+    budget of the bound never cuts it); within the room left by the prompt in `context` (max_seq_len, or the
+    model's window when smaller) and the optional hard cap."""
+    budget = bound if bound is not None else n_pairs * cfg.max_new_tokens_per_pair
     if cfg.max_new_tokens_cap is not None:
         budget = min(budget, cfg.max_new_tokens_cap)
     if context is not None:

@@ -1,26 +1,42 @@
-"""Grammar-constrained answers (`generation.constrained: true`): the LLM can only write what the scorer can use.
+"""Grammar-constrained answers (`generation.constrained: true`): the LLM can only write what the scorer can use, and
+its answer cannot loop or run past its budget.
 
-An answer is zero or more lines `(head| relation| tail)` joined by newlines, then end of answer, where (head, tail)
-is one of the pairs the prompt asked about, written with the exact display names of the prompt, and the relation
-is a name of the relation set (or `None` where the template offers it). Everything else (out-of-set relation
-names, the `-` placeholder echoed back, unparsable lines, pairs that were not asked) cannot be generated.
+The answer to a prompt that asks about pairs p_1 .. p_n is, in the order asked, for every pair:
+- exactly one line `(head| None| tail)` when the template offers None, or
+- 1 to k lines `(head| relation| tail)` with distinct relation names (k: `generation.max_relations_per_pair`,
+  default 4, the reference ATLOP's cap on relations per pair),
+lines joined by newlines, then the end of the answer. A template without None lets a pair have no line at all
+(that is how its training answers say "no relation"), so there each pair has 0 to k lines, still in order.
+Head and tail are the exact display names of the prompt; relations are names of the relation set. Everything else
+(out-of-set names, the `-` placeholder echoed back, unparsable lines, pairs not asked, a pair answered twice or out
+of order, a sixth relation) cannot be generated, so the answer's length is bounded by construction
+(`answer_bound`), and the generation budget is sized from that bound.
 
-The grammar is EBNF, built per prompt from its pairs; the relation-set rule is rendered once per run. The `hf`
-backend enforces it with xgrammar (a grammar engine that precomputes token masks for the tokenizer; one compiled
-grammar per batch row), the `vllm` backend with vLLM's structured outputs (the same EBNF).
+Distinct relations: a context-free grammar cannot remember which of R names were used without one rule per subset
+(or per ordered k-tuple: R^k), far too many for R = 96. The exact and compact form used here is a canonical order:
+a pair's relations are written in the order of the relation set (the first one is free, each further one must
+come later in that order), which takes R x k small rules per pair and makes repeats impossible. The scorer reads
+a pair's relations as a set, so the order loses nothing it could score.
+
+The grammar is EBNF, built per prompt from its pairs. The `hf` backend enforces it with xgrammar (a grammar engine
+that precomputes token masks for the tokenizer; one compiled grammar per batch row), the `vllm` backend with
+vLLM's structured outputs (the same EBNF).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lmrc.errors import LmrcError
-from lmrc.stage2.prompts import NONE_ANSWER
+from lmrc.stage2.prompts import NONE_ANSWER, triple_line
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_RELATIONS = 4  # the reference ATLOP's cap on relations per pair at prediction time
 
 
 def _literal(text: str) -> str:
@@ -28,18 +44,87 @@ def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def relation_rule(relation_names: Sequence[str], allow_none: bool) -> str:
-    """`rel ::= "country" | ... [| "None"]`, longest names first (no name is cut short by a prefix of it)."""
-    names = sorted(set(relation_names) | ({NONE_ANSWER} if allow_none else set()), key=lambda n: (-len(n), n))
-    return "rel ::= " + " | ".join(_literal(n) for n in names)
+@dataclass(frozen=True)
+class AnswerRelations:
+    """The relation side of every prompt's grammar in a run: the names in their canonical order (the relation
+    set's order, duplicates dropped), whether None is an answer, and the cap k on relations per pair."""
+
+    names: tuple[str, ...]
+    allow_none: bool
+    max_relations: int = DEFAULT_MAX_RELATIONS
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError("answer grammar: the relation set is empty")
+        if self.max_relations < 1:
+            raise ValueError("answer grammar: max_relations must be at least 1")
+        if self.allow_none and NONE_ANSWER in self.names:
+            raise ValueError(
+                f"answer grammar: {NONE_ANSWER!r} is both a relation name and the no-relation answer"
+            )
 
 
-def answer_grammar(pairs: Sequence[tuple[str, str]], rel_rule: str) -> str:
-    """The EBNF of one prompt's answer: lines for the asked (head, tail) names only, then the end."""
+def relation_rule(
+    relation_names: Sequence[str], allow_none: bool, max_relations: int = DEFAULT_MAX_RELATIONS
+) -> AnswerRelations:
+    """The relation side of the grammar, built once per run (the names keep the relation set's order)."""
+    return AnswerRelations(tuple(dict.fromkeys(relation_names)), allow_none, max_relations)
+
+
+def _pair_rule(i: int, head: str, tail: str, rel: AnswerRelations) -> str:
+    """`p<i>`: pair i's whole answer, None or 1 to k lines (`rel` is the relation-name rule shared by all pairs)."""
+    line = f"{_literal(f'({head}| ')} rel {_literal(f'| {tail})')}"
+    lines = line
+    for _ in range(rel.max_relations - 1):
+        lines = f'{line} ("\\n" {lines})?'
+    none = f"{_literal(triple_line(head, NONE_ANSWER, tail))} | " if rel.allow_none else ""
+    return f"p{i} ::= {none}{lines}"
+
+
+def answer_grammar(pairs: Sequence[tuple[str, str]], rel: AnswerRelations) -> str:
+    """The EBNF of one prompt's answer: every asked (head, tail) in the order asked (pairs asked twice under the
+    same names are one pair to the scorer: answered once), as the module docstring says."""
+    pairs = list(dict.fromkeys(pairs))
     if not pairs:
         raise ValueError("answer_grammar: a prompt asks about at least one pair")
-    lines = " | ".join(f'"(" {_literal(h)} "| " rel "| " {_literal(t)} ")"' for h, t in dict.fromkeys(pairs))
-    return f'root ::= (line ("\\n" line)*)?\nline ::= {lines}\n{rel_rule}\n'
+    rules = [_pair_rule(i, h, t, rel) for i, (h, t) in enumerate(pairs)]
+    rules.append("rel ::= " + " | ".join(_literal(r) for r in sorted(rel.names, key=lambda r: (-len(r), r))))
+    n = len(pairs)
+    if rel.allow_none:  # exactly one answer per pair
+        root = "root ::= " + ' "\\n" '.join(f"p{i}" for i in range(n))
+    else:  # a pair may have no line: `s<i>` is a non-empty answer about pairs i.. (in order)
+        for i in range(n):
+            rest = f' ("\\n" s{i + 1})?' if i + 1 < n else ""
+            skip = f" | s{i + 1}" if i + 1 < n else ""
+            rules.append(f"s{i} ::= p{i}{rest}{skip}")
+        root = "root ::= s0?"
+    return "\n".join([root, *rules]) + "\n"
+
+
+def answer_bound(
+    pairs: Sequence[tuple[str, str]], rel: AnswerRelations, count: Callable[[str], int] = len
+) -> int:
+    """The longest answer the grammar allows, measured by `count` (default: characters), plus one for the end.
+
+    With `count` = UTF-8 bytes it is a hard bound on tokens for a byte-level tokenizer (every token the grammar
+    lets through spells at least one byte), so a budget of it can never cut an answer. With `count` = the
+    tokenizer's own token count it is the canonical-tokenisation length, the planner's estimate.
+    """
+    pairs = list(dict.fromkeys(pairs))
+    longest = sorted((count(r) for r in rel.names), reverse=True)[: rel.max_relations]
+    total = 0
+    for h, t in pairs:
+        frame = count(f"({h}| ") + count(f"| {t})")
+        lines = [frame + c for c in longest]
+        size = sum(lines) + count("\n") * (len(lines) - 1)
+        if rel.allow_none:
+            size = max(size, count(triple_line(h, NONE_ANSWER, t)))
+        total += size
+    return total + count("\n") * max(0, len(pairs) - 1) + 1
+
+
+def utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8"))
 
 
 class GrammarCompiler:

@@ -137,7 +137,9 @@ class Stage2Runner:
 
             # The relation-set part of every prompt's grammar, rendered once per run.
             self.rel_rule = relation_rule(
-                [self.relations.name(r) for r in self.relations.ids], cfg.allow_none
+                [self.relations.name(r) for r in self.relations.ids],
+                cfg.allow_none,
+                cfg.generation.max_relations_per_pair,
             )
 
     @property
@@ -186,12 +188,15 @@ class Stage2Runner:
             plans.append((names, prompts))
             for j, p in enumerate(prompts):
                 ids = self.encoder.encode_prompt(p.text)
-                budget = answer_budget(len(p.pairs), self.cfg.generation, len(ids), self.context())
-                jobs.append((k, j, ids, budget))
+                bound = None
                 if grammars is not None:
-                    from lmrc.stage2.grammar import answer_grammar
+                    from lmrc.stage2.grammar import answer_bound, answer_grammar, utf8_bytes
 
-                    grammars.append(answer_grammar([(names[h], names[t]) for h, t in p.pairs], self.rel_rule))
+                    asked = [(names[h], names[t]) for h, t in p.pairs]
+                    grammars.append(answer_grammar(asked, self.rel_rule))
+                    bound = answer_bound(asked, self.rel_rule, utf8_bytes)
+                budget = answer_budget(len(p.pairs), self.cfg.generation, len(ids), self.context(), bound)
+                jobs.append((k, j, ids, budget))
         outputs = []
         if jobs:
             prompts_ids, budgets = [j[2] for j in jobs], [j[3] for j in jobs]

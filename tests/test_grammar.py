@@ -48,7 +48,7 @@ def answer_of(slots) -> str:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     entities=st.lists(name, min_size=2, max_size=6, unique=True),
-    relations=st.lists(name.filter(lambda s: s != "None"), min_size=1, max_size=6, unique=True),
+    relations=st.lists(name.filter(lambda s: s not in ("None", "-")), min_size=1, max_size=6, unique=True),
     allow_none=st.booleans(),
     k=st.integers(1, 4),
     data=st.data(),

@@ -211,6 +211,30 @@ def test_tiny_context_splits_pairs_over_more_prompts():
     assert not any(p.truncated_doc for p in prompts)
 
 
+def test_a_known_answer_length_is_reserved_per_chunk_and_kept_within_the_cap():
+    """Constrained answers: the planner reserves the grammar's bound for each chunk (here 7 tokens per pair + 1),
+    so a chunk holds fewer pairs than with the 2-token estimate, and never more than the cap on new tokens lets
+    the bound grow to."""
+    doc = _doc([(c, "X") for c in "ABCDE"])
+    template = load_template("direct")
+    prefix, _ = render_prefix(template, doc, TINY_RELS)
+    pairs = doc.pairs()[:10]
+
+    def bound(chunk):
+        return 7 * len(chunk) + 1
+
+    budget = words(prefix) + 6 + 5 * 3
+    estimate = plan_prompts(doc, TINY_RELS, pairs, template, words, budget, answer_tokens_per_pair=2)
+    sized = plan_prompts(doc, TINY_RELS, pairs, template, words, budget, answer_tokens=bound)
+    assert [len(p.pairs) for p in estimate] == [3, 3, 3, 1]
+    # a prompt of k pairs costs words(prefix) + 6 + 3k + 7k + 1 <= words(prefix) + 21: k = 1
+    assert [len(p.pairs) for p in sized] == [1] * 10
+    assert all(words(p.text) + bound(p.pairs) <= budget for p in sized)
+    capped = plan_prompts(doc, TINY_RELS, pairs, template, words, 10_000, answer_tokens=bound, answer_cap=22)
+    assert [len(p.pairs) for p in capped] == [3, 3, 3, 1]  # 7 * 3 + 1 = 22 <= cap < 7 * 4 + 1
+    assert [pair for p in capped for pair in p.pairs] == pairs
+
+
 def test_document_that_does_not_fit_is_truncated_and_flagged(caplog):
     text = " ".join(f"w{i}" for i in range(500))
     doc = _doc([("A", "X"), ("B", "X"), ("C", "X")], text=text)

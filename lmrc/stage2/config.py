@@ -144,8 +144,11 @@ class GenerationConfig:
     # vllm does this by itself (automatic prefix caching).
     prefix_cache: bool = True
     # Grammar-constrained answers (lmrc.stage2.grammar): every asked pair answered once, in order, with None or 1
-    # to `max_relations_per_pair` relation-set names; the budget is then the grammar's own bound on the answer's
-    # length (within the context), so an answer cannot loop or be cut. Off by default: LMRC generates freely.
+    # to `max_relations_per_pair` relation-set names, so an answer cannot loop. Its length is bounded: the planner
+    # reserves the bound in tokens for each prompt (fewer pairs per prompt than the per-pair estimate; with
+    # max_new_tokens_cap, a prompt holds only as many pairs as the cap allows), and the generation budget is the
+    # bound in bytes (no token spells less than a byte) within the context, so an answer is not cut. Off by
+    # default: LMRC generates freely.
     constrained: bool = False
     max_relations_per_pair: int = 4  # constrained only: k, the reference ATLOP's cap on relations per pair
 

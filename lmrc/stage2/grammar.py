@@ -101,26 +101,44 @@ def answer_grammar(pairs: Sequence[tuple[str, str]], rel: AnswerRelations) -> st
     return "\n".join([root, *rules]) + "\n"
 
 
+class AnswerSizer:
+    """The longest answer the grammar allows for a list of pairs, measured by `count` (default: characters), plus
+    one for the end of the answer; sizes are cached per pair and per relation set, so the prompt planner can ask
+    after every pair it adds.
+
+    With `count` = UTF-8 bytes it is a hard bound on tokens for a byte-level tokenizer (every token the grammar
+    lets through spells at least one byte), so a generation budget of it can never cut an answer. With `count` =
+    the tokenizer's token count it is the length in canonical tokens: what the planner reserves in the context.
+    """
+
+    def __init__(self, rel: AnswerRelations, count: Callable[[str], int] = len) -> None:
+        self.rel = rel
+        self.count = count
+        self._longest = sorted((count(r) for r in rel.names), reverse=True)[: rel.max_relations]
+        self._newline = count("\n")
+        self._pairs: dict[tuple[str, str], int] = {}
+
+    def pair(self, head: str, tail: str) -> int:
+        """Characters (or tokens) of one pair's longest answer: its k longest lines, or its None line."""
+        size = self._pairs.get((head, tail))
+        if size is None:
+            frame = self.count(f"({head}| ") + self.count(f"| {tail})")
+            size = sum(frame + c for c in self._longest) + self._newline * (len(self._longest) - 1)
+            if self.rel.allow_none:
+                size = max(size, self.count(triple_line(head, NONE_ANSWER, tail)))
+            self._pairs[(head, tail)] = size
+        return size
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> int:
+        pairs = list(dict.fromkeys(pairs))
+        return sum(self.pair(h, t) for h, t in pairs) + self._newline * max(0, len(pairs) - 1) + 1
+
+
 def answer_bound(
     pairs: Sequence[tuple[str, str]], rel: AnswerRelations, count: Callable[[str], int] = len
 ) -> int:
-    """The longest answer the grammar allows, measured by `count` (default: characters), plus one for the end.
-
-    With `count` = UTF-8 bytes it is a hard bound on tokens for a byte-level tokenizer (every token the grammar
-    lets through spells at least one byte), so a budget of it can never cut an answer. With `count` = the
-    tokenizer's own token count it is the canonical-tokenisation length, the planner's estimate.
-    """
-    pairs = list(dict.fromkeys(pairs))
-    longest = sorted((count(r) for r in rel.names), reverse=True)[: rel.max_relations]
-    total = 0
-    for h, t in pairs:
-        frame = count(f"({h}| ") + count(f"| {t})")
-        lines = [frame + c for c in longest]
-        size = sum(lines) + count("\n") * (len(lines) - 1)
-        if rel.allow_none:
-            size = max(size, count(triple_line(h, NONE_ANSWER, t)))
-        total += size
-    return total + count("\n") * max(0, len(pairs) - 1) + 1
+    """The longest answer the grammar allows for `pairs` (AnswerSizer, uncached)."""
+    return AnswerSizer(rel, count)(pairs)
 
 
 def utf8_bytes(text: str) -> int:

@@ -132,8 +132,9 @@ class Stage2Runner:
         self._context: int | None = None
         self._context_read = False
         self.rel_rule = None
+        self._answer_tokens = self._answer_bytes = None
         if cfg.generation.constrained:
-            from lmrc.stage2.grammar import relation_rule
+            from lmrc.stage2.grammar import AnswerSizer, relation_rule, utf8_bytes
 
             # The relation-set part of every prompt's grammar, rendered once per run.
             self.rel_rule = relation_rule(
@@ -141,6 +142,10 @@ class Stage2Runner:
                 cfg.allow_none,
                 cfg.generation.max_relations_per_pair,
             )
+            # The grammar's bound on an answer: in tokens (what the planner reserves in the context) and in bytes
+            # (the generation budget: no token spells less than a byte, so the answer is never cut).
+            self._answer_tokens = AnswerSizer(self.rel_rule, self.encoder.count_tokens)
+            self._answer_bytes = AnswerSizer(self.rel_rule, utf8_bytes)
 
     @property
     def mode(self) -> str:
@@ -161,7 +166,9 @@ class Stage2Runner:
         return self._context
 
     def plan(self, doc: Document, pairs: list[tuple[int, int]], hints=None) -> tuple[list[str], list[Prompt]]:
-        return _plan_document(doc, pairs, self.relations, self.template, self.encoder, self.cfg, hints)
+        return _plan_document(
+            doc, pairs, self.relations, self.template, self.encoder, self.cfg, hints, self._answer_tokens
+        )
 
     def hints_for(self, dc) -> dict | None:
         """The hints of a document's candidates (None when the adapter was trained without hints)."""
@@ -190,11 +197,11 @@ class Stage2Runner:
                 ids = self.encoder.encode_prompt(p.text)
                 bound = None
                 if grammars is not None:
-                    from lmrc.stage2.grammar import answer_bound, answer_grammar, utf8_bytes
+                    from lmrc.stage2.grammar import answer_grammar
 
                     asked = [(names[h], names[t]) for h, t in p.pairs]
                     grammars.append(answer_grammar(asked, self.rel_rule))
-                    bound = answer_bound(asked, self.rel_rule, utf8_bytes)
+                    bound = self._answer_bytes(asked)
                 budget = answer_budget(len(p.pairs), self.cfg.generation, len(ids), self.context(), bound)
                 jobs.append((k, j, ids, budget))
         outputs = []
@@ -229,11 +236,20 @@ def _plan_document(
     encoder: PromptEncoder,
     cfg: Stage2Config,
     hints=None,
+    answer_sizer=None,
 ) -> tuple[list[str], list[Prompt]]:
-    """Display names and prompts of one document, planned exactly as for training; no pairs, no prompt."""
+    """Display names and prompts of one document, planned as for training; no pairs, no prompt. With constrained
+    answers (`answer_sizer`: the grammar's bound in tokens) each prompt reserves its answer's longest length
+    instead of the per-pair estimate, within the cap on new tokens, so a constrained answer is never cut."""
     names = entity_names(doc)
     if not pairs:
         return names, []
+    answer_tokens = None
+    if answer_sizer is not None:
+
+        def answer_tokens(chunk):
+            return answer_sizer([(names[h], names[t]) for h, t in chunk])
+
     prompts = plan_prompts(
         doc,
         relations,
@@ -245,6 +261,8 @@ def _plan_document(
         answer_tokens_per_pair=cfg.answer_tokens_per_pair,
         names=names,
         hints=hints,
+        answer_tokens=answer_tokens,
+        answer_cap=cfg.generation.max_new_tokens_cap,
     )
     return names, prompts
 

@@ -356,10 +356,15 @@ def plan_prompts(
     answer_tokens_per_pair: int = 24,
     names: Sequence[str] | None = None,
     hints: Hints | None = None,
+    answer_tokens: Callable[[Sequence[tuple[int, int]]], int] | None = None,
+    answer_cap: int | None = None,
 ) -> list[Prompt]:
     """Split `pairs` (kept in order) into prompts of at most `max_pairs` pairs that fit `max_context` tokens.
 
-    A prompt fits when its tokens plus `answer_tokens_per_pair` per pair (the expected answer) are within
+    A prompt fits when its tokens plus the room reserved for its answer are within `max_context`: by default
+    `answer_tokens_per_pair` per pair (the expected answer), or `answer_tokens(chunk)` when the answer's length is
+    known (constrained answers: the grammar's bound), in which case a chunk grows only while that stays within
+    `answer_cap` (the generation's hard cap on new tokens), so no planned answer is cut. This is
     `max_context` - the paper's k "maximum number of entity pairs that can be accommodated in each input", capped
     at 18 as the authors' code does for direct fine-tuning (`max_pairs=None`: no cap, only the context limits a
     prompt, as LMRC's rc stage with one input per document). If the prefix leaves no room for even one pair, the document text is
@@ -373,10 +378,17 @@ def plan_prompts(
         raise LmrcError(f"max_pairs must be at least 1, got {max_pairs}")
     names = list(names) if names is not None else entity_names(doc)
     pairs = [(int(h), int(t)) for h, t in pairs]
+    if answer_tokens is None:
+
+        def answer_tokens(chunk: Sequence[tuple[int, int]]) -> int:
+            return answer_tokens_per_pair * len(chunk)
 
     def fits(prefix_tokens: int, chunk: Sequence[tuple[int, int]]) -> bool:
         used = prefix_tokens + count_tokens(render_suffix(template, chunk, names, hints))
-        return used + answer_tokens_per_pair * len(chunk) <= max_context
+        return used + answer_tokens(chunk) <= max_context
+
+    def grows(chunk: Sequence[tuple[int, int]]) -> bool:
+        return answer_cap is None or answer_tokens(chunk) <= answer_cap
 
     prefix, truncated = render_prefix(template, doc, relations)
     prefix_tokens = count_tokens(prefix)
@@ -389,7 +401,7 @@ def plan_prompts(
             pairs[0],
             count_tokens,
             max_context,
-            answer_tokens_per_pair,
+            answer_tokens(pairs[:1]),
             hints,
         )
         truncated = True
@@ -403,11 +415,12 @@ def plan_prompts(
             i + len(chunk) < len(pairs)
             and len(chunk) < max_pairs
             and fits(prefix_tokens, [*chunk, pairs[i + len(chunk)]])
+            and grows([*chunk, pairs[i + len(chunk)]])
         ):
             chunk.append(pairs[i + len(chunk)])
         # The prefix and suffix were counted apart; check the joined text and shrink if the seam cost a token.
         while len(chunk) > 1 and not _fits_joined(
-            prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair, hints
+            prefix, template, chunk, names, count_tokens, max_context, answer_tokens(chunk), hints
         ):
             chunk.pop()
         suffix = render_suffix(template, chunk, names, hints)
@@ -416,11 +429,9 @@ def plan_prompts(
     return prompts
 
 
-def _fits_joined(
-    prefix, template, chunk, names, count_tokens, max_context, answer_tokens_per_pair, hints=None
-) -> bool:
+def _fits_joined(prefix, template, chunk, names, count_tokens, max_context, answer_room, hints=None) -> bool:
     total = count_tokens(prefix + render_suffix(template, chunk, names, hints))
-    return total + answer_tokens_per_pair * len(chunk) <= max_context
+    return total + answer_room <= max_context
 
 
 def _truncated_prefix(
@@ -431,25 +442,25 @@ def _truncated_prefix(
     first_pair: tuple[int, int],
     count_tokens: Callable[[str], int],
     max_context: int,
-    answer_tokens_per_pair: int,
+    answer_room: int,
     hints: Hints | None = None,
 ) -> tuple[str, int]:
-    """Cut the document text so that the prefix plus one pair and its answer fit the context."""
+    """Cut the document text so that the prefix plus one pair and its answer (`answer_room` tokens) fit."""
     suffix = render_suffix(template, [first_pair], names, hints)
     fixed = _fill(
         template.prefix_text,
         {"title": _clean_name(doc.title), "relations": _relation_lines(relations), "text": ""},
     )
-    budget = max_context - count_tokens(fixed + suffix) - answer_tokens_per_pair
+    budget = max_context - count_tokens(fixed + suffix) - answer_room
     if budget < 0:
         raise LmrcError(
             f"max_context={max_context} tokens is too small for the {template.mode} prompt template "
             f"({template.source}): the instruction, relation set and one entity pair alone need "
-            f"{count_tokens(fixed + suffix) + answer_tokens_per_pair} tokens"
+            f"{count_tokens(fixed + suffix) + answer_room} tokens"
         )
     while True:
         prefix, _ = render_prefix(template, doc, relations, max_doc_tokens=budget, count_tokens=count_tokens)
-        if count_tokens(prefix + suffix) + answer_tokens_per_pair <= max_context or budget == 0:
+        if count_tokens(prefix + suffix) + answer_room <= max_context or budget == 0:
             return prefix, count_tokens(prefix)
         budget = max(0, budget - max(1, budget // 50))
 

@@ -162,6 +162,18 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
         "stage2_overrides": FAST_GENERATION,
         "thetas": [0.55],
         "candidate_points": 2,
+        # the demo's rows: LMRC as published, and lmrc's best settings
+        "variants": [
+            {
+                "name": "classifier-llm + constrained + refine + keep",
+                "set": [
+                    "stage2.overrides.generation.constrained=true",
+                    "fusion=refine",
+                    "refine.keep_margin=0.0",
+                ],
+            }
+        ],
+        "learning_curve": {"budgets": [2000, 1000], "max_docs": 3},
     }
     out = tmp_path / "cmp"
     assert main(["compare", "--config", _write(tmp_path / "c.yaml", config), "--output-dir", str(out)]) == 0
@@ -174,9 +186,41 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
     for kind in ("rc", "direct"):
         metrics = [json.loads(x) for x in (out / "models" / kind / "metrics.jsonl").read_text().splitlines()]
         assert metrics and read_json(out / "models" / kind / "train_summary.json")["finished"]
+    docs = load_documents(out / "data" / "eval.json")
+    ref = TrainReference.from_documents(load_documents(files["train"]))
     cal = read_json(out / "runs" / "classifier-llm.summary.json")["fingerprint"]["stage1"]
     assert cal["threshold_method"] == "recall_target"
-    assert len(read_json(out / "results.json")["rows"]) == 5
+    results = read_json(out / "results.json")
+    assert [r["label"] for r in results["rows"] if r["variant"] == "strict"] == [
+        "stage1-only",
+        "direct",
+        "classifier-llm",
+        "classifier-llm + constrained + refine + keep",
+    ]
+    printed = capsys.readouterr().out
+    assert "classifier-llm + constrained + refine + keep" in printed and "machine: " in printed
+    assert results["machine"] and f"Machine: {results['machine']}" in (out / "results.md").read_text()
+    # the learning curve: an adapter per (kind, budget) with that token budget, each scored on the documents
+    curve = results["learning_curve"]
+    assert [(p["kind"], p["budget_tokens"]) for p in curve] == [
+        ("rc", 1000),
+        ("rc", 2000),
+        ("direct", 1000),
+        ("direct", 2000),
+    ]
+    for p in curve:
+        name = f"curve-{p['kind']}-{p['budget_tokens']}"
+        cfg = yaml.safe_load((out / "models" / name / "config.yaml").read_text())
+        assert cfg["train"]["max_tokens"] == p["budget_tokens"] and cfg["mode"] == p["kind"]
+        summary = read_json(out / "runs" / f"{name}.summary.json")
+        assert summary["llm"]["pairs_from"] == ("gold pairs" if p["kind"] == "rc" else "all pairs")
+        assert summary["documents"] == 3  # learning_curve.max_docs of the 4 evaluation documents
+        m = evaluate(load_predictions(out / "runs" / f"{name}.json"), docs[:3], ref)
+        assert p["f1"] == pytest.approx(m.relation.f1) and p["predicted"] == m.relation.predicted
+    assert (
+        "learning curve" in printed and "| rc | gold pairs | 3 | 1,000 |" in (out / "results.md").read_text()
+    )
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_config_refuses_unknown_modes():
@@ -197,5 +241,43 @@ def test_without_matplotlib_the_pictures_are_skipped_by_name(monkeypatch, tmp_pa
         "candidate_curve": [],
     }
     drawn, skipped = plots.draw_all(tmp_path, results, RelationSet(("P1",), {"P1": "one"}))
-    assert drawn == [] and skipped == ["per_relation.png", "theta.png", "candidates.png"]
+    assert drawn == [] and skipped == [
+        "per_relation.png",
+        "theta.png",
+        "candidates.png",
+        "learning_curve.png",
+    ]
     assert not list(tmp_path.iterdir())
+
+
+def test_per_relation_f1_is_drawn_as_grouped_bars(monkeypatch, tmp_path):
+    """One bar group per relation some row got right, one bar per row in it (no line across categories)."""
+    from lmrc.data.relations import RelationSet
+    from lmrc.pipeline import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    results = {
+        "per_relation_f1": {
+            "stage1-only": {"P1": 0.5, "P2": 0.0, "P3": 0.0},
+            "direct": {"P1": 0.25, "P2": 1.0},
+        },
+        "relation_train_counts": {"P1": 3, "P2": 9},
+    }
+    rels = RelationSet(("P1", "P2", "P3"), {"P1": "one", "P2": "two", "P3": "three"})
+    assert plots.per_relation(plots._pyplot(), results, rels, tmp_path / "p.png") is not None
+    (ax,) = figures[0].axes
+    assert not ax.lines and len(ax.containers) == 2  # one bar series per row
+    assert [len(c) for c in ax.containers] == [2, 2]  # P2, P1 (P3: nobody scored it)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["two", "one"]  # by training frequency
+    heights = [[b.get_height() for b in c] for c in ax.containers]
+    assert heights == [[0.0, 50.0], [100.0, 25.0]]
+
+
+def test_learning_curve_config_is_checked():
+    from lmrc.errors import LmrcError
+
+    with pytest.raises(LmrcError, match="budgets"):
+        load_compare_config(None, ["learning_curve.budgets=[100, 100]"])
+    with pytest.raises(LmrcError, match="kinds"):
+        load_compare_config(None, ["learning_curve.kinds=[llm]"])

@@ -272,7 +272,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lmrc.pipeline.compare import compare, load_compare_config
-    from lmrc.pipeline.report import ANSWER_COLUMNS, answer_rows, text_table
+    from lmrc.pipeline.report import (
+        ANSWER_COLUMNS,
+        LEARNING_COLUMNS,
+        answer_rows,
+        learning_curve_rows,
+        text_table,
+    )
 
     cfg = load_compare_config(args.config, args.overrides)
     check_writable_folder("--output-dir", args.output_dir)
@@ -290,7 +296,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"\nstage-1 candidates for the LLM: {c['candidates']:,} of {c['pairs']:,} pairs "
             f"(reduction ratio {c['reduction']:.4f}){recall}"
         )
-    print(f"\ntables: {result.results_md}  {result.results_json}")
+    if result.learning_curve:
+        print("\nlearning curve (relation F1 against LLM training tokens, constrained answers):")
+        print(text_table(learning_curve_rows(result.learning_curve), LEARNING_COLUMNS))
+    print(f"\nmachine: {result.machine}")
+    print(f"tables: {result.results_md}  {result.results_json}")
     if result.pictures:
         print("pictures: " + "  ".join(str(p) for p in result.pictures))
     if result.skipped_pictures:

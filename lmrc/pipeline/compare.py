@@ -108,6 +108,29 @@ class Variant:
 
 
 @dataclass
+class LearningCurveSpec:
+    """Relation F1 against LLM training tokens (the curve a user with a GPU reads the budget from): for every
+    budget an rc and a direct adapter trained with `train.max_tokens` = the budget (each with its own full
+    schedule; the budget of the config's own adapters reuses them), rc asked about the gold pairs (LMRC's "RC
+    stage" ablation) and direct about all pairs, both with grammar-constrained answers by default."""
+
+    budgets: list[int] = field(default_factory=list)  # LLM training tokens; empty: no curve
+    kinds: list[str] = field(default_factory=lambda: ["rc", "direct"])
+    constrained: bool = True
+    # the first N evaluation documents (None: all): direct asks about every pair, the costly part on a CPU
+    max_docs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ValueError("learning_curve.max_docs must be at least 1")
+        if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            raise ValueError("learning_curve.budgets: distinct positive token counts")
+        bad = [k for k in self.kinds if k not in ("rc", "direct")]
+        if bad or not self.kinds:
+            raise ValueError(f"learning_curve.kinds: rc and/or direct, not {bad[0] if bad else 'nothing'!r}")
+
+
+@dataclass
 class CompareConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -124,6 +147,7 @@ class CompareConfig:
     stage2_overrides: dict[str, Any] = field(default_factory=dict)  # predict-time settings of both adapters
     docs_per_batch: int = 4
     candidate_points: int = 9  # thresholds on candidates.png
+    learning_curve: LearningCurveSpec = field(default_factory=LearningCurveSpec)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in ALL_MODES]
@@ -222,16 +246,25 @@ def ensure_stage1(cfg: CompareConfig, out: Path, paths: dict[str, Path | None]) 
     return result.best_dir
 
 
-def ensure_adapter(kind: str, cfg: CompareConfig, out: Path, paths: dict[str, Path | None]) -> Path:
+def ensure_adapter(
+    kind: str,
+    cfg: CompareConfig,
+    out: Path,
+    paths: dict[str, Path | None],
+    extra: Sequence[str] = (),
+    name: str | None = None,
+) -> Path:
+    """The `kind` adapter (rc or direct): the config's trained one, else trained in `models/<name>` (default: the
+    kind) with the config's settings and then `extra` overrides; resumed when a run was interrupted."""
     from lmrc.stage2.config import load_stage2_config
     from lmrc.stage2.modeling import ADAPTER_CONFIG
     from lmrc.stage2.train import train
 
     spec: ModelSpec = getattr(cfg, kind)
-    if spec.path is not None:
+    if spec.path is not None and not extra:
         return expand_path(spec.path, f"{kind}.path")
-    folder = out / "models" / kind
-    overrides = [*_data_overrides(kind, paths), *spec.set, f"mode={kind}", f"output_dir={folder}"]
+    folder = out / "models" / (name or kind)
+    overrides = [*_data_overrides(kind, paths), *spec.set, *extra, f"mode={kind}", f"output_dir={folder}"]
     s2 = load_stage2_config(spec.config, overrides)
     if (folder / ADAPTER_CONFIG).is_file() and not (folder / "last").exists():
         return folder  # finished earlier
@@ -327,6 +360,78 @@ def run_mode(
     return ModeRun(mode, result, read_json(sidecar(result, ".summary.json")), name)
 
 
+# -------------------------------------------------------------------------------------- learning curve
+
+
+def _main_budget(kind: str, cfg: CompareConfig) -> int | None:
+    """train.max_tokens of the config's own `kind` adapter when compare trains it (None otherwise)."""
+    from lmrc.stage2.config import load_stage2_config
+
+    spec: ModelSpec = getattr(cfg, kind)
+    if spec.path is not None:
+        return None
+    return load_stage2_config(spec.config, [*spec.set, f"mode={kind}"]).train.max_tokens
+
+
+def learning_curve(
+    cfg: CompareConfig, out: Path, paths: dict[str, Path | None], docs: Sequence[Document], ref, say
+) -> list[dict[str, Any]]:
+    """One point per (kind, budget): the adapter trained with that many LLM tokens (the config's own adapter at
+    its budget, else `models/curve-<kind>-<budget>`), run by `lmrc stage2 predict` in a child process (resumable)
+    on the evaluation documents, scored."""
+    from lmrc.eval.metrics import evaluate, load_predictions
+    from lmrc.stage2.train import SUMMARY_FILE
+
+    lc = cfg.learning_curve
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    eval_path = paths["eval"]
+    if lc.max_docs is not None and lc.max_docs < len(docs):
+        docs = docs[: lc.max_docs]
+        eval_path = _same_or_write(out / "data" / "curve_eval.json", docs)
+    from lmrc.pipeline.config import Stage2Settings
+
+    sets = Stage2Settings(overrides=json.loads(json.dumps(cfg.stage2_overrides))).override_list()
+    if lc.constrained:
+        sets.append("generation.constrained=true")
+    points = []
+    for kind in lc.kinds:
+        for budget in sorted(lc.budgets):
+            name = f"curve-{kind}-{budget}"
+            say(f"learning curve: {kind} adapter, {budget:,} LLM training tokens")
+            if budget == _main_budget(kind, cfg):
+                adapter = ensure_adapter(kind, cfg, out, paths)
+            else:
+                adapter = ensure_adapter(kind, cfg, out, paths, [f"train.max_tokens={budget}"], name)
+            result = runs / f"{name}.json"
+            cmd = [sys.executable, "-m", "lmrc.cli", "stage2", "predict", "--adapter", str(adapter)]
+            cmd += ["--input", str(eval_path), "--output", str(result), "--resume"]
+            if kind == "rc":
+                cmd.append("--gold-pairs")
+            for item in sets:
+                cmd += ["--set", item]
+            log.info("compare: %s", " ".join(cmd))
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+            if proc.returncode != 0:
+                raise LmrcError(f"learning curve: {' '.join(cmd)} failed (exit {proc.returncode})")
+            metrics = evaluate(load_predictions(result), docs, ref).relation
+            trained = read_json(adapter / SUMMARY_FILE) if (adapter / SUMMARY_FILE).is_file() else {}
+            points.append(
+                {
+                    "kind": kind,
+                    "pairs": "gold pairs" if kind == "rc" else "all pairs",
+                    "budget_tokens": budget,
+                    "documents": len(docs),
+                    "trained_tokens": trained.get("tokens_this_call"),
+                    "precision": metrics.precision,
+                    "recall": metrics.recall,
+                    "f1": metrics.f1,
+                    "predicted": metrics.predicted,
+                }
+            )
+    return points
+
+
 # --------------------------------------------------------------------------------------------- scoring
 
 
@@ -341,6 +446,8 @@ class CompareResult:
     pictures: list[Path]
     skipped_pictures: list[str]
     candidates: dict[str, Any] | None
+    learning_curve: list[dict[str, Any]] = field(default_factory=list)
+    machine: str = ""  # the machine kind the rows were measured on (lmrc.hardware.describe_line)
 
 
 def compare(
@@ -348,8 +455,10 @@ def compare(
 ) -> CompareResult:
     """Train what is missing, run every mode on the same documents, score, tabulate and plot."""
     from lmrc.eval.metrics import TrainReference
+    from lmrc.hardware import describe_line
     from lmrc.pipeline import plots
 
+    machine = describe_line()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = on_stage or (lambda msg: log.info("%s", msg))
@@ -390,8 +499,10 @@ def compare(
     curve = []
     if "stage1" in models:
         curve = candidate_curve(models["stage1"], models.get("rc"), docs, cfg.candidate_points)
+    points = learning_curve(cfg, out, paths, docs, ref, say) if cfg.learning_curve.budgets else []
     results = {
         "config": to_dict(cfg),
+        "machine": machine,
         "documents": len(docs),
         "eval": str(paths["eval"]),
         "models": {k: str(v) for k, v in models.items()},
@@ -401,13 +512,14 @@ def compare(
         "candidate_curve": curve,
         "per_relation_f1": per_relation,
         "relation_train_counts": ref.relation_counts if ref is not None else None,
+        "learning_curve": points,
     }
     results_json = out / "results.json"
     atomic_write_json(results_json, results, indent=2)
     results_md = out / "results.md"
-    atomic_write_text(results_md, results_markdown(rows, cand, len(docs), paths["eval"]))
+    atomic_write_text(results_md, results_markdown(rows, cand, len(docs), paths["eval"], points, machine))
     pictures, skipped = plots.draw_all(out, results, relations)
-    return CompareResult(rows, results_md, results_json, pictures, skipped, cand)
+    return CompareResult(rows, results_md, results_json, pictures, skipped, cand, points, machine)
 
 
 def _relation_set(cfg: CompareConfig) -> RelationSet:

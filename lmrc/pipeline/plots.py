@@ -1,5 +1,6 @@
-"""The comparison's pictures (matplotlib, an optional extra): per-relation F1 (LMRC Fig. 2), F1 against the SBERT
-threshold theta (LMRC Fig. 3), and stage-1 recall / LLM prompt tokens against the candidate threshold."""
+"""The comparison's pictures (matplotlib, an optional extra): per-relation F1 (LMRC Fig. 2, grouped bars), F1
+against the SBERT threshold theta (LMRC Fig. 3), stage-1 recall / LLM prompt tokens against the candidate
+threshold, and the learning curve (F1 against LLM training tokens)."""
 
 from __future__ import annotations
 
@@ -34,23 +35,52 @@ def _save(fig, path: Path) -> Path:
 
 
 def per_relation(plt, results: dict[str, Any], relations: RelationSet, path: Path) -> Path | None:
-    """Per-relation F1 of every row, relations ordered by training frequency (most frequent first)."""
+    """Per-relation F1 of every row as grouped bars (relations are unordered categories: a line across them would
+    read as a trend), relations ordered by training frequency (most frequent first); relations no row scored
+    above zero are left out."""
     rows = results["per_relation_f1"]
     counts = results.get("relation_train_counts") or {}
-    rels = sorted({r for scores in rows.values() for r in scores}, key=lambda r: (-counts.get(r, 0), r))
-    if not rels:
+    scored = {r for scores in rows.values() for r, f1 in scores.items() if f1 > 0}
+    # when no row got any relation right, all of them (a picture of zeros says so)
+    rels = sorted(
+        scored or {r for scores in rows.values() for r in scores}, key=lambda r: (-counts.get(r, 0), r)
+    )
+    if not rels or not rows:
         return None
-    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(rels)), 4.5))
-    for label, scores in rows.items():
-        ax.plot(
-            range(len(rels)), [100 * scores.get(r, 0.0) for r in rels], marker="o", ms=3, lw=1, label=label
-        )
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(rels) * len(rows) + 2), 4.5))
+    for k, (label, scores) in enumerate(rows.items()):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(rels))]
+        ax.bar(xs, [100 * scores.get(r, 0.0) for r in rels], width=width, label=label)
     ax.set_xticks(range(len(rels)))
     ax.set_xticklabels([relations.names.get(r, r) for r in rels], rotation=90, fontsize=6)
     ax.set_ylabel("F1 (%)")
-    ax.set_xlabel("relations of the evaluation documents, by training frequency")
+    ax.set_xlabel("relations some row predicted correctly, by training frequency")
     ax.set_title("Per-relation F1")
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def learning_curve(plt, results: dict[str, Any], path: Path) -> Path | None:
+    """Relation F1 against LLM training tokens (log scale), one line per adapter kind."""
+    points = results.get("learning_curve") or []
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"rc": "rc adapter, gold pairs (RC stage)", "direct": "direct, all pairs"}
+    for kind in dict.fromkeys(p["kind"] for p in points):
+        pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["budget_tokens"])
+        ax.plot(
+            [p["budget_tokens"] for p in pts],
+            [100 * p["f1"] for p in pts],
+            marker="o",
+            label=labels.get(kind, kind),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("LLM training tokens")
+    ax.set_ylabel("relation F1 (%)")
+    ax.set_title("Learning curve (constrained answers)")
+    ax.legend()
     return _save(fig, path)
 
 
@@ -88,7 +118,7 @@ def candidates(plt, results: dict[str, Any], path: Path) -> Path | None:
 
 def draw_all(out: Path, results: dict[str, Any], relations: RelationSet) -> tuple[list[Path], list[str]]:
     """The pictures written, and the names of those skipped (no matplotlib, or nothing to draw)."""
-    names = ("per_relation.png", "theta.png", "candidates.png")
+    names = ("per_relation.png", "theta.png", "candidates.png", "learning_curve.png")
     plt = _pyplot()
     if plt is None:
         log.warning("matplotlib is not installed (pip install 'lmrc[plot]'): pictures skipped")
@@ -100,6 +130,7 @@ def draw_all(out: Path, results: dict[str, Any], relations: RelationSet) -> tupl
             lambda p: per_relation(plt, results, relations, p),
             lambda p: theta(plt, results, p),
             lambda p: candidates(plt, results, p),
+            lambda p: learning_curve(plt, results, p),
         ),
     ):
         path = draw(out / name)

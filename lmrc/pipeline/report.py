@@ -236,6 +236,25 @@ ANSWER_COLUMNS = (
 )
 
 
+# The learning curve (compare's `learning_curve`): one row per adapter.
+LEARNING_COLUMNS = (
+    ("adapter", lambda r: r["kind"]),
+    ("pairs asked", lambda r: r["pairs"]),
+    ("docs", lambda r: _num(r.get("documents"))),
+    ("LLM training tokens", lambda r: f"{r['budget_tokens']:,}"),
+    ("trained", lambda r: _num(r.get("trained_tokens"))),
+    ("P", lambda r: _pct(r["precision"])),
+    ("R", lambda r: _pct(r["recall"])),
+    ("F1", lambda r: _pct(r["f1"])),
+    ("#pred", lambda r: f"{r['predicted']:,}"),
+)
+
+
+def learning_curve_rows(points: Sequence[dict]) -> list[dict]:
+    """The curve's points, rc first, each by budget."""
+    return sorted(points, key=lambda p: (p["kind"] != "rc", p["budget_tokens"]))
+
+
 def answer_rows(rows: Sequence[dict]) -> list[dict]:
     return [r for r in rows if r["mode"] in LLM_MODES and r["variant"] == "strict" and "pairs_asked" in r]
 
@@ -261,14 +280,23 @@ def text_table(rows: Sequence[dict], columns=TABLE_COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(rows: Sequence[dict], cand: dict | None, n_docs: int, eval_path: Path | None) -> str:
-    """results.md: the scores table, the LLM-answers table and the stage-1 candidate line."""
+def results_markdown(
+    rows: Sequence[dict],
+    cand: dict | None,
+    n_docs: int,
+    eval_path: Path | None,
+    curve: Sequence[dict] = (),
+    machine: str = "",
+) -> str:
+    """results.md: the machine, the scores table, the LLM-answers table, the stage-1 candidate line and the
+    learning curve's table."""
     lines = [
         "# lmrc compare",
         "",
         f"{n_docs} evaluation documents ({eval_path}). Scores: official DocRED F1 / Ign F1 (%); frequent = the 10 "
         "relations with most training facts, LT = the others. Token and time columns are per document.",
         "",
+        *([f"Machine: {machine}.", ""] if machine else []),
         markdown_table(rows),
         "",
     ]
@@ -290,4 +318,12 @@ def results_markdown(rows: Sequence[dict], cand: dict | None, n_docs: int, eval_
         if "recall" in cand:
             line += f", pair recall {100 * cand['recall']:.2f}%"
         lines += [line + ".", ""]
+    if curve:
+        lines += [
+            "Learning curve (`learning_curve.png`): relation F1 against LLM training tokens, constrained answers; "
+            'rc is asked about the gold pairs (LMRC\'s "RC stage" ablation), direct about all pairs:',
+            "",
+            markdown_table(learning_curve_rows(curve), LEARNING_COLUMNS),
+            "",
+        ]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ independently, pictures, reuse of finished parts, and training from configs (the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -137,7 +138,10 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
 
 
 def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp_path, capsys):
-    """The `make demo` path: a data split made by compare, stage 1 and both adapters trained, same token budget."""
+    """The `make demo` path: configs/demo.yaml's rows and candidates on tiny models, a data split made by compare,
+    stage 1 and both adapters trained, same token budget; and the learning curve."""
+    demo = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    assert demo["sbert"] is False and "modes" not in demo  # every mode, strict rows only
     files = data_files(redocred_dir)
     encoder = save_tiny_bert(tmp_path / "bert")
     stage1 = {
@@ -158,22 +162,15 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
         "stage1": {"config": _write(tmp_path / "s1.yaml", stage1)},
         "rc": {"config": _write(tmp_path / "rc.yaml", llm)},
         "direct": {"config": _write(tmp_path / "direct.yaml", llm)},
-        "candidates": {"recall_target": 0.9},
+        # the demo's own choices (configs/demo.yaml): candidates, rows, batching; tiny models, fast generation
+        "candidates": demo["candidates"],
+        "variants": demo["variants"],
+        "docs_per_batch": demo["docs_per_batch"],
+        "sbert": demo["sbert"],
         "stage2_overrides": FAST_GENERATION,
         "thetas": [0.55],
         "candidate_points": 2,
-        # the demo's rows: LMRC as published, and lmrc's best settings
-        "variants": [
-            {
-                "name": "classifier-llm + constrained + refine + keep",
-                "set": [
-                    "stage2.overrides.generation.constrained=true",
-                    "fusion=refine",
-                    "refine.keep_margin=0.0",
-                ],
-            }
-        ],
-        "learning_curve": {"budgets": [2000, 1000], "max_docs": 3},
+        "learning_curve": {"budgets": [3000, 1000], "max_docs": 1},
     }
     out = tmp_path / "cmp"
     assert main(["compare", "--config", _write(tmp_path / "c.yaml", config), "--output-dir", str(out)]) == 0
@@ -204,21 +201,24 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
     curve = results["learning_curve"]
     assert [(p["kind"], p["budget_tokens"]) for p in curve] == [
         ("rc", 1000),
-        ("rc", 2000),
+        ("rc", 3000),
         ("direct", 1000),
-        ("direct", 2000),
+        ("direct", 3000),
     ]
     for p in curve:
         name = f"curve-{p['kind']}-{p['budget_tokens']}"
-        cfg = yaml.safe_load((out / "models" / name / "config.yaml").read_text())
+        # the adapters' own budget (3,000 tokens) reuses them; the others are trained for the curve
+        adapter = out / "models" / (p["kind"] if p["budget_tokens"] == 3000 else name)
+        assert (out / "models" / name).exists() == (p["budget_tokens"] != 3000)
+        cfg = yaml.safe_load((adapter / "config.yaml").read_text())
         assert cfg["train"]["max_tokens"] == p["budget_tokens"] and cfg["mode"] == p["kind"]
         summary = read_json(out / "runs" / f"{name}.summary.json")
         assert summary["llm"]["pairs_from"] == ("gold pairs" if p["kind"] == "rc" else "all pairs")
-        assert summary["documents"] == 3  # learning_curve.max_docs of the 4 evaluation documents
-        m = evaluate(load_predictions(out / "runs" / f"{name}.json"), docs[:3], ref)
+        assert summary["documents"] == p["documents"] == 1  # learning_curve.max_docs of the 2 documents
+        m = evaluate(load_predictions(out / "runs" / f"{name}.json"), docs[:1], ref)
         assert p["f1"] == pytest.approx(m.relation.f1) and p["predicted"] == m.relation.predicted
     assert (
-        "learning curve" in printed and "| rc | gold pairs | 3 | 1,000 |" in (out / "results.md").read_text()
+        "learning curve" in printed and "| rc | gold pairs | 1 | 1,000 |" in (out / "results.md").read_text()
     )
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

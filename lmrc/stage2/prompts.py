@@ -378,17 +378,14 @@ def plan_prompts(
         raise LmrcError(f"max_pairs must be at least 1, got {max_pairs}")
     names = list(names) if names is not None else entity_names(doc)
     pairs = [(int(h), int(t)) for h, t in pairs]
-    if answer_tokens is None:
-
-        def answer_tokens(chunk: Sequence[tuple[int, int]]) -> int:
-            return answer_tokens_per_pair * len(chunk)
+    room = answer_tokens or (lambda chunk: answer_tokens_per_pair * len(chunk))
 
     def fits(prefix_tokens: int, chunk: Sequence[tuple[int, int]]) -> bool:
         used = prefix_tokens + count_tokens(render_suffix(template, chunk, names, hints))
-        return used + answer_tokens(chunk) <= max_context
-
-    def grows(chunk: Sequence[tuple[int, int]]) -> bool:
-        return answer_cap is None or answer_tokens(chunk) <= answer_cap
+        capped = (
+            answer_cap is not None and len(chunk) > 1 and room(chunk) > answer_cap
+        )  # one pair always fits
+        return used + room(chunk) <= max_context and not capped
 
     prefix, truncated = render_prefix(template, doc, relations)
     prefix_tokens = count_tokens(prefix)
@@ -401,7 +398,7 @@ def plan_prompts(
             pairs[0],
             count_tokens,
             max_context,
-            answer_tokens(pairs[:1]),
+            room(pairs[:1]),
             hints,
         )
         truncated = True
@@ -415,12 +412,11 @@ def plan_prompts(
             i + len(chunk) < len(pairs)
             and len(chunk) < max_pairs
             and fits(prefix_tokens, [*chunk, pairs[i + len(chunk)]])
-            and grows([*chunk, pairs[i + len(chunk)]])
         ):
             chunk.append(pairs[i + len(chunk)])
         # The prefix and suffix were counted apart; check the joined text and shrink if the seam cost a token.
         while len(chunk) > 1 and not _fits_joined(
-            prefix, template, chunk, names, count_tokens, max_context, answer_tokens(chunk), hints
+            prefix, template, chunk, names, count_tokens, max_context, room(chunk), hints
         ):
             chunk.pop()
         suffix = render_suffix(template, chunk, names, hints)

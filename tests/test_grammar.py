@@ -62,7 +62,10 @@ def test_the_grammar_accepts_exactly_one_bounded_answer_per_asked_pair_in_order(
     ebnf = answer_grammar(asked, rel)
     # every asked pair in order: None (when offered), or 1..k distinct relation-set names (none at all when the
     # template has no None)
-    relation_sets = st.lists(st.sampled_from(relations), min_size=1, max_size=k, unique=True)
+    # (sets this small get distinct relations in the set's order: lmrc.stage2.grammar.CANONICAL_ORDER_MAX)
+    relation_sets = st.lists(st.sampled_from(relations), min_size=1, max_size=k, unique=True).map(
+        lambda chosen: [r for r in relations if r in chosen]
+    )
     no_answer = st.just(["None"]) if allow_none else st.just([])
     slots = [(p, data.draw(st.one_of(no_answer, relation_sets))) for p in asked]
     answer = answer_of(slots)
@@ -82,6 +85,7 @@ def test_the_grammar_accepts_exactly_one_bounded_answer_per_asked_pair_in_order(
         answer + "\n",  # a trailing empty line
         answer + " extra",
         answer_of([(asked[0], [r] * (k + 1))]),  # k + 1 lines for one pair
+        answer_of([(asked[0], [r, r])]),  # a relation repeated
     ]
     if "zz" + r not in relations:
         bad.append(answer_of([(asked[0], ["zz" + r])]))  # a name outside the relation set
@@ -103,6 +107,38 @@ def test_the_grammar_accepts_exactly_one_bounded_answer_per_asked_pair_in_order(
         assert not accepts(ebnf, text), text
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    relations=st.lists(name.filter(lambda s: s not in ("None", "-")), min_size=2, max_size=7, unique=True),
+    allow_none=st.booleans(),
+    k=st.integers(1, 4),
+    data=st.data(),
+)
+def test_narrowed_choices_allow_only_their_relations_distinct_in_the_sets_order(
+    relations, allow_none, k, data
+):
+    rel = relation_rule(relations, allow_none, k)
+    pairs = [("A", "B"), ("B", "C")]
+    chosen = data.draw(st.lists(st.sampled_from(relations), min_size=1, max_size=4, unique=True))
+    ebnf = answer_grammar(pairs, rel, [chosen, None])  # the second pair keeps the whole set
+    in_order = [r for r in relations if r in chosen]
+    picks = data.draw(st.lists(st.sampled_from(in_order), min_size=1, max_size=k, unique=True))
+    picks = [r for r in in_order if r in picks]  # the relation set's order
+    rest = [relations[-1]]
+    assert accepts(ebnf, answer_of([(pairs[0], picks), (pairs[1], rest)]))
+    assert len(answer_of([(pairs[0], picks), (pairs[1], rest)])) + 1 <= answer_bound(pairs, rel)
+    outside = [r for r in relations if r not in chosen]
+    bad = [answer_of([(pairs[0], [picks[0], picks[0]]), (pairs[1], rest)])]  # a repeat
+    if len(picks) > 1:
+        bad.append(answer_of([(pairs[0], picks[::-1]), (pairs[1], rest)]))  # out of the set's order
+    if outside:
+        bad.append(answer_of([(pairs[0], [outside[0]]), (pairs[1], rest)]))  # not one of the pair's choices
+    for text in bad:
+        assert not accepts(ebnf, text), text
+    if outside:  # the whole set stays open to the pair without choices
+        assert accepts(ebnf, answer_of([(pairs[0], picks), (pairs[1], [outside[0]])]))
+
+
 def test_the_relation_side_keeps_the_relation_set_order_and_checks_its_arguments():
     rel = relation_rule(["country", "capital", "country"], allow_none=True)
     assert rel.names == ("country", "capital") and rel.max_relations == 4
@@ -117,8 +153,12 @@ def test_the_relation_side_keeps_the_relation_set_order_and_checks_its_arguments
 def test_longer_relation_names_are_not_cut_short_by_a_prefix():
     rel = relation_rule(["country", "country of citizenship"], allow_none=False, max_relations=2)
     ebnf = answer_grammar([("A", "B")], rel)
-    assert accepts(ebnf, "(A| country of citizenship| B)\n(A| country| B)")
+    assert accepts(ebnf, "(A| country| B)\n(A| country of citizenship| B)")
+    assert accepts(ebnf, "(A| country of citizenship| B)")
     assert not accepts(ebnf, "(A| country of| B)")
+    # the shared rule of a large set: the longer name is not cut short either
+    big = relation_rule(["country", "country of citizenship", *(f"r{i}" for i in range(9))], False, 2)
+    assert accepts(answer_grammar([("A", "B")], big), "(A| country of citizenship| B)\n(A| country| B)")
 
 
 def test_the_budget_is_the_bound_within_the_context():

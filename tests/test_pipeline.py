@@ -134,6 +134,32 @@ def test_constrained_answers_leave_nothing_for_the_scorer_to_drop(ckpt, rc, file
     assert llm["outputs_hit_token_limit"] == 0 and llm["drops"].get("unparsed", 0) == 0, llm
 
 
+def test_stage1_choices_narrow_every_constrained_answer_to_stage1s_best_relations(ckpt, rc, files, tmp_path):
+    from lmrc.stage1.predict import predict as stage1_predict
+
+    cfg = llm_config(ckpt, rc, **{"stage1.max_per_doc": 4})
+    cfg.stage2.overrides["generation"].update(
+        {"constrained": True, "stage1_choices": 2, "max_new_tokens_cap": None}
+    )
+    out = tmp_path / "r.json"
+    summary = run_pipeline(cfg, files["test"], out)
+    best = {}  # (title, h, t) -> stage 1's two best relation ids by margin, from stage 1 run on its own
+    alone = stage1_predict(ckpt, files["test"], tmp_path / "alone.json", max_per_doc=4).candidates
+    for dc in alone.documents:
+        for p in dc.pairs:
+            assert p.top, "a multi-label head gives every candidate its best relations"
+            ranked = sorted(p.top.items(), key=lambda kv: (-kv[1], kv[0]))
+            best[(dc.title, p.h, p.t)] = {rid for rid, _ in ranked[:2]}
+    triples = read_json(out)
+    assert summary["llm"]["triples_parsed"] > 0 and triples
+    for x in triples:  # a random model, yet every relation it names is one of its pair's two
+        assert x["r"] in best[(x["title"], x["h_idx"], x["t_idx"])], x
+    per_pair: dict = {}
+    for x in triples:
+        per_pair.setdefault((x["title"], x["h_idx"], x["t_idx"]), []).append(x["r"])
+    assert all(len(rs) == len(set(rs)) for rs in per_pair.values())
+
+
 def test_cli_predict_prints_scores_and_writes_the_summary(ckpt, rc, files, tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(

@@ -147,8 +147,9 @@ def _llm_records(
     from_candidates = pipeline.mode == "classifier-llm" and not pipeline.gold_pairs
     pairs = [_pairs_to_ask(pipeline, doc, dc) for doc, dc in zip(docs, found)]
     hints = [runner.hints_for(dc) for dc in found] if from_candidates else None
+    choices = [runner.choices_for(dc) for dc in found] if from_candidates else None
     records, debug = [], []
-    for doc, dc, (record, doc_debug) in zip(docs, found, runner.run(docs, pairs, hints)):
+    for doc, dc, (record, doc_debug) in zip(docs, found, runner.run(docs, pairs, hints, choices)):
         record.pop("seconds", None)
         if from_candidates:
             record["candidates"] = _candidate_rows(dc)

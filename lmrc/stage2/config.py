@@ -151,6 +151,10 @@ class GenerationConfig:
     # default: LMRC generates freely.
     constrained: bool = False
     max_relations_per_pair: int = 4  # constrained only: k, the reference ATLOP's cap on relations per pair
+    # Constrained classifier-llm only: a candidate pair's answer may name only stage 1's n best relations for it
+    # (by margin, predicted or not), distinct and in the relation set's order, or None. The LLM then chooses among
+    # what the classifier finds plausible instead of all 96 names. 0: the whole relation set (LMRC).
+    stage1_choices: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -165,6 +169,8 @@ class GenerationConfig:
         ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"generation.{name} must be at least 1")
+        if self.stage1_choices < 0:
+            raise ValueError("generation.stage1_choices must be 0 (the whole relation set) or more")
         if self.stop_repeated_lines < 0 or self.stop_repeated_lines == 1:
             raise ValueError("generation.stop_repeated_lines must be 0 (off) or at least 2")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

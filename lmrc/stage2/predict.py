@@ -178,14 +178,26 @@ class Stage2Runner:
 
         return hint_names(dc, self.relations.names, self.cfg.hints)
 
+    def choices_for(self, dc) -> dict | None:
+        """Each candidate pair's allowed relation names for constrained answers (`generation.stage1_choices`:
+        stage 1's n best), or None (the whole relation set)."""
+        n = self.cfg.generation.stage1_choices
+        if not (self.cfg.generation.constrained and n) or dc is None:
+            return None
+        from lmrc.data.candidates import hint_names
+
+        return hint_names(dc, self.relations.names, n)
+
     def run(
         self,
         docs: Sequence[Document],
         pairs_by_doc: Sequence[list[tuple[int, int]]],
         hints_by_doc: Sequence[dict | None] | None = None,
+        choices_by_doc: Sequence[dict | None] | None = None,
     ) -> list[tuple[dict, dict]]:
         """(progress record, debug record) of every document; all prompts of the batch are generated together,
-        so the outputs depend only on the batch, not on what ran before it."""
+        so the outputs depend only on the batch, not on what ran before it. `choices_by_doc`: per document, the
+        pairs' narrowed relation names for the grammar (choices_for)."""
         t0 = time.perf_counter()
         plans = []
         jobs: list[tuple[int, int, list[int], int]] = []  # (position in docs, prompt number, ids, budget)
@@ -200,7 +212,10 @@ class Stage2Runner:
                     from lmrc.stage2.grammar import answer_grammar
 
                     asked = [(names[h], names[t]) for h, t in p.pairs]
-                    grammars.append(answer_grammar(asked, self.rel_rule))
+                    allowed = choices_by_doc[k] if choices_by_doc is not None else None
+                    narrowed = [allowed.get(pair) for pair in p.pairs] if allowed else None
+                    # the bound below stays the whole set's: a narrowed answer is never longer
+                    grammars.append(answer_grammar(asked, self.rel_rule, narrowed))
                     bound = self._answer_bytes(asked)
                 budget = answer_budget(len(p.pairs), self.cfg.generation, len(ids), self.context(), bound)
                 jobs.append((k, j, ids, budget))

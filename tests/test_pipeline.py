@@ -363,6 +363,79 @@ def test_calibrate_upper_is_the_lowest_threshold_reaching_the_precision():
     assert calibrate_upper([[1.0]], [[{"a"}]], [[{"b"}]], 0.9)["upper"] is None  # never reached
 
 
+def test_calibrate_additions_picks_the_near_miss_set_that_raises_f1_most():
+    from lmrc.stage1.calibration import calibrate_additions
+
+    # stage 1: 4 right of 8 predicted, 12 gold -> F1 = 8 / 20 = 0.4; adding a set of near misses helps iff its
+    # precision is above F1 / 2 = 0.2
+    rows = [
+        (-0.1, True),
+        (-0.2, False),
+        (-0.3, True),
+        (-0.5, False),
+        (-0.6, False),
+        (-0.7, False),
+        (-0.9, False),
+    ]
+    cal = calibrate_additions(rows, hits=4, n_pred=8, n_gold=12)
+    f1 = {m: 2 * (4 + r) / (20 + n) for m, n, r in [(-0.1, 1, 1), (-0.2, 2, 1), (-0.3, 3, 2), (-0.5, 4, 2)]}
+    assert cal["stage1_f1"] == pytest.approx(0.4)
+    assert cal["add_margin"] == -0.3 and cal["f1"] == pytest.approx(max(f1.values())) == pytest.approx(
+        12 / 23
+    )
+    assert (cal["added"], cal["right"], cal["near_misses"]) == (3, 2, 7)
+    # all wrong: nothing raises F1, so no margin (the LLM may add nothing)
+    assert calibrate_additions([(-0.1, False), (-0.2, False)], 4, 8, 12)["add_margin"] is None
+    # equal margins are added together or not at all
+    tied = calibrate_additions(
+        [(-0.1, True), (-0.1, False), (-0.1, False), (-0.1, False), (-0.1, False)], 4, 8, 12
+    )
+    assert tied["add_margin"] is None  # 1 right of 5: 0.2 is not above F1 / 2
+    assert calibrate_additions([], 0, 0, 0) == {
+        "method": "no_harm_near_misses", "stage1_f1": 0.0, "near_misses": 0, "add_margin": None, "f1": 0.0,
+        "added": 0, "right": 0,
+    }  # fmt: skip
+
+
+def test_refine_gates_the_llms_additions_at_the_calibrated_margin(ckpt, rc, files, tmp_path):
+    from lmrc.stage1.predict import predict as stage1_predict
+
+    cfg = llm_config(
+        ckpt,
+        rc,
+        fusion="refine",
+        **{"refine.additions": "calibrated", "stage1.tune": str(files["tune"]), "stage1.max_per_doc": 6},
+    )
+    constrained = {"constrained": True, "max_new_tokens_cap": None}  # a random model that writes triples
+    cfg.stage2.overrides["generation"].update(constrained)
+    out = tmp_path / "r.json"
+    summary = run_pipeline(cfg, files["test"], out)
+    gate = summary["fingerprint"]["fusion"]["calibration"]["additions"]
+    assert (
+        gate["method"] == "no_harm_near_misses"
+        and summary["fingerprint"]["fusion"]["additions"] == "calibrated"
+    )
+    margin = gate["add_margin"] if gate["add_margin"] is not None else float("inf")
+    alone = stage1_predict(ckpt, files["test"], tmp_path / "s1.json", max_per_doc=6).candidates
+    stage1 = {(d.title, p.h, p.t): p for d in alone.documents for p in d.pairs}
+    added = 0
+    for x in read_json(out):
+        p = stage1[(x["title"], x["h_idx"], x["t_idx"])]
+        if x["r"] not in (p.relations or {}):
+            added += 1
+            assert p.top[x["r"]] >= margin, (x, p.top, margin)
+    # the same run without the gate: the gate removed exactly the LLM's other relations
+    free_cfg = llm_config(
+        ckpt, rc, fusion="refine", **{"stage1.tune": str(files["tune"]), "stage1.max_per_doc": 6}
+    )
+    free_cfg.stage2.overrides["generation"].update(constrained)
+    free = run_pipeline(free_cfg, files["test"], tmp_path / "free.json")
+    assert len(read_json(tmp_path / "free.json")) - len(read_json(out)) == summary["llm"]["additions_gated"]
+    assert (
+        free["llm"]["additions_gated"] == 0 and summary["llm"]["additions_gated"] > 0
+    )  # a random LLM names others
+
+
 def test_refine_sends_only_the_uncertain_band_to_the_llm_and_keeps_stage1_above_it(ckpt, rc, files, tmp_path):
     from lmrc.stage1.predict import predict as stage1_predict
 

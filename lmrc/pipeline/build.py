@@ -42,6 +42,9 @@ class Pipeline:
     refine: bool = False  # fusion refine: stage 1 settles its confident pairs, see lmrc.pipeline.config
     upper: float | None = None  # refine: pairs scored above it keep stage 1's relations, no LLM call
     keep_margin: float | None = None  # refine: stage-1 relations kept in the band above this margin
+    # refine.additions calibrated: the LLM's relations that stage 1 does not predict need this stage-1 margin
+    # (None: any relation; -inf: none, when no set of near misses raised tuning F1)
+    add_margin: float | None = None
     gold_pairs: bool = False  # the LLM is asked about each document's gold relation pairs
 
 
@@ -62,6 +65,10 @@ def build_pipeline(
     _check_stage1_options(cfg, runner)
     proposer = _load_proposer(cfg, mode, device)
     upper, refine_cal = _refine_threshold(cfg, mode, proposer)
+    add_margin = None
+    if refine_cal is not None and cfg.refine.additions == "calibrated":
+        gate = refine_cal["additions"]
+        add_margin = gate["add_margin"] if gate["add_margin"] is not None else float("-inf")
 
     relations = _shared_relations(proposer, runner, s1.checkpoint, s2.adapter)
     docs = restrict_pairs(load_documents(docs_path, relations), _pair_types(proposer, runner), docs_path)
@@ -87,6 +94,7 @@ def build_pipeline(
             "mode": cfg.fusion,
             "calibration": refine_cal,
             "keep_margin": cfg.refine.keep_margin,
+            "additions": cfg.refine.additions,
         }
     pipeline = Pipeline(
         mode,
@@ -98,6 +106,7 @@ def build_pipeline(
         refine=cfg.fusion == "refine",
         upper=upper,
         keep_margin=cfg.refine.keep_margin,
+        add_margin=add_margin,
         gold_pairs=s1.gold_pairs,
     )
     return pipeline, docs
@@ -224,11 +233,14 @@ def _refine_threshold(cfg: PredictConfig, mode: str, proposer: Any) -> tuple[flo
         raise LmrcError(
             f"fusion refine keeps stage 1's relations: the {proposer.checkpoint.loss_name!r} head has none"
         )
-    if cfg.refine.upper is not None:
+    additions = cfg.refine.additions == "calibrated"
+    if cfg.refine.upper is not None and not additions:
         return cfg.refine.upper, {"method": "manual", "upper": cfg.refine.upper}
     if cfg.stage1.tune is None:
-        raise LmrcError("fusion refine calibrates its upper threshold on a labelled file: set stage1.tune")
-    calibration = proposer.calibrate_upper(cfg.stage1.tune, cfg.refine.precision)
+        raise LmrcError("fusion refine calibrates its thresholds on a labelled file: set stage1.tune")
+    calibration = proposer.calibrate_upper(cfg.stage1.tune, cfg.refine.precision, additions, cfg.refine.upper)
+    if additions:
+        log.info("refine: the LLM's additions need a stage-1 margin of at least %s", calibration["additions"])
     if calibration["upper"] is None:
         log.warning(
             "refine: no stage-1 threshold reaches precision %.2f: every candidate goes to the LLM",

@@ -66,6 +66,7 @@ class Stage2Settings:
 
 
 FUSIONS = ("none", "refine")
+REFINE_ADDITIONS = ("any", "calibrated")
 
 
 @dataclass
@@ -82,10 +83,16 @@ class RefineConfig:
     # Fusion in the uncertain band: also keep a stage-1 relation the LLM did not name when its margin is above
     # this value (None: the LLM alone decides the band).
     keep_margin: float | None = None
+    # The LLM's relations in the band that stage 1 does not predict: "any" (the LLM decides) or "calibrated":
+    # only stage 1's near misses above a margin chosen on the tuning file, where adding them all would raise F1
+    # (lmrc.stage1.calibration.calibrate_additions); the LLM then confirms among them.
+    additions: str = "any"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.precision <= 1.0:
             raise ValueError("refine.precision must be in (0, 1]")
+        if self.additions not in REFINE_ADDITIONS:
+            raise ValueError(f"refine.additions must be one of {REFINE_ADDITIONS}, got {self.additions!r}")
 
 
 @dataclass

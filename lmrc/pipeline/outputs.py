@@ -178,6 +178,8 @@ def _llm_summary(pipeline: Pipeline, tally: Tally, n_docs: int) -> dict:
         "outputs_hit_token_limit": counts["hit_token_limit"],
         "pairs_cut": counts["pairs_cut"],
         "pairs_kept_by_stage1": counts["pairs_kept_by_stage1"],
+        # refine.additions calibrated: LLM relations dropped by the gate (strict names)
+        "additions_gated": counts["gated_strict_predictions"] or counts["gated_predictions"],
         "outputs_stopped_on_repeat": counts["stopped_on_repeat"],
         "empty_outputs": counts["empty_outputs"],
         "triples_parsed": counts["triples"],

@@ -168,7 +168,11 @@ def _confident(p: CandidatePair, pipeline: Pipeline) -> bool:
 
 def _fuse(record: dict, doc: Document, dc: DocumentCandidates, pipeline: Pipeline) -> None:
     """Refine: stage 1's relations for its confident pairs (no LLM call), and in the band those above keep_margin
-    that the LLM did not name, added to the LLM's predictions (strict and mapped alike)."""
+    that the LLM did not name, added to the LLM's predictions (strict and mapped alike). With a calibrated gate
+    (`add_margin`) an LLM relation that stage 1 does not predict stays only if stage 1 ranks it among the pair's
+    best at that margin or above."""
+    if pipeline.add_margin is not None:
+        _gate_additions(record, dc, pipeline.add_margin)
     extra, kept = [], 0
     for p in dc.pairs:
         confident = _confident(p, pipeline)
@@ -181,6 +185,23 @@ def _fuse(record: dict, doc: Document, dc: DocumentCandidates, pipeline: Pipelin
             seen = {(x["h_idx"], x["t_idx"], x["r"]) for x in record[key]}
             record[key] = record[key] + [x for x in extra if (x["h_idx"], x["t_idx"], x["r"]) not in seen]
     record["counts"]["pairs_kept_by_stage1"] = kept
+
+
+def _gate_additions(record: dict, dc: DocumentCandidates, add_margin: float) -> None:
+    by_pair = {(p.h, p.t): p for p in dc.pairs}
+
+    def allowed(x: dict) -> bool:
+        p = by_pair.get((x["h_idx"], x["t_idx"]))
+        if p is None or x["r"] in (p.relations or {}):
+            return True
+        margin = (p.top or {}).get(x["r"])
+        return margin is not None and margin >= add_margin
+
+    for key in ("predictions", "strict_predictions"):
+        if key in record:
+            kept = [x for x in record[key] if allowed(x)]
+            record["counts"][f"gated_{key}"] = len(record[key]) - len(kept)
+            record[key] = kept
 
 
 # ---------------------------------------------------------------------------------------------- the run

@@ -218,6 +218,35 @@ def calibrate_upper(
     return {"method": "relation_precision", "target": precision, **(best or {"upper": None})}
 
 
+def calibrate_additions(
+    near_misses: Sequence[tuple[float, bool]], hits: int, n_pred: int, n_gold: int
+) -> dict:
+    """Refine's gate on the LLM's additions (`refine.additions: calibrated`): the lowest margin m such that adding
+    every near miss of stage 1 scored at or above m (relations it ranks among a band pair's best but does not
+    predict) maximises F1 on labelled documents; None when no such set raises F1.
+
+    Why: adding n triples of which c are right raises F1 = 2 TP / (P + G) exactly when c / n > F1 / 2, so a set
+    of near misses that raises F1 keeps doing so on average when a weak LLM accepts a random part of it, and an
+    LLM that tells right from wrong raises it more. Relations outside the set are the ones a barely trained LLM
+    gets wrong (measured: docs/RESULTS.md). `near_misses`: (margin, is gold) rows; hits / n_pred / n_gold: stage
+    1's own relation-level counts on the same documents.
+    """
+    denominator = n_pred + n_gold
+    base = 2 * hits / denominator if denominator else 0.0
+    best: dict[str, Any] = {"add_margin": None, "f1": base, "added": 0, "right": 0}
+    rows = sorted(near_misses, key=lambda r: -r[0])
+    added = right = 0
+    for k, (margin, gold) in enumerate(rows):
+        added += 1
+        right += bool(gold)
+        if k + 1 < len(rows) and rows[k + 1][0] == margin:
+            continue  # a margin cannot separate equal scores
+        f1 = 2 * (hits + right) / (denominator + added)
+        if f1 > best["f1"]:
+            best = {"add_margin": margin, "f1": f1, "added": added, "right": right}
+    return {"method": "no_harm_near_misses", "stage1_f1": base, "near_misses": len(rows), **best}
+
+
 CALIBRATION_FORMAT = "lmrc-calibration"
 
 

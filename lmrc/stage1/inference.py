@@ -187,6 +187,9 @@ def tune_metrics(
 # ---------------------------------------------------------------------------------------------- candidates
 
 
+CANDIDATE_TOP_K = 3  # a candidate's best relations recorded, predicted or not (hints, choices, refine)
+
+
 def select_candidates(
     docs: Sequence[Document],
     logits: Sequence[Tensor],
@@ -194,7 +197,7 @@ def select_candidates(
     relations: RelationSet,
     threshold: float | None,
     max_per_doc: int | None = None,
-    top_k: int = 3,
+    top_k: int = CANDIDATE_TOP_K,
 ) -> list[DocumentCandidates]:
     """The candidate pairs of every document, best score first; multi-label heads add their predicted
     relations with their margins, and their `top_k` best relations whether predicted or not (stage-2 hints)."""

@@ -194,10 +194,10 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
         "stage1-only",
         "direct",
         "classifier-llm",
-        "classifier-llm + constrained + refine + keep",
+        "classifier-llm + constrained + refine + keep + gate",
     ]
     printed = capsys.readouterr().out
-    assert "classifier-llm + constrained + refine + keep" in printed and "machine: " in printed
+    assert "classifier-llm + constrained + refine + keep + gate" in printed and "machine: " in printed
     assert results["machine"] and f"Machine: {results['machine']}" in (out / "results.md").read_text()
     # the learning curve: an adapter per (kind, budget) with that token budget, each scored on the documents
     curve = results["learning_curve"]

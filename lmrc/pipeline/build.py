@@ -240,7 +240,12 @@ def _refine_threshold(cfg: PredictConfig, mode: str, proposer: Any) -> tuple[flo
         raise LmrcError("fusion refine calibrates its thresholds on a labelled file: set stage1.tune")
     calibration = proposer.calibrate_upper(cfg.stage1.tune, cfg.refine.precision, additions, cfg.refine.upper)
     if additions:
-        log.info("refine: the LLM's additions need a stage-1 margin of at least %s", calibration["additions"])
+        gate = calibration["additions"]
+        log.info(
+            "refine: the LLM's additions need a stage-1 margin of at least %s (tuning file: %d near misses, "
+            "adding the %d above it (%d right) takes stage 1's F1 from %.4f to %.4f)",
+            gate["add_margin"], gate["near_misses"], gate["added"], gate["right"], gate["stage1_f1"], gate["f1"],
+        )  # fmt: skip
     if calibration["upper"] is None:
         log.warning(
             "refine: no stage-1 threshold reaches precision %.2f: every candidate goes to the LLM",

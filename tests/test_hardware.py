@@ -220,3 +220,33 @@ def test_vllm_engine_gets_tensor_parallelism_structured_outputs_and_a_memory_fra
     monkeypatch.setattr(hardware, "device_memory_used", lambda i: (1 * gib, 40 * gib))
     generate.VLLMGenerator(cfg, tiny_model_dir(), tiny_model_dir())
     assert seen["llm"]["gpu_memory_utilization"] == 0.85  # enough free memory: as configured
+
+
+def test_freed_memory_is_kept_unless_the_user_tunes_malloc(monkeypatch):
+    import ctypes
+    import platform
+
+    from lmrc import hardware
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert hardware.keep_freed_memory() is False  # the user's own malloc settings win
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    calls = []
+
+    class Mallopt:  # records the calls instead of changing this process's allocator
+        def __call__(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    class FakeLibc:
+        mallopt = Mallopt()
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    if platform.system() != "Linux":
+        assert hardware.keep_freed_memory() is False
+        return
+    assert hardware.keep_freed_memory() is True
+    params = dict(calls)
+    assert params[-3] >= 2**30 and params[-1] == 2**31 - 1 and params[-2] > 0  # mmap, trim, top pad
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError("no libc")))
+    assert hardware.keep_freed_memory() is False

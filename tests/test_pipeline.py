@@ -78,6 +78,7 @@ def test_classifier_llm_asks_the_llm_exactly_about_the_stage1_candidates(ckpt, r
     ]
     for a, b in zip(alone.documents, streamed.documents):
         assert [p.score for p in b.pairs] == pytest.approx([p.score for p in a.pairs], abs=1e-5)
+        assert [sorted(p.top) for p in b.pairs] == [sorted(p.top) for p in a.pairs]  # the best relations too
     n_cands = sum(len(d.pairs) for d in alone.documents)
     c = summary["candidates"]
     assert c["candidates"] == n_cands and c["reduction"] == pytest.approx(n_cands / c["pairs"])

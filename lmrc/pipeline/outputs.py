@@ -260,10 +260,12 @@ def _candidates_writer(pipeline: Pipeline, path: Path) -> JsonStreamWriter:
 
 def _candidate_entry(title: str, n_entities: int, rows: list[list[Any]]) -> dict:
     pairs = []
-    for h, t, score, rels in rows:
-        p = CandidatePair(h, t, score, rels)
+    for h, t, score, rels, *top in rows:  # progress files written before `top` was kept have four fields
+        p = CandidatePair(h, t, score, rels, top[0] if top else None)
         item: dict[str, Any] = {"h": p.h, "t": p.t, "score": p.score}
         if p.relations is not None:
             item["relations"] = p.relations
+        if p.top is not None:
+            item["top"] = p.top
         pairs.append(item)
     return {"title": title, "n_entities": n_entities, "pairs": pairs}

@@ -92,7 +92,8 @@ def batch_ranges(n_docs: int, docs_per_batch: int) -> list[range]:
 def _candidate_rows(dc: DocumentCandidates | None) -> list[list[Any]]:
     if dc is None:
         return []
-    return [[p.h, p.t, p.score, p.relations] for p in dc.pairs]
+    # [h, t, score, relations] and, when stage 1 gave it, the pair's best relations (`top`: hints, choices)
+    return [[p.h, p.t, p.score, p.relations, *([p.top] if p.top is not None else [])] for p in dc.pairs]
 
 
 def run_batch(pipeline: Pipeline, docs: Sequence[Document]) -> tuple[list[dict], list[dict]]:

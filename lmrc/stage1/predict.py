@@ -241,9 +241,10 @@ class Proposer:
                 [{ck.relations.ids[c] for c in row.nonzero().flatten().tolist()} for row in decided]
             )
             gold.append([set(rel_of.get(p, ())) for p in doc.pairs()])
-            margins.append(ck.loss.margins(lg).double() if len(lg) else None)
-        cal = calibrate_upper(scores, predicted, gold, precision)
-        if upper is not None:
+            margins.append(ck.loss.margins(lg).double() if additions and len(lg) else None)
+        if upper is None:
+            cal = calibrate_upper(scores, predicted, gold, precision)
+        else:
             cal = {"method": "manual", "upper": upper}
         cal.update({"tune": str(tune_path), "tune_sha256": file_sha256(tune_path)})
         if additions:

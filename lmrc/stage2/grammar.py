@@ -122,7 +122,8 @@ def answer_grammar(
     for n, pair in enumerate(pairs):
         subset = choices[n] if choices is not None else None
         if pair not in allowed:
-            allowed[pair] = rel.names if not subset else tuple(r for r in rel.names if r in set(subset))
+            wanted = set(subset or ())
+            allowed[pair] = tuple(r for r in rel.names if r in wanted) if wanted else rel.names
     if not allowed:
         raise ValueError("answer_grammar: a prompt asks about at least one pair")
     rules: list[str] = []

@@ -222,12 +222,10 @@ class Stage2Runner:
         outputs = []
         if jobs:
             prompts_ids, budgets = [j[2] for j in jobs], [j[3] for j in jobs]
-            generator = self.generator()
-            outputs = (
-                generator.generate(prompts_ids, budgets, grammars)
-                if grammars is not None
-                else generator.generate(prompts_ids, budgets)
-            )
+            # A document's prompts share instruction, relation set and text: one group each, so a backend with
+            # prefix caching (hf: generation.prefix_cache) prefills that prefix once per document.
+            groups = [j[0] for j in jobs]
+            outputs = self.generator().generate(prompts_ids, budgets, grammars=grammars, groups=groups)
         if len(outputs) != len(jobs):
             raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(jobs)} prompts")
         by_doc: dict[int, list] = {}

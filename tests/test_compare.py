@@ -123,6 +123,15 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
     answers = md.split("What the LLM was asked")[1]
     assert "| classifier-llm + constrained |" in answers and "| stage1-only |" not in answers
     assert "+ SBERT |" not in answers  # one row per LLM run
+    # every row's bootstrap interval contains its F1; the others are compared with stage1-only, paired
+    assert all(r["f1_interval"][0] <= r["f1"] <= r["f1_interval"][1] for r in results["rows"])
+    assert "delta_f1" not in rows["stage1-only"]
+    for r in results["rows"]:
+        if r["label"] != "stage1-only":
+            assert r["delta_f1"] == pytest.approx(r["f1"] - rows["stage1-only"]["f1"])
+            assert r["delta_interval"][0] <= r["delta_interval"][1]
+    noise = md.split("Noise:")[1].split("What the LLM was asked")[0]
+    assert all(f"| {r['label']} |" in noise for r in results["rows"]) and "noise (paired bootstrap" in printed
 
     # a second run reuses every finished part: no document is predicted again
     def result_files():

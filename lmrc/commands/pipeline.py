@@ -275,8 +275,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lmrc.pipeline.report import (
         ANSWER_COLUMNS,
         LEARNING_COLUMNS,
+        NOISE_COLUMNS,
         answer_rows,
         learning_curve_rows,
+        noise_rows,
         text_table,
     )
 
@@ -286,6 +288,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         result = compare(cfg, args.output_dir, on_stage=lambda msg: print(f"== {msg}", flush=True))
     print()
     print(text_table(result.rows))
+    if any("delta_interval" in r for r in result.rows):
+        print("\nnoise (paired bootstrap over the documents, 95% intervals):")
+        print(text_table(noise_rows(result.rows), NOISE_COLUMNS))
     if answer_rows(result.rows):
         print("\nLLM answers (totals):")
         print(text_table(answer_rows(result.rows), ANSWER_COLUMNS))

@@ -73,21 +73,46 @@ def score_runs(
     runs: Sequence[ModeRun], docs: Sequence[Document], ref, relations: RelationSet
 ) -> tuple[list[dict], dict[str, Any]]:
     """Rows of the table, and per-relation F1 of every row (for the plot)."""
+    from lmrc.eval.bootstrap import document_counts
     from lmrc.eval.metrics import evaluate, load_predictions
     from lmrc.io import sidecar
 
-    rows, per_relation = [], {}
+    rows, per_relation, counts = [], {}, {}
     for run in runs:
         variants = [("strict", run.result)]
         strict = sidecar(run.result, ".strict.json")
         if strict.is_file():  # the result is SBERT-mapped, the strict names beside it
             variants = [("strict", strict), ("sbert", run.result)]
         for variant, path in variants:
-            metrics = evaluate(load_predictions(path), docs, ref)
+            predictions = load_predictions(path)
+            metrics = evaluate(predictions, docs, ref)
             label = run.name if variant == "strict" else f"{run.name} + SBERT"
             rows.append(_row(label, run.mode, metrics, run.summary, variant))
             per_relation[label] = {rid: sc.f1 for rid, sc in metrics.per_relation.items()}
+            counts[label] = document_counts(predictions, docs)
+    add_noise(rows, counts)
     return rows, per_relation
+
+
+NOISE_REFERENCE = "stage1-only"  # the row every other row is compared with, when present
+
+
+def add_noise(rows: list[dict], counts: dict) -> None:
+    """Each row's 95% bootstrap interval of F1 over the documents, and its paired difference to stage1-only
+    (lmrc.eval.bootstrap): whether a gap between rows is more than the draw of documents."""
+    from lmrc.eval.bootstrap import paired_bootstrap
+
+    reference = NOISE_REFERENCE if NOISE_REFERENCE in counts else None
+    noise = paired_bootstrap(counts, reference)
+    for row in rows:
+        n = noise.get(row["label"])
+        if n is None:
+            continue
+        row["f1_interval"] = [n.f1.low, n.f1.high]
+        if n.delta is not None and n.delta_interval is not None:
+            row["delta_reference"] = reference
+            row["delta_f1"] = n.delta
+            row["delta_interval"] = [n.delta_interval.low, n.delta_interval.high]
 
 
 def theta_curves(
@@ -236,6 +261,37 @@ ANSWER_COLUMNS = (
 )
 
 
+def _signed(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def _verdict(r: dict) -> str:
+    low, high = r["delta_interval"]
+    return "higher" if low > 0 else "lower" if high < 0 else "within noise"
+
+
+# Noise (compare's paired bootstrap over documents): one row per scored row; the difference columns are empty for
+# the reference row (stage1-only) and when there is none.
+NOISE_COLUMNS = (
+    ("mode", lambda r: r["label"]),
+    ("F1", lambda r: _pct(r["f1"])),
+    (
+        "F1 95% interval",
+        lambda r: "–" if "f1_interval" not in r else "{} – {}".format(*map(_pct, r["f1_interval"])),
+    ),
+    ("ΔF1 vs stage1-only", lambda r: _signed(r["delta_f1"]) if "delta_f1" in r else "–"),
+    (
+        "Δ 95% interval",
+        lambda r: "{} – {}".format(*map(_signed, r["delta_interval"])) if "delta_interval" in r else "–",
+    ),
+    ("reading", lambda r: _verdict(r) if "delta_interval" in r else "–"),
+)
+
+
+def noise_rows(rows: Sequence[dict]) -> list[dict]:
+    return [r for r in rows if "f1_interval" in r]
+
+
 # The learning curve (compare's `learning_curve`): one row per adapter.
 LEARNING_COLUMNS = (
     ("adapter", lambda r: r["kind"]),
@@ -300,6 +356,15 @@ def results_markdown(
         markdown_table(rows),
         "",
     ]
+    if any("delta_interval" in r for r in rows):
+        lines += [
+            "Noise: 95% intervals from a paired bootstrap over the documents (2,000 resamples of the documents, every "
+            "row scored on the same draws; lmrc.eval.bootstrap). A row differs from stage1-only beyond the draw of "
+            "documents when the interval of its difference excludes 0:",
+            "",
+            markdown_table(noise_rows(rows), NOISE_COLUMNS),
+            "",
+        ]
     answers = answer_rows(rows)
     if answers:
         lines += [

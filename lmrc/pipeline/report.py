@@ -267,6 +267,8 @@ def _signed(x: float) -> str:
 
 def _verdict(r: dict) -> str:
     low, high = r["delta_interval"]
+    if low == high == 0:
+        return "no difference"  # the same score on every draw of the documents
     return "higher" if low > 0 else "lower" if high < 0 else "within noise"
 
 

@@ -228,6 +228,7 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
         assert summary["documents"] == p["documents"] == 1  # learning_curve.max_docs of the 2 documents
         m = evaluate(load_predictions(out / "runs" / f"{name}.json"), docs[:1], ref)
         assert p["f1"] == pytest.approx(m.relation.f1) and p["predicted"] == m.relation.predicted
+        assert p["f1_interval"] == [pytest.approx(p["f1"])] * 2  # one document: the bootstrap has no spread
     assert (
         "learning curve" in printed and "| rc | gold pairs | 1 | 1,000 |" in (out / "results.md").read_text()
     )

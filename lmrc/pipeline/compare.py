@@ -379,6 +379,7 @@ def learning_curve(
     """One point per (kind, budget): the adapter trained with that many LLM tokens (the config's own adapter at
     its budget, else `models/curve-<kind>-<budget>`), run by `lmrc stage2 predict` in a child process (resumable)
     on the evaluation documents, scored."""
+    from lmrc.eval.bootstrap import document_counts, paired_bootstrap
     from lmrc.eval.metrics import evaluate, load_predictions
     from lmrc.stage2.train import SUMMARY_FILE
 
@@ -414,7 +415,10 @@ def learning_curve(
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
             if proc.returncode != 0:
                 raise LmrcError(f"learning curve: {' '.join(cmd)} failed (exit {proc.returncode})")
-            metrics = evaluate(load_predictions(result), docs, ref).relation
+            predictions = load_predictions(result)
+            metrics = evaluate(predictions, docs, ref).relation
+            # how far the point moves with the draw of documents (the curve is read across few of them)
+            spread = paired_bootstrap({"point": document_counts(predictions, docs)}).get("point")
             trained = read_json(adapter / SUMMARY_FILE) if (adapter / SUMMARY_FILE).is_file() else {}
             points.append(
                 {
@@ -426,6 +430,7 @@ def learning_curve(
                     "precision": metrics.precision,
                     "recall": metrics.recall,
                     "f1": metrics.f1,
+                    "f1_interval": [spread.f1.low, spread.f1.high] if spread else None,
                     "predicted": metrics.predicted,
                 }
             )

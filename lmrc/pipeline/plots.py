@@ -62,7 +62,8 @@ def per_relation(plt, results: dict[str, Any], relations: RelationSet, path: Pat
 
 
 def learning_curve(plt, results: dict[str, Any], path: Path) -> Path | None:
-    """Relation F1 against LLM training tokens (log scale), one line per adapter kind."""
+    """Relation F1 against LLM training tokens (log scale), one line per adapter kind, with each point's 95%
+    bootstrap interval over the documents as an error bar."""
     points = results.get("learning_curve") or []
     if not points:
         return None
@@ -70,10 +71,16 @@ def learning_curve(plt, results: dict[str, Any], path: Path) -> Path | None:
     labels = {"rc": "rc adapter, gold pairs (RC stage)", "direct": "direct, all pairs"}
     for kind in dict.fromkeys(p["kind"] for p in points):
         pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["budget_tokens"])
-        ax.plot(
+        f1 = [100 * p["f1"] for p in pts]
+        spread = [p.get("f1_interval") or [p["f1"], p["f1"]] for p in pts]
+        below = [y - 100 * lo for y, (lo, _) in zip(f1, spread)]
+        above = [100 * hi - y for y, (_, hi) in zip(f1, spread)]
+        ax.errorbar(
             [p["budget_tokens"] for p in pts],
-            [100 * p["f1"] for p in pts],
+            f1,
+            yerr=[below, above],
             marker="o",
+            capsize=3,
             label=labels.get(kind, kind),
         )
     ax.set_xscale("log")

@@ -304,6 +304,10 @@ LEARNING_COLUMNS = (
     ("P", lambda r: _pct(r["precision"])),
     ("R", lambda r: _pct(r["recall"])),
     ("F1", lambda r: _pct(r["f1"])),
+    (
+        "F1 95% interval",
+        lambda r: "{} – {}".format(*map(_pct, r["f1_interval"])) if r.get("f1_interval") else "–",
+    ),
     ("#pred", lambda r: f"{r['predicted']:,}"),
 )
 

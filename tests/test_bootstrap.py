@@ -79,11 +79,7 @@ def test_a_row_better_on_every_document_is_clear_of_noise_and_equal_rows_are_not
     base = document_counts(_noisy_predictions(docs, 0.4, 3, seed=4), docs)
     better = document_counts(  # the same predictions plus one more right fact in every document
         _noisy_predictions(docs, 0.4, 3, seed=4)
-        + [
-            {"title": d.title, "h_idx": f.h, "t_idx": f.t, "r": f.r}
-            for d in docs
-            for f in d.facts[:1]
-        ],
+        + [{"title": d.title, "h_idx": f.h, "t_idx": f.t, "r": f.r} for d in docs for f in d.facts[:1]],
         docs,
     )
     assert all(better.correct >= base.correct) and (better.correct > base.correct).any()

@@ -10,7 +10,7 @@ import torch
 from stage2_helpers import smollm2_tokenizer, tiny_model_dir
 
 from lmrc.errors import LmrcError
-from lmrc.io import read_jsonl
+from lmrc.io import read_json, read_jsonl
 from lmrc.stage2.config import load_stage2_config
 from lmrc.stage2.train import (
     STATE_DIR,
@@ -130,9 +130,15 @@ def test_resume_reproduces_the_losses_of_an_uninterrupted_run(reference_run, tmp
     assert [r["loss"] for r in logged] == pytest.approx(ref.losses, rel=1e-6, abs=1e-7)
     # --resume of a finished run changes nothing; a run killed between its last save and the adapter folder
     # writes the adapter from last/
+    # the summary counts the tokens of all six steps, trained over four calls, as the one-call run saw them
+    one_call = read_json(reference_run[1] / "train_summary.json")
+    assert one_call["tokens_trained"] == one_call["tokens_this_call"] == ref.tokens > 0
+    assert read_json(out / "train_summary.json")["tokens_trained"] == ref.tokens
     adapter = (out / "adapter_model.safetensors").read_bytes()
     again = train(cfg, out, resume=True)
     assert again.finished and again.steps == 6 and not again.losses
+    summary = read_json(out / "train_summary.json")  # a call that trained nothing keeps the run's record
+    assert summary["tokens_trained"] == ref.tokens and summary["final_loss"] == pytest.approx(ref.losses[-1])
     assert (out / "adapter_model.safetensors").read_bytes() == adapter
     (out / "adapter_config.json").unlink()
     (out / "adapter_model.safetensors").unlink()

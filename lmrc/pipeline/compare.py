@@ -426,7 +426,7 @@ def learning_curve(
                     "pairs": "gold pairs" if kind == "rc" else "all pairs",
                     "budget_tokens": budget,
                     "documents": len(docs),
-                    "trained_tokens": trained.get("tokens_this_call"),
+                    "trained_tokens": trained.get("tokens_trained", trained.get("tokens_this_call")),
                     "precision": metrics.precision,
                     "recall": metrics.recall,
                     "f1": metrics.f1,

@@ -22,6 +22,7 @@ saved, per-rank RNG states, mid-epoch resume. What is ours:
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -229,18 +230,27 @@ def steps_for_tokens(lengths: Sequence[int], cfg: Stage2Config, world: int, budg
     The batch order depends on (seed, epoch) only, so the count is known before training: two adapters given
     the same budget see the same number of LLM tokens (the comparison's fair budget for rc vs direct).
     """
-    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
     seen, step = 0, 0
+    for step, tokens in enumerate(_tokens_per_step(lengths, cfg, world), start=1):
+        seen += tokens
+        if seen >= budget:
+            return step
+    return step
+
+
+def tokens_for_steps(lengths: Sequence[int], cfg: Stage2Config, world: int, steps: int) -> int:
+    """The LLM tokens (prompt + answer, no padding, all ranks) of the first `steps` optimizer steps: what a run
+    trained on, however many calls (interruptions, resumes) it took."""
+    return sum(itertools.islice(_tokens_per_step(lengths, cfg, world), steps))
+
+
+def _tokens_per_step(lengths: Sequence[int], cfg: Stage2Config, world: int) -> Iterator[int]:
+    """Tokens of every optimizer step in training order (the order depends on (seed, epoch) only)."""
+    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
     for epoch in range(cfg.train.epochs or 1):
         batches = length_grouped_batches(lengths, bs, cfg.train.seed + epoch)
         for in_epoch in range(steps_per_epoch(len(batches), ga, world)):
-            seen += sum(
-                lengths[j] for k in step_batches(len(batches), in_epoch, ga, world) for j in batches[k]
-            )
-            step += 1
-            if seen >= budget:
-                return step
-    return step
+            yield sum(lengths[j] for k in step_batches(len(batches), in_epoch, ga, world) for j in batches[k])
 
 
 def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, Any]:
@@ -763,10 +773,11 @@ def train(
             "steps": steps,
             "total_steps": total_steps,
             "steps_per_epoch": per_epoch,
+            "tokens_trained": tokens_for_steps(lengths, cfg, world, steps),  # all calls together
             "seconds_this_call": round(seconds, 2),
             "tokens_this_call": run.tokens,
             "tokens_per_s": round(run.tokens / seconds, 2) if seconds > 0 else None,
-            "final_loss": run.losses[-1] if run.losses else None,
+            "final_loss": run.losses[-1] if run.losses else _last_logged_loss(out),
             "device": str(device),
             "processes": world,
             "engine": engine,
@@ -776,6 +787,13 @@ def train(
         atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
     state.wait_for_everyone()
     return TrainResult(out, steps, total_steps, run.losses, seconds, run.tokens, stats, finished)
+
+
+def _last_logged_loss(out: Path) -> float | None:
+    """The loss of the last logged step (a call that trained nothing: a finished run asked to resume)."""
+    path = out / METRICS_FILE
+    records = read_jsonl(path) if path.is_file() else []
+    return records[-1].get("loss") if records else None
 
 
 class _quiet_trainer_logs:

@@ -146,7 +146,7 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
         assert read_json(out / "runs" / f"{mode}.summary.json")["documents_this_run"] == 0
 
 
-def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp_path, capsys):
+def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp_path, capsys, monkeypatch):
     """The `make demo` path: configs/demo.yaml's rows and candidates on tiny models, a data split made by compare,
     stage 1 and both adapters trained, same token budget; and the learning curve."""
     demo = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
@@ -233,6 +233,19 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
         "learning curve" in printed and "| rc | gold pairs | 1 | 1,000 |" in (out / "results.md").read_text()
     )
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a rerun finds every adapter finished with its settings without loading a model (their resumable state is
+    # kept), and reuses every row and point
+    import lmrc.stage2.train as stage2_train
+
+    assert (out / "models" / "rc" / "last").exists() and (out / "models" / "curve-rc-1000" / "last").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished adapter was trained again")
+
+    monkeypatch.setattr(stage2_train, "train", no_training)
+    assert main(["compare", "--config", _write(tmp_path / "c.yaml", config), "--output-dir", str(out)]) == 0
+    assert read_json(out / "results.json")["rows"] == results["rows"]
 
 
 def test_compare_config_refuses_unknown_modes():

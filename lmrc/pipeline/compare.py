@@ -266,13 +266,26 @@ def ensure_adapter(
     folder = out / "models" / (name or kind)
     overrides = [*_data_overrides(kind, paths), *spec.set, *extra, f"mode={kind}", f"output_dir={folder}"]
     s2 = load_stage2_config(spec.config, overrides)
-    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "last").exists():
-        return folder  # finished earlier
+    if (folder / ADAPTER_CONFIG).is_file() and (not (folder / "last").exists() or _finished_with(folder, s2)):
+        return folder  # finished earlier (with these settings: no model load to find that out)
     log.info("compare: training the %s adapter in %s", kind, folder)
     result = train(s2, folder, resume=True)
     if not result.finished:
         raise LmrcError(f"{folder}: {kind} training did not finish (rerun lmrc compare to continue)")
     return folder
+
+
+def _finished_with(folder: Path, s2) -> bool:
+    """Whether the adapter in `folder` finished its training with the settings `s2` asks for (a resumable state
+    is kept after the last step; a changed budget continues from it instead)."""
+    from lmrc.stage2.config import load_stage2_config
+    from lmrc.stage2.modeling import CONFIG_FILE
+    from lmrc.stage2.train import SUMMARY_FILE
+
+    summary = folder / SUMMARY_FILE
+    if not summary.is_file() or not read_json(summary).get("finished"):
+        return False
+    return to_dict(load_stage2_config(folder / CONFIG_FILE)) == to_dict(s2)
 
 
 # ------------------------------------------------------------------------------------------------ modes

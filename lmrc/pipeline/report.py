@@ -265,6 +265,10 @@ def _signed(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
+def _interval(bounds: Sequence[float] | None, fmt=_pct) -> str:
+    return "–" if not bounds else f"{fmt(bounds[0])} – {fmt(bounds[1])}"
+
+
 def _verdict(r: dict) -> str:
     low, high = r["delta_interval"]
     if low == high == 0:
@@ -279,12 +283,12 @@ NOISE_COLUMNS = (
     ("F1", lambda r: _pct(r["f1"])),
     (
         "F1 95% interval",
-        lambda r: "–" if "f1_interval" not in r else "{} – {}".format(*map(_pct, r["f1_interval"])),
+        lambda r: _interval(r.get("f1_interval")),
     ),
     ("ΔF1 vs stage1-only", lambda r: _signed(r["delta_f1"]) if "delta_f1" in r else "–"),
     (
         "Δ 95% interval",
-        lambda r: "{} – {}".format(*map(_signed, r["delta_interval"])) if "delta_interval" in r else "–",
+        lambda r: _interval(r.get("delta_interval"), _signed),
     ),
     ("reading", lambda r: _verdict(r) if "delta_interval" in r else "–"),
 )
@@ -306,7 +310,7 @@ LEARNING_COLUMNS = (
     ("F1", lambda r: _pct(r["f1"])),
     (
         "F1 95% interval",
-        lambda r: "{} – {}".format(*map(_pct, r["f1_interval"])) if r.get("f1_interval") else "–",
+        lambda r: _interval(r.get("f1_interval")),
     ),
     ("#pred", lambda r: f"{r['predicted']:,}"),
 )

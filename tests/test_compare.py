@@ -306,3 +306,42 @@ def test_learning_curve_config_is_checked():
         load_compare_config(None, ["learning_curve.budgets=[100, 100]"])
     with pytest.raises(LmrcError, match="kinds"):
         load_compare_config(None, ["learning_curve.kinds=[llm]"])
+
+
+def test_learning_curve_snapshots_come_from_the_configs_own_adapter_run(redocred_dir, tmp_path):
+    """learning_curve.adapters=snapshots: the config's own adapter keeps the smaller budgets on the way (one run,
+    no token trained twice) and each point reads its snapshot; a budget above the adapter's is refused."""
+    from lmrc.errors import LmrcError
+    from lmrc.pipeline.compare import _curve_adapter, _snapshot_overrides, ensure_adapter
+
+    files = data_files(redocred_dir)
+    llm = {
+        "model": str(tiny_model_dir()),
+        "max_seq_len": 1024,
+        "dtype": "float32",
+        "data": {"rel_info": str(files["rel_info"]), "train": str(files["train"])},
+        "train": {"max_tokens": 3000, "warmup_steps": 0, "batch_size": 1},
+    }
+    rc = _write(tmp_path / "rc.yaml", llm)
+    curve = [
+        "learning_curve.budgets=[1000, 3000]",
+        "learning_curve.kinds=[rc]",
+        "learning_curve.adapters=snapshots",
+    ]
+    cfg = load_compare_config(None, [f"rc.config={rc}", *curve])
+    assert _snapshot_overrides("rc", cfg) == ["train.snapshot_tokens=[1000]"]
+    assert _snapshot_overrides("direct", cfg) == []  # not on the curve
+    out, paths = tmp_path / "cmp", {"train": None, "tune": None, "eval": None}
+    point = _curve_adapter("rc", 1000, cfg, out, paths)
+    main_adapter = ensure_adapter("rc", cfg, out, paths)  # finished: reused
+    assert point == main_adapter / "snapshots" / "tokens-1000"
+    meta, done = read_json(point / "train_summary.json"), read_json(main_adapter / "train_summary.json")
+    assert 1000 <= meta["tokens_trained"] < done["tokens_trained"] and meta["steps"] < done["steps"]
+    assert _curve_adapter("rc", 3000, cfg, out, paths) == main_adapter  # its own budget: the finished adapter
+    assert not (out / "models" / "curve-rc-1000").exists()
+    with pytest.raises(LmrcError, match="more than the rc adapter trains"):
+        _snapshot_overrides(
+            "rc", load_compare_config(None, [f"rc.config={rc}", *curve[1:], "learning_curve.budgets=[9000]"])
+        )
+    with pytest.raises(LmrcError, match="adapters"):
+        load_compare_config(None, ["learning_curve.adapters=some"])

@@ -362,3 +362,48 @@ def test_sharded_training_leaves_the_weights_where_they_were_loaded(redocred_dir
     assert {p.device.type for p in kept.parameters()} == {"cpu"}
     moved = load_base_model(cfg, tiny_model_dir(), meta, training=True)
     assert {p.device.type for p in moved.parameters()} == {"meta"}
+
+
+def test_snapshots_keep_the_adapter_of_the_step_that_reaches_each_budget(
+    reference_run, redocred_dir, tmp_path
+):
+    """train.snapshot_tokens: the adapter as it was at the first step whose tokens reach each count (the
+    max_tokens rule), in a folder predict reads, with the tokens it had trained on; the run itself unchanged."""
+    from safetensors.torch import load_file
+
+    from lmrc.stage2.train import SNAPSHOTS_DIR, steps_for_tokens, tokens_for_steps
+
+    cfg, _, ref = reference_run
+    relations, docs = load_training_documents(cfg)
+    template, _ = load_training_template(cfg)
+    examples, _ = build_training_examples(cfg, smollm2_tokenizer(), relations, docs, template)
+    lengths = [len(e) for e in examples]
+    after2 = tokens_for_steps(lengths, cfg, 1, 2)
+    # exactly step 2's count -> step 2; one token more -> step 3; the run's own end -> no snapshot (the adapter)
+    budgets = [after2, after2 + 1, tokens_for_steps(lengths, cfg, 1, 6)]
+    assert [steps_for_tokens(lengths, cfg, 1, b) for b in budgets] == [2, 3, 6]
+    snap_cfg = copy.deepcopy(cfg)
+    snap_cfg.train.snapshot_tokens = budgets
+    out = tmp_path / "run"
+    result = train(snap_cfg, out)
+    assert result.losses == pytest.approx(ref.losses, rel=1e-6, abs=1e-7)  # keeping snapshots changes nothing
+    folders = sorted(p.name for p in (out / SNAPSHOTS_DIR).iterdir())
+    assert folders == sorted(f"tokens-{b}" for b in budgets[:2])
+    # the weights of step 2 (and 3): what a run paused after that step holds in its resumable state
+    for budget, step in zip(budgets[:2], (2, 3)):
+        snap = out / SNAPSHOTS_DIR / f"tokens-{budget}"
+        meta = read_json(snap / "train_summary.json")
+        assert (meta["steps"], meta["tokens_trained"]) == (step, tokens_for_steps(lengths, cfg, 1, step))
+        paused = tmp_path / f"paused-{step}"
+        train(cfg, paused, stop_after_steps=step)
+        want = load_file(str(paused / STATE_DIR / "adapter_model.safetensors"))
+        got = load_file(str(snap / "adapter_model.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert load_stage2_config(snap / "config.yaml").mode == cfg.mode
+        # the files of a finished adapter folder, as `lmrc stage2 predict --adapter` reads them
+        assert {f.name for f in snap.iterdir()} <= {f.name for f in out.iterdir()}
+        assert {"adapter_config.json", "prompt_template.txt", "rel_info.json"} <= {
+            f.name for f in snap.iterdir()
+        }
+    with pytest.raises(LmrcError, match="snapshot_tokens"):
+        _cfg(redocred_dir, "train.snapshot_tokens=[5, 5]")

@@ -110,21 +110,31 @@ class Variant:
 @dataclass
 class LearningCurveSpec:
     """Relation F1 against LLM training tokens (the curve a user with a GPU reads the budget from): for every
-    budget an rc and a direct adapter trained with `train.max_tokens` = the budget (each with its own full
-    schedule; the budget of the config's own adapters reuses them), rc asked about the gold pairs (LMRC's "RC
-    stage" ablation) and direct about all pairs, both with grammar-constrained answers by default."""
+    budget an rc and a direct adapter, rc asked about the gold pairs (LMRC's "RC stage" ablation) and direct about
+    all pairs, both with grammar-constrained answers by default.
+
+    The adapters (`adapters`): `separate` (default) trains one per budget with `train.max_tokens` = the budget,
+    each with its own full schedule (what a user training to that budget gets; the config's own adapters serve
+    their budget); `snapshots` takes them from the config's own adapters' runs, kept on the way
+    (`train.snapshot_tokens`): no token trained twice, but a smaller budget's point is an adapter mid-schedule,
+    its learning rate not yet decayed."""
 
     budgets: list[int] = field(default_factory=list)  # LLM training tokens; empty: no curve
     kinds: list[str] = field(default_factory=lambda: ["rc", "direct"])
+    adapters: str = "separate"  # separate | snapshots
     constrained: bool = True
     # the first N evaluation documents (None: all): direct asks about every pair, the costly part on a CPU
     max_docs: int | None = None
+    direct_max_docs: int | None = None  # direct's points on fewer of them (None: max_docs)
 
     def __post_init__(self) -> None:
-        if self.max_docs is not None and self.max_docs < 1:
-            raise ValueError("learning_curve.max_docs must be at least 1")
+        for name in ("max_docs", "direct_max_docs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"learning_curve.{name} must be at least 1")
         if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
             raise ValueError("learning_curve.budgets: distinct positive token counts")
+        if self.adapters not in ("separate", "snapshots"):
+            raise ValueError(f"learning_curve.adapters: separate or snapshots, not {self.adapters!r}")
         bad = [k for k in self.kinds if k not in ("rc", "direct")]
         if bad or not self.kinds:
             raise ValueError(f"learning_curve.kinds: rc and/or direct, not {bad[0] if bad else 'nothing'!r}")
@@ -264,6 +274,8 @@ def ensure_adapter(
     if spec.path is not None and not extra:
         return expand_path(spec.path, f"{kind}.path")
     folder = out / "models" / (name or kind)
+    if not extra:  # the config's own adapter keeps the learning curve's snapshots on the way
+        extra = _snapshot_overrides(kind, cfg)
     overrides = [*_data_overrides(kind, paths), *spec.set, *extra, f"mode={kind}", f"output_dir={folder}"]
     s2 = load_stage2_config(spec.config, overrides)
     if (folder / ADAPTER_CONFIG).is_file() and (not (folder / "last").exists() or _finished_with(folder, s2)):
@@ -376,6 +388,47 @@ def run_mode(
 # -------------------------------------------------------------------------------------- learning curve
 
 
+def _snapshot_overrides(kind: str, cfg: CompareConfig) -> list[str]:
+    """`train.snapshot_tokens` for the config's own `kind` adapter when the learning curve takes its points from
+    that run (the budgets below its own; its own budget is the finished adapter)."""
+    lc = cfg.learning_curve
+    if lc.adapters != "snapshots" or kind not in lc.kinds or not lc.budgets:
+        return []
+    main = _main_budget(kind, cfg)
+    if main is None:
+        raise LmrcError(
+            f"learning_curve.adapters=snapshots: the {kind} adapter has no train.max_tokens to snapshot"
+        )
+    over = [b for b in lc.budgets if b > main]
+    if over:
+        raise LmrcError(
+            f"learning_curve.budgets: {over[0]:,} tokens is more than the {kind} adapter trains ({main:,}); "
+            "snapshots are taken on the way (raise its train.max_tokens or use learning_curve.adapters=separate)"
+        )
+    return [f"train.snapshot_tokens=[{', '.join(str(b) for b in sorted(lc.budgets) if b < main)}]"]
+
+
+def _curve_adapter(
+    kind: str, budget: int, cfg: CompareConfig, out: Path, paths: dict[str, Path | None]
+) -> Path:
+    """The adapter of one learning-curve point (see LearningCurveSpec.adapters)."""
+    from lmrc.stage2.modeling import ADAPTER_CONFIG
+    from lmrc.stage2.train import SNAPSHOTS_DIR
+
+    if budget == _main_budget(kind, cfg):
+        return ensure_adapter(kind, cfg, out, paths)
+    if cfg.learning_curve.adapters == "separate":
+        return ensure_adapter(kind, cfg, out, paths, [f"train.max_tokens={budget}"], f"curve-{kind}-{budget}")
+    main = ensure_adapter(kind, cfg, out, paths)
+    snapshot = main / SNAPSHOTS_DIR / f"tokens-{budget}"
+    if not (snapshot / ADAPTER_CONFIG).is_file():
+        raise LmrcError(
+            f"{snapshot}: no snapshot (the adapter was trained without train.snapshot_tokens={budget}); "
+            "use learning_curve.adapters=separate"
+        )
+    return snapshot
+
+
 def _main_budget(kind: str, cfg: CompareConfig) -> int | None:
     """train.max_tokens of the config's own `kind` adapter when compare trains it (None otherwise)."""
     from lmrc.stage2.config import load_stage2_config
@@ -390,8 +443,9 @@ def learning_curve(
     cfg: CompareConfig, out: Path, paths: dict[str, Path | None], docs: Sequence[Document], ref, say
 ) -> list[dict[str, Any]]:
     """One point per (kind, budget): the adapter trained with that many LLM tokens (the config's own adapter at
-    its budget, else `models/curve-<kind>-<budget>`), run by `lmrc stage2 predict` in a child process (resumable)
-    on the evaluation documents, scored."""
+    its budget, else `models/curve-<kind>-<budget>` or a snapshot of the config's own, as
+    `learning_curve.adapters` says), run by `lmrc stage2 predict` in a child process (resumable) on the
+    evaluation documents, scored."""
     from lmrc.eval.bootstrap import document_counts, paired_bootstrap
     from lmrc.eval.metrics import evaluate, load_predictions
     from lmrc.stage2.train import SUMMARY_FILE
@@ -399,10 +453,7 @@ def learning_curve(
     lc = cfg.learning_curve
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    eval_path = paths["eval"]
-    if lc.max_docs is not None and lc.max_docs < len(docs):
-        docs = docs[: lc.max_docs]
-        eval_path = _same_or_write(out / "data" / "curve_eval.json", docs)
+    all_docs = docs
     from lmrc.pipeline.config import Stage2Settings
 
     sets = Stage2Settings(overrides=json.loads(json.dumps(cfg.stage2_overrides))).override_list()
@@ -410,13 +461,15 @@ def learning_curve(
         sets.append("generation.constrained=true")
     points = []
     for kind in lc.kinds:
+        n = lc.direct_max_docs if kind == "direct" and lc.direct_max_docs is not None else lc.max_docs
+        docs, eval_path = all_docs, paths["eval"]
+        if n is not None and n < len(all_docs):
+            docs = all_docs[:n]
+            eval_path = _same_or_write(out / "data" / f"curve_eval.{kind}.json", docs)
         for budget in sorted(lc.budgets):
             name = f"curve-{kind}-{budget}"
             say(f"learning curve: {kind} adapter, {budget:,} LLM training tokens")
-            if budget == _main_budget(kind, cfg):
-                adapter = ensure_adapter(kind, cfg, out, paths)
-            else:
-                adapter = ensure_adapter(kind, cfg, out, paths, [f"train.max_tokens={budget}"], name)
+            adapter = _curve_adapter(kind, budget, cfg, out, paths)
             result = runs / f"{name}.json"
             cmd = [sys.executable, "-m", "lmrc.cli", "stage2", "predict", "--adapter", str(adapter)]
             cmd += ["--input", str(eval_path), "--output", str(result), "--resume"]
@@ -438,6 +491,7 @@ def learning_curve(
                     "kind": kind,
                     "pairs": "gold pairs" if kind == "rc" else "all pairs",
                     "budget_tokens": budget,
+                    "adapter": "snapshot" if trained.get("snapshot_of") else "trained to the budget",
                     "documents": len(docs),
                     "trained_tokens": trained.get("tokens_trained", trained.get("tokens_this_call")),
                     "precision": metrics.precision,

@@ -83,6 +83,10 @@ class TrainConfig:
     # Stop at the step where the sequences trained on reach this many tokens (prompt + answer): the same
     # budget for rc and direct adapters makes their comparison fair (lmrc compare). None: no token limit.
     max_tokens: int | None = None
+    # Also keep the adapter as it was when the sequences trained on first reached each of these token counts, in
+    # <output_dir>/snapshots/tokens-<n> (a folder `lmrc stage2 predict --adapter` reads): a learning curve from
+    # one run, where separate runs per budget would cost their tokens again (lmrc compare, learning_curve).
+    snapshot_tokens: list[int] = field(default_factory=list)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # LMRC Table 6 (stage 1); Table 7 gives none for LoRA
     seed: int = 42
@@ -105,6 +109,10 @@ class TrainConfig:
             raise ValueError("train.warmup_steps must be 0 or more")
         if self.save_every_steps < 0:
             raise ValueError("train.save_every_steps must be 0 or more")
+        if any(n < 1 for n in self.snapshot_tokens) or len(set(self.snapshot_tokens)) != len(
+            self.snapshot_tokens
+        ):
+            raise ValueError("train.snapshot_tokens: distinct positive token counts")
         if self.lr <= 0:
             raise ValueError("train.lr must be positive")
 

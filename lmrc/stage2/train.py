@@ -48,6 +48,7 @@ from lmrc.io import (
     read_jsonl,
     recover_dir,
     replace_dir,
+    write_dir_atomically,
 )
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 from lmrc.stage2.examples import IGNORE_INDEX, ExampleBuilder, ExampleStats, TrainExample
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = "last"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
+SNAPSHOTS_DIR = "snapshots"  # <output_dir>/snapshots/tokens-<n>: the adapter at train.snapshot_tokens
 # Changing these between a run and its --resume is harmless; any other difference is refused.
 RESUMABLE_CHANGES = (
     "output_dir",
@@ -85,6 +87,7 @@ RESUMABLE_CHANGES = (
     "train.log_every_steps",
     "train.num_threads",
     "train.gradient_checkpointing",  # memory for compute; the same losses (tests/test_stage2_train.py)
+    "train.snapshot_tokens",  # what is kept on the way, not how it trains
     "generation",
     "align",
 )
@@ -487,8 +490,10 @@ class _Run:
     """What one `train` call tracks around the Trainer."""
 
     def __init__(self, out: Path, cfg: Stage2Config, total_steps: int, steps_per_epoch: int, start_step: int,
-                 stop_at: int, interrupt: StopRequest, on_step: Callable[[dict], None] | None) -> None:  # fmt: skip
+                 stop_at: int, interrupt: StopRequest, on_step: Callable[[dict], None] | None,
+                 snapshots: dict[int, Callable[[Path], None]] | None = None) -> None:  # fmt: skip
         self.out, self.cfg = out, cfg
+        self.snapshots = snapshots or {}  # optimizer step -> writes the snapshot from that step's checkpoint
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.start_step, self.stop_at = start_step, stop_at
         self.interrupt, self.on_step = interrupt, on_step
@@ -549,6 +554,8 @@ class _Run:
         if flag:
             self.interrupted = True
             log.warning("interrupted: saving the state after step %d to %s", step, self.out / STATE_DIR)
+        if step in self.snapshots:
+            control.should_save = True  # the snapshot is copied from this step's checkpoint
         if flag or step >= self.stop_at:
             control.should_save = True
             control.should_training_stop = True
@@ -564,6 +571,8 @@ class _Run:
             src = self.out / f"{PREFIX_CHECKPOINT_DIR}-{step}"
             # state.json last: its presence marks a complete folder.
             atomic_write_json(src / "state.json", {"step": step, "total_steps": self.total_steps}, indent=2)
+            if step in self.snapshots:
+                self.snapshots[step](src)
             replace_dir(src, self.out / STATE_DIR)
         acc.wait_for_everyone()
 
@@ -737,7 +746,10 @@ def train(
         set_peft_model_state_dict(model, load_file(str(state_dir / "adapter_model.safetensors")))
 
     interrupt = StopRequest()
-    run = _Run(out, cfg, total_steps, per_epoch, start_step, stop_at, interrupt, on_step)
+    snapshots = _snapshot_writers(
+        out, cfg, lengths, world, total_steps, start_step, tokenizer, template_text, relations
+    )
+    run = _Run(out, cfg, total_steps, per_epoch, start_step, stop_at, interrupt, on_step, snapshots)
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -787,6 +799,73 @@ def train(
         atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
     state.wait_for_everyone()
     return TrainResult(out, steps, total_steps, run.losses, seconds, run.tokens, stats, finished)
+
+
+def _snapshot_writers(
+    out: Path,
+    cfg: Stage2Config,
+    lengths: Sequence[int],
+    world: int,
+    total_steps: int,
+    start_step: int,
+    tokenizer: Any,
+    template_text: str,
+    relations: RelationSet,
+) -> dict[int, Callable[[Path], None]]:
+    """For each `train.snapshot_tokens` count the run reaches before its last step: the optimizer step at which
+    it is reached (the same rule as `train.max_tokens`) and a function that writes the adapter folder
+    `snapshots/tokens-<n>` from that step's Trainer checkpoint. A snapshot is the adapter part-way through one
+    learning-rate schedule, not an adapter trained to that budget with its own schedule (which decays to 0)."""
+    writers: dict[int, Callable[[Path], None]] = {}
+    for budget in sorted(cfg.train.snapshot_tokens):
+        step = steps_for_tokens(lengths, cfg, world, budget)
+        dest = out / SNAPSHOTS_DIR / f"tokens-{budget}"
+        if step >= total_steps:
+            log.warning(
+                "train.snapshot_tokens %d: the run ends at that step; the finished adapter is it", budget
+            )
+            continue
+        if step <= start_step:
+            if not (dest / ADAPTER_CONFIG).is_file():
+                log.warning(
+                    "%s: its step %d was trained before this resume without it; not written", dest, step
+                )
+            continue
+        meta = {
+            "finished": True,
+            "snapshot_of": str(out),
+            "budget_tokens": budget,
+            "steps": step,
+            "total_steps": total_steps,
+            "tokens_trained": tokens_for_steps(lengths, cfg, world, step),
+        }
+
+        def write(src: Path, dest: Path = dest, meta: dict = meta) -> None:
+            weights = src / "adapter_model.safetensors"
+            if not weights.is_file():  # a sharded state dict (FSDP): the checkpoint holds no whole adapter
+                log.warning("%s: no adapter_model.safetensors in %s; snapshot not written", dest, src)
+                return
+
+            def fill(tmp: Path) -> None:
+                for name in ("adapter_model.safetensors", ADAPTER_CONFIG):
+                    shutil.copy2(src / name, tmp / name)
+                tokenizer.save_pretrained(str(tmp))
+                atomic_write_text(tmp / TEMPLATE_FILE, template_text)
+                atomic_write_json(
+                    tmp / RELATIONS_FILE, {rid: relations.name(rid) for rid in relations.ids}, indent=1
+                )
+                snap = copy.deepcopy(cfg)
+                snap.output_dir = str(dest)
+                save_config(snap, tmp / CONFIG_FILE)
+                atomic_write_json(tmp / SUMMARY_FILE, meta, indent=2)
+
+            write_dir_atomically(dest, fill)
+            log.info(
+                "snapshot at step %d (%d tokens trained): %s", meta["steps"], meta["tokens_trained"], dest
+            )
+
+        writers[step] = write
+    return writers
 
 
 def _last_logged_loss(out: Path) -> float | None:

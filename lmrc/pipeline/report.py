@@ -305,6 +305,7 @@ LEARNING_COLUMNS = (
     ("docs", lambda r: _num(r.get("documents"))),
     ("LLM training tokens", lambda r: f"{r['budget_tokens']:,}"),
     ("trained", lambda r: _num(r.get("trained_tokens"))),
+    ("from", lambda r: r.get("adapter", "trained to the budget")),
     ("P", lambda r: _pct(r["precision"])),
     ("R", lambda r: _pct(r["recall"])),
     ("F1", lambda r: _pct(r["f1"])),

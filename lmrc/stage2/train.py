@@ -849,14 +849,9 @@ def _snapshot_writers(
             def fill(tmp: Path) -> None:
                 for name in ("adapter_model.safetensors", ADAPTER_CONFIG):
                     shutil.copy2(src / name, tmp / name)
-                tokenizer.save_pretrained(str(tmp))
-                atomic_write_text(tmp / TEMPLATE_FILE, template_text)
-                atomic_write_json(
-                    tmp / RELATIONS_FILE, {rid: relations.name(rid) for rid in relations.ids}, indent=1
-                )
                 snap = copy.deepcopy(cfg)
                 snap.output_dir = str(dest)
-                save_config(snap, tmp / CONFIG_FILE)
+                _write_adapter_files(tmp, tokenizer, snap, template_text, relations)
                 atomic_write_json(tmp / SUMMARY_FILE, meta, indent=2)
 
             write_dir_atomically(dest, fill)
@@ -890,6 +885,17 @@ class _quiet_trainer_logs:
         hf_logging.set_verbosity(self.level)
 
 
+def _write_adapter_files(
+    folder: Path, tokenizer: Any, cfg: Stage2Config, template_text: str, relations: RelationSet
+) -> None:
+    """What `lmrc stage2 predict --adapter` reads beside the adapter weights: the finished adapter and every
+    snapshot get the same files."""
+    tokenizer.save_pretrained(str(folder))
+    atomic_write_text(folder / TEMPLATE_FILE, template_text)
+    atomic_write_json(folder / RELATIONS_FILE, {rid: relations.name(rid) for rid in relations.ids}, indent=1)
+    save_config(cfg, folder / CONFIG_FILE)
+
+
 def _save_final(
     trainer: Any, out: Path, tokenizer: Any, cfg: Stage2Config, template_text: str, relations: RelationSet
 ) -> None:
@@ -908,8 +914,5 @@ def _save_final(
     if not main:
         return
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config says it all
-    tokenizer.save_pretrained(str(tmp))
-    atomic_write_text(tmp / TEMPLATE_FILE, template_text)
-    atomic_write_json(tmp / RELATIONS_FILE, {rid: relations.name(rid) for rid in relations.ids}, indent=1)
-    save_config(cfg, tmp / CONFIG_FILE)
+    _write_adapter_files(tmp, tokenizer, cfg, template_text, relations)
     move_files_into(tmp, out, last=ADAPTER_CONFIG)  # adapter_config.json marks a finished adapter

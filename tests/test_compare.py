@@ -294,9 +294,13 @@ def test_per_relation_f1_is_drawn_as_grouped_bars(monkeypatch, tmp_path):
     (ax,) = figures[0].axes
     assert not ax.lines and len(ax.containers) == 2  # one bar series per row
     assert [len(c) for c in ax.containers] == [2, 2]  # P2, P1 (P3: nobody scored it)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["two", "one"]  # by training frequency
-    heights = [[b.get_height() for b in c] for c in ax.containers]
-    assert heights == [[0.0, 50.0], [100.0, 25.0]]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["two", "one"]  # by training frequency
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # the most frequent at the top
+    lengths = [[b.get_width() for b in c] for c in ax.containers]  # horizontal bars: F1 is the bar's length
+    assert lengths == [[0.0, 50.0], [100.0, 25.0]]
+    # within a relation's group the rows' bars are side by side, in the legend's order, not on top of each other
+    (two_a, one_a), (two_b, one_b) = ([b.get_y() for b in c] for c in ax.containers)
+    assert two_a < two_b < one_a < one_b
 
 
 def test_learning_curve_config_is_checked():

@@ -1,5 +1,5 @@
 import sys
 
-from lmrc.cli import main
+from lmrc.cli import run
 
-sys.exit(main())
+sys.exit(run())

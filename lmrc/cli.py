@@ -3,7 +3,9 @@
 Subcommands live in `lmrc/commands/<group>.py`; each module has `register(subparsers)`, and the handlers it
 sets return an exit code. Library errors (`LmrcError`) and operating-system errors (a read-only folder, a full
 disk, permission denied: `OSError`) become one line `lmrc: error: ...` with exit 2; `--debug` adds the
-traceback above that line and changes nothing else (the exit code stays 2).
+traceback above that line and changes nothing else (the exit code stays 2). The console command (`run`) watches
+for native crashes from a parent process (lmrc.crash), and settles this CPU's kernels before any command runs
+(lmrc.cpu_guard).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import traceback
 from lmrc import __version__
 from lmrc.errors import LmrcError
 
-COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline", "entities")
+COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline", "entities", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0 if args.command is None else 2
+        # Before any kernel runs: oneDNN fixes its ISA at its first use, and the guard may cap it.
+        from lmrc.cpu_guard import ensure
+
+        ensure()
         return int(args.func(args) or 0)
     except LmrcError as exc:
         return _error(str(exc), debug)
@@ -88,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmrc: interrupted", file=sys.stderr)
         return 130
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The `lmrc` console command: `main` in a child process watched for native crashes (lmrc.crash)."""
+    from lmrc.crash import supervise
+
+    return supervise(main, sys.argv[1:] if argv is None else argv)
 
 
 def os_error_line(exc: OSError) -> str:
@@ -107,4 +120,4 @@ def _error(line: str, debug: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

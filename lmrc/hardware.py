@@ -6,9 +6,12 @@ Precision defaults depend on it: bf16 autocast is ~2x faster than float32 on CPU
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def cpu_capability() -> str:
@@ -22,13 +25,35 @@ def cpu_capability() -> str:
 
 
 def cpu_supports_bf16() -> bool:
-    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
+    """Native bf16 matmuls on this CPU that are safe to use: AVX512-BF16 or AMX in hardware, allowed by oneDNN's ISA
+    cap, and not ruled out by lmrc's CPU guard (lmrc.cpu_guard, which probes the kernels once per machine).
+
+    torch's own check (`_is_mkldnn_bf16_supported`) also says yes on AVX512 CPUs without AVX512-BF16, where bf16 is
+    emulated: measured on an Ice Lake Xeon, a bf16 matmul 4.6x slower than float32. So on x86 the CPU flags decide;
+    elsewhere (ARM) torch's check does."""
+    import platform
+
+    from lmrc import cpu_guard
+
+    cpu = cpu_guard.read_cpu()
+    if platform.machine() in ("x86_64", "AMD64", "i686"):
+        if not cpu.native_bf16 or not cpu_guard.ensure().bf16_allowed:
+            return False
     import torch
 
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_bf16_refused() -> str | None:
+    """Why bf16 must not run on this CPU even when asked for (the CPU guard found its kernels crash or compute
+    wrong), or None. An explicit bf16 then falls back to float32 with one warning instead of dying."""
+    from lmrc import cpu_guard
+
+    v = cpu_guard.ensure()
+    return None if v.bf16_allowed or v.mode == "not-needed" else v.reason
 
 
 def cuda_supports_bf16(device: int | None = None) -> bool:
@@ -54,6 +79,9 @@ def resolve_mixed_precision(name: str, cuda: bool | None = None) -> str:
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name == "bf16" and not cuda and (why := cpu_bf16_refused()):
+        log.warning("mixed_precision=bf16 turned off on this CPU: %s; training in float32", why)
+        return "no"
     if name != "auto":
         return name
     if cuda:

@@ -65,10 +65,11 @@ class _GroupedBilinear(torch.autograd.Function):
         n, width = b1.shape[0], weight.shape[0]
         w = weight.to(dtype)
         out = torch.empty((n, width), dtype=dtype, device=b1.device)
+        k_chunk = _k_chunk(b1.device, dtype)
         for s in range(0, n, PAIR_CHUNK):
             e = min(n, s + PAIR_CHUNK)
             g = (b1[s:e].to(dtype).unsqueeze(3) * b2[s:e].to(dtype).unsqueeze(2)).reshape(e - s, -1)
-            out[s:e] = g @ w.t()
+            out[s:e] = _matmul_t(g, w, k_chunk)
         if bias is not None:
             out += bias.to(dtype)
         ctx.save_for_backward(b1, b2, weight)
@@ -95,6 +96,26 @@ class _GroupedBilinear(torch.autograd.Function):
             d_b2[s:e] = (d_g * x1.unsqueeze(3)).sum(2)
         d_bias = grad.float().sum(0).to(weight.dtype) if ctx.has_bias else None
         return d_b1.to(b1.dtype), d_b2.to(b2.dtype), d_weight.to(weight.dtype), d_bias, None
+
+
+def _k_chunk(device: torch.device, dtype: torch.dtype) -> int | None:
+    """The K chunk this CPU's bf16 kernels need for the bilinear (lmrc.cpu_guard: oneDNN's AMX kernel crashes on
+    some [rows, 49152] tails); None elsewhere, and on GPUs."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    from lmrc.cpu_guard import bilinear_k_chunk
+
+    return bilinear_k_chunk()
+
+
+def _matmul_t(g: Tensor, w: Tensor, k_chunk: int | None) -> Tensor:
+    """g @ w.t(), summed over K chunks of `k_chunk` columns (float32 sums of the bf16 products) when given."""
+    if k_chunk is None or g.shape[1] <= k_chunk:
+        return g @ w.t()
+    out = torch.zeros((g.shape[0], w.shape[0]), dtype=torch.float32, device=g.device)
+    for s in range(0, g.shape[1], k_chunk):
+        out += g[:, s : s + k_chunk] @ w[:, s : s + k_chunk].t()
+    return out.to(g.dtype)
 
 
 def grouped_bilinear(b1: Tensor, b2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

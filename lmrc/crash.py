@@ -119,13 +119,14 @@ def _fallback() -> str:
 
 
 def innermost_lmrc_frame(stack: str) -> str | None:
-    """`lmrc/stage1/model.py:71 in forward` for the first (innermost) lmrc frame faulthandler wrote, else the
-    innermost frame of any file, else None."""
+    """`lmrc/stage1/model.py:71 in forward` for the first (innermost) lmrc frame faulthandler wrote (the CLI's own
+    frames aside), else the innermost frame of any file, else None."""
     frames = list(_FRAME.finditer(stack))
     for m in frames:
         path = m.group("file").replace("\\", "/")
         rest = path.rsplit("/lmrc/", 1)[1] if "/lmrc/" in path else ""
-        if rest.endswith(".py") and "site-packages" not in rest and not rest.startswith("."):
+        wrapper = rest in ("crash.py", "cli.py", "__main__.py")  # where every command passes: says nothing
+        if rest.endswith(".py") and "site-packages" not in rest and not rest.startswith(".") and not wrapper:
             return f"lmrc/{rest}:{m.group('line')} in {m.group('func')}"
     if frames:
         m = frames[0]

@@ -155,6 +155,19 @@ def isa_allows(cap: str | None, isa: str) -> bool:
     return _ISA_ORDER.index(cap) >= _ISA_ORDER.index(isa)
 
 
+def imitable_levels(cpu: CpuInfo) -> list[tuple[str, dict[str, str]]]:
+    """The CPU kinds this machine can run as (name, environment): itself; AMX off on an AMX CPU; AVX512 without
+    bf16 on a CPU with it; AVX2 on an AVX512 CPU (what the CPU-kind tests and benchmarks/cpu_kinds.py cover)."""
+    levels: list[tuple[str, dict[str, str]]] = [("native", {})]
+    if cpu.has_amx:
+        levels.append(("amx-off", {"ONEDNN_MAX_CPU_ISA": NO_AMX_ISA}))
+    if cpu.hardware_bf16:
+        levels.append(("avx512-no-bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}))
+    if "avx512f" in cpu.flags:
+        levels.append(("avx2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}))
+    return levels
+
+
 def read_cpu(cpuinfo: str = "/proc/cpuinfo") -> CpuInfo:
     """This CPU, from /proc/cpuinfo (Linux); elsewhere from torch's cpuinfo-based checks, which query no kernel."""
     import platform

@@ -8,7 +8,8 @@ parent says in one line what happened, where (the innermost lmrc frame of the st
 stack with `--debug`, and exits 128 + the signal number, as the shell would have.
 
 The parent ignores Ctrl-C (the terminal sends SIGINT to the child too, which stops cleanly) and passes SIGTERM and
-SIGHUP on to the child (`kill`, `timeout`, torchrun stopping a rank). `LMRC_SUPERVISE=0` runs the command in this
+SIGHUP on to the child (`kill`, `timeout`, torchrun stopping a rank); if the parent itself is killed, the child gets
+SIGTERM (Linux), so no orphaned rank keeps a GPU. `LMRC_SUPERVISE=0` runs the command in this
 process instead (no fork), for debuggers and profilers.
 """
 
@@ -41,13 +42,29 @@ def supervise(main: Callable[[list[str]], int], argv: list[str]) -> int:
     log_path = _crash_log_path()
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: the command itself
+        _die_with_parent(parent)
         os.environ[_CHILD_ENV] = "1"
         log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (open for the life of the process)
         faulthandler.enable(file=log, all_threads=True)
         return main(argv)
     return _watch(pid, log_path, debug="--debug" in argv or os.environ.get("LMRC_DEBUG") == "1")
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this child when the watching parent dies (SIGKILLed by a launcher after its grace period, say), so no
+    orphaned rank keeps running and holding a GPU. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _crash_log_path() -> Path:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -305,6 +306,29 @@ def test_sigterm_reaches_the_command(tmp_path):
     proc.send_signal(signal.SIGTERM)  # to the watching parent, as `kill`, `timeout` or torchrun send it
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 7 and "child got SIGTERM" in out
+
+
+def test_the_command_stops_when_its_watcher_is_killed(tmp_path):
+    body = """
+    signal.signal(signal.SIGTERM, lambda *a: (open(os.environ["MARK"], "w").write("stopped"), os._exit(9)))
+    print(os.getpid(), flush=True)
+    time.sleep(30)
+    """
+    script, env = _entry(tmp_path, body)
+    env["MARK"] = str(tmp_path / "mark")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    child = int(proc.stdout.readline())
+    proc.kill()  # SIGKILL to the watcher: nothing can be forwarded
+    proc.wait(timeout=10)
+    for _ in range(100):
+        if (tmp_path / "mark").exists():
+            break
+        time.sleep(0.1)
+    assert (tmp_path / "mark").read_text() == "stopped"
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
 
 
 def test_the_innermost_lmrc_frame_is_named_not_torchs():

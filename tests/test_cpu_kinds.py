@@ -21,7 +21,7 @@ import pytest
 from stage1_run_helpers import save_tiny_bert
 from stage2_helpers import tiny_model_dir
 
-from lmrc.cpu_guard import read_cpu
+from lmrc.cpu_guard import imitable_levels, read_cpu
 
 DRIVER = Path(__file__).with_name("cpu_kind_driver.py")
 _ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
@@ -29,14 +29,8 @@ _ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 def levels() -> list[tuple[str, dict[str, str]]]:
     cpu = read_cpu()
-    out = [("native", {})]
-    if cpu.has_amx:
-        out.append(("amx-off", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}))
-    if "avx512_bf16" in cpu.flags or cpu.has_amx:
-        out.append(("avx512-no-bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}))
-    if "avx512f" in cpu.flags:
-        out.append(("avx2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}))
-    return out
+    cap = {k: v for k, v in os.environ.items() if k in _ISA_ENV}
+    return imitable_levels(cpu) if not cap else [("as set", cap)]  # a run that imitates a kind itself
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def models(tmp_path_factory) -> Path:
 def test_first_steps_run_under_every_cpu_kind_this_machine_can_imitate(
     level, env, models, data_dir, tmp_path, cache_dir
 ):
-    child_env = {k: v for k, v in os.environ.items() if k not in _ISA_ENV}
+    child_env = {k: v for k, v in os.environ.items() if k not in _ISA_ENV}  # from the real CPU up
     child_env.update(env, LMRC_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     child_env["PYTHONPATH"] = os.pathsep.join([str(DRIVER.parent), child_env.get("PYTHONPATH", "")])
     proc = subprocess.run(

@@ -38,6 +38,8 @@ _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+
 def supervise(main: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run `main(argv)` in a forked child and report how it died; returns the exit code for the shell."""
     if os.environ.get(_CHILD_ENV) or os.environ.get("LMRC_SUPERVISE") == "0" or not hasattr(os, "fork"):
+        if not faulthandler.is_enabled():  # unwatched: at least the Python stack of a native crash, on stderr
+            faulthandler.enable()
         return main(argv)
     log_path = _crash_log_path()
     sys.stdout.flush()

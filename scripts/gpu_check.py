@@ -1,25 +1,31 @@
 """`make gpu-check`: does this GPU machine run lmrc? One line per check: pass, fail (with the error) or skipped (why).
 
-On ONE GPU, with tiny random models built on the spot (the packaged MiniLM / SmolLM2 tokenizers, no download) and
-a few Re-DocRED documents ($LMRC_DATA_DIR/redocred/dev_50.json, as `make demo` finds them), it checks:
+On the visible GPUs, with tiny random models and tokenizers built on the spot from the sample documents (no
+download, no model wheel needed) and a few Re-DocRED documents ($LMRC_DATA_DIR/redocred/dev_50.json, as
+`make demo` finds them), it checks:
 
     stage1-bf16           stage-1 training in bf16 autocast (GPUs with native bf16)
     stage1-fp16           stage-1 training in fp16 with the loss scaler
     stage1-kill-resume    `lmrc stage1 train` killed by SIGTERM, then --resume to the end
     stage1-predict        `lmrc predict --mode stage1-only` on the GPU
-    stage2-lora-resume    stage-2 LoRA training (bf16, else fp16 + scaler), paused, then --resume
-    qlora-4bit            stage-2 training with a 4-bit NF4 base (bitsandbytes)
-    fsdp-1proc            `accelerate launch` with configs/accelerate/fsdp.yaml, one process: wraps, trains, saves
-    zero3-1proc           the same with configs/accelerate/deepspeed_zero3.yaml (deepspeed)
+    stage2-lora-resume    stage-2 LoRA training (bf16, else fp16 + scaler) with gradient checkpointing and
+                          grad_accum 2 (both asserted on the prepared model), paused, then --resume
+    qlora-4bit            stage-2 training with a 4-bit NF4 base (bitsandbytes), bf16 autocast where native
+    fsdp                  `accelerate launch` with configs/accelerate/fsdp.yaml on 2 processes when >= 2 GPUs are
+                          visible (the decoder layers' flat parameters asserted sharded), else 1 process (FSDP
+                          falls back to NO_SHARD: wraps, trains and saves, sharding not proven); checkpointing on
+    zero3                 the same with DeepSpeed ZeRO-3 and stage3_param_persistence_threshold 0, so that every
+                          weight is partitioned (asserted: none resident after a step), checkpointing on
     hf-xgrammar-prefix    `lmrc stage2 predict`, hf backend, xgrammar constraints and prefix caching
     vllm-lora-structured  `lmrc stage2 predict`, vLLM backend with the LoRA adapter and structured outputs
     predict-classifier-llm  `lmrc predict --mode classifier-llm` end to end
 
-Each check runs in its own process (a CUDA error cannot take the others down); its peak GPU memory is what torch
-reserved in that process and, polled from NVML (or the CUDA runtime) while it runs, the device's peak use above
-the starting point (this catches vLLM's engine process). A missing optional package skips its check with the pip
-line that adds it. Writes a JSON report (--out) and prints a table. Without a CUDA device it prints one line and
-exits 0 with every check skipped. `--allow-cpu` runs what a CPU can (for working on this script).
+Each check runs in its own process group (a CUDA error cannot take the others down; a check that runs past its
+time is killed with everything it started, e.g. vLLM's engine processes, which would keep GPU memory); its peak
+GPU memory is what torch reserved in that process and, polled from NVML (or the CUDA runtime) while it runs, the
+device's peak use above the starting point (this catches vLLM's engine process). A missing optional package skips
+its check with the pip line that adds it. Writes a JSON report (--out) and prints a table. Without a CUDA device it
+prints one line and exits 0 with every check skipped. `--allow-cpu` runs what a CPU can (for working on this script).
 
     python scripts/gpu_check.py [--out runs/gpu_check/report.json] [--only NAME ...] [--allow-cpu]
 """
@@ -45,8 +51,8 @@ CHECKS = [
     "stage1-predict",
     "stage2-lora-resume",
     "qlora-4bit",
-    "fsdp-1proc",
-    "zero3-1proc",
+    "fsdp",
+    "zero3",
     "hf-xgrammar-prefix",
     "vllm-lora-structured",
     "predict-classifier-llm",
@@ -99,42 +105,99 @@ def _data(work: Path) -> dict[str, Path]:
     return {"train": out / "train.json", "tune": out / "tune.json", "rel_info": src / "rel_info.json"}
 
 
+def _corpus(work: Path) -> list[str]:
+    """What the tiny tokenizers are trained on: the sample documents, the relation names and the prompt templates
+    (so that prompts and answers tokenize into known pieces)."""
+    d = _data(work)
+    texts = []
+    for name in ("train", "tune"):
+        for doc in json.loads(d[name].read_text(encoding="utf-8")):
+            texts.extend(" ".join(sent) for sent in doc["sents"])
+    texts.extend(json.loads(d["rel_info"].read_text(encoding="utf-8")).values())
+    texts.extend(p.read_text(encoding="utf-8") for p in sorted((REPO / "prompts").glob("*.txt")))
+    return texts
+
+
+def wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
+    """A BERT-style WordPiece tokenizer ([CLS] A [SEP] B [SEP]) trained on `texts` with the `tokenizers` library:
+    no tokenizer files to download or install (the packaged MiniLM wheel is optional)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=list(string.printable.strip())
+    )
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=512,
+    )  # fmt: skip
+
+
+def byte_bpe_tokenizer(texts: list[str], vocab_size: int = 4000):
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 style: any text encodes, no unknown token) trained on `texts`,
+    with one end-of-text token as EOS: what stage 2, xgrammar and vLLM need of a causal LM's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, model_max_length=4096)
+
+
 def _tiny_bert(work: Path) -> Path:
-    """A random 2-layer, 64-d BERT on MiniLM's vocabulary and tokenizer."""
+    """A random 2-layer, 64-d BERT on a WordPiece vocabulary trained from the sample documents."""
     folder = work / "tiny-bert"
     if (folder / "config.json").is_file():
         return folder
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
 
-    from lmrc.model_store import resolve
-
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve("minilm")))
+    tokenizer = wordpiece_tokenizer(_corpus(work))
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=128,
         max_position_embeddings=512,
     )
-    BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    BertModel(config).save_pretrained(folder)  # config.json last: it marks a complete folder
     return folder
 
 
 def _tiny_llama(work: Path) -> Path:
-    """A random 2-layer Llama on SmolLM2's tokenizer; head size 32 (vLLM's attention kernels need >= 32)."""
+    """A random 2-layer Llama on a byte-level BPE trained from the sample documents; head size 32 (vLLM's
+    attention kernels need >= 32)."""
     folder = work / "tiny-llama"
     if (folder / "config.json").is_file():
         return folder
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmrc.model_store import resolve
-
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve("smollm2-135m")))
+    tokenizer = byte_bpe_tokenizer(_corpus(work))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -148,8 +211,8 @@ def _tiny_llama(work: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)  # config.json last: it marks a complete folder
     return folder
 
 
@@ -200,14 +263,52 @@ def _stage2_sets(work: Path, dtype: str, *extra: str) -> list[str]:
     ]
 
 
-def _cli(args: list[str], timeout: float = CHECK_TIMEOUT_S, launcher: list[str] | None = None) -> str:
+def run_group(cmd: list[str], timeout: float, **kw) -> tuple[int | None, str, str]:
+    """Run `cmd` in a new session (its own process group); (exit code, stdout, stderr), exit code None when it ran
+    past `timeout`: then the whole group is killed, with what it started (accelerate's ranks, vLLM's engine
+    processes), which would otherwise live on holding GPU memory."""
+    proc = subprocess.Popen(
+        cmd, cwd=kw.pop("cwd", REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, **kw,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        return None, out, (err or "") + f"\ntimed out after {timeout:.0f} s (process group killed)"
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGTERM to the process group, SIGKILL to what is left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+# A command a check runs in its own session must time out before the check does: killing the check's process
+# group would not reach that session.
+INNER_TIMEOUT_S = CHECK_TIMEOUT_S - 30
+
+
+def _cli(args: list[str], timeout: float = INNER_TIMEOUT_S, launcher: list[str] | None = None) -> str:
     """Run `lmrc ARGS` (or through `launcher`) in a subprocess; its output, or an error with its last lines."""
     cmd = (launcher or [sys.executable]) + ["-m", "lmrc", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"exit {proc.returncode}: " + " | ".join(tail))
-    return proc.stdout
+    rc, out, err = run_group(cmd, timeout)
+    if rc != 0:
+        tail = (err or out).strip().splitlines()[-5:]
+        raise RuntimeError(f"exit {rc}: " + " | ".join(tail))
+    return out
 
 
 def _sets(pairs: list[str]) -> list[str]:
@@ -285,19 +386,81 @@ def check_stage1_predict(work: Path, cuda: bool) -> str:
     return f"{len(json.loads(out.read_text()))} relations predicted"
 
 
+# Every stage-2 training check runs what a large model needs: activations recomputed, micro-batches accumulated.
+STAGE2_MEMORY_SETS = ("train.gradient_checkpointing=true", "train.grad_accum=2")
+
+
+def probe_callback(path: Path):
+    """A TrainerCallback that writes, after the first optimizer step, what the prepared model really does
+    (`inspect_model`) and the Trainer's accumulation, to `path` (JSON)."""
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if not path.exists() and model is not None:
+                report = inspect_model(model)
+                report["grad_accum"] = args.gradient_accumulation_steps
+                path.write_text(json.dumps(report))
+            return control
+
+    return Probe()
+
+
+def inspect_model(model) -> dict:
+    """Gradient checkpointing on the decoder layers, and how the weights lie on this rank between steps:
+    FSDP units (flat parameters: elements held here vs unsharded; NO_SHARD holds all) or ZeRO-3 parameters
+    (elements of their partitions here vs whole, and how many are resident outside a forward)."""
+    report: dict = {
+        "checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
+        "fsdp_units": 0, "zero3_params": 0, "local_elements": 0, "full_elements": 0, "resident": 0,
+    }  # fmt: skip
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:
+        FSDP = None
+    for m in model.modules():
+        if FSDP is not None and isinstance(m, FSDP):
+            flat = getattr(m, "_flat_param", None)
+            if flat is not None:
+                report["fsdp_units"] += 1
+                report["local_elements"] += flat.numel()
+                report["full_elements"] += flat._unpadded_unsharded_size.numel()
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            report["zero3_params"] += 1
+            report["full_elements"] += int(p.ds_numel)
+            report["local_elements"] += int(p.ds_tensor.numel())
+            report["resident"] += int(p.data.numel() > 0)
+    return report
+
+
+def _require_memory_settings(probe: dict) -> str:
+    if not probe.get("checkpointing"):
+        raise RuntimeError(f"gradient checkpointing is not on in the trained model: {probe}")
+    if probe.get("grad_accum") != 2:
+        raise RuntimeError(f"the Trainer accumulated {probe.get('grad_accum')} micro-batches, not 2")
+    return "checkpointing on, grad_accum 2"
+
+
 def check_stage2_lora_resume(work: Path, cuda: bool) -> str:
     from lmrc.stage2.config import load_stage2_config
     from lmrc.stage2.train import train
 
     dtype = _precision(cuda)[1]
-    cfg = load_stage2_config(None, _stage2_sets(work, dtype))
+    cfg = load_stage2_config(None, _stage2_sets(work, dtype, *STAGE2_MEMORY_SETS))
     out = work / "stage2-adapter"
-    paused = train(cfg, out, stop_after_steps=2)
+    probe = work / "stage2-adapter.probe.json"
+    probe.unlink(missing_ok=True)
+    paused = train(cfg, out, stop_after_steps=2, callbacks=[probe_callback(probe)])
     final = train(cfg, out, resume=True)
     if paused.finished or not final.finished or not (out / "adapter_model.safetensors").is_file():
         raise RuntimeError(f"paused at {paused.steps}, then finished={final.finished} at {final.steps}")
+    settings = _require_memory_settings(json.loads(probe.read_text()))
     losses = paused.losses + final.losses
-    return f"{final.steps} steps ({dtype}), paused at 2 and resumed, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    return (
+        f"{final.steps} steps ({dtype}, {settings}), paused at 2 and resumed, "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
 
 
 def check_qlora_4bit(work: Path, cuda: bool) -> str:
@@ -315,15 +478,68 @@ def check_qlora_4bit(work: Path, cuda: bool) -> str:
     return f"{result.steps} steps on a 4-bit NF4 base, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"
 
 
-def _launched(work: Path, cuda: bool, name: str, config: str) -> str:
+def _processes() -> int:
+    """2 when two GPUs are visible (sharding over 2 ranks can be checked), else 1."""
+    import torch
+
+    return 2 if torch.cuda.device_count() >= 2 else 1
+
+
+def zero3_config(work: Path) -> Path:
+    """configs/accelerate/deepspeed_zero3.yaml, but with a DeepSpeed JSON that sets
+    stage3_param_persistence_threshold 0: by default ZeRO-3 keeps every weight under 100k elements (all of a tiny
+    model's) whole on every rank, and the check could not tell a partitioned model from a replicated one."""
+    import yaml
+
+    base = yaml.safe_load((REPO / "configs/accelerate/deepspeed_zero3.yaml").read_text())
+    ds = base.pop("deepspeed_config")
+    auto = "auto"
+    ds_json = {
+        "zero_optimization": {
+            "stage": ds["zero_stage"],
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": ds["zero3_save_16bit_model"],
+            "offload_optimizer": {"device": ds["offload_optimizer_device"]},
+            "offload_param": {"device": ds["offload_param_device"]},
+        },
+        "bf16": {"enabled": auto},
+        "fp16": {"enabled": auto},
+        "train_micro_batch_size_per_gpu": auto,
+        "train_batch_size": auto,
+        "gradient_accumulation_steps": auto,
+        "gradient_clipping": auto,
+    }
+    folder = work / "accelerate"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero3.json").write_text(json.dumps(ds_json, indent=2))
+    base["deepspeed_config"] = {
+        "deepspeed_config_file": str(folder / "zero3.json"),
+        "zero3_init_flag": ds["zero3_init_flag"],
+    }
+    base.pop("mixed_precision", None)  # the JSON's "auto" follows the Trainer's bf16 / fp16
+    (folder / "zero3.yaml").write_text(yaml.safe_dump(base))
+    return folder / "zero3.yaml"
+
+
+def _launched(work: Path, cuda: bool, name: str, config: Path) -> tuple[str, list[dict], int]:
+    """Stage-2 training under `accelerate launch --config_file CONFIG` on `_processes()` ranks, each running
+    this script's --launched-train (train() with a probe); the summary line, each rank's probe, the world size."""
     if not cuda:
         raise Skip(f"{name} needs CUDA")
     mp, dtype = _precision(cuda)
     out = work / name
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                "--config_file", str(REPO / config), "--mixed_precision", mp]  # fmt: skip
-    sets = _stage2_sets(work, dtype, "train.save_every_steps=0")
-    _cli(["stage2", "train", *_sets(sets), "--output-dir", str(out)], launcher=launcher)
+    world = _processes()
+    sets = _stage2_sets(work, dtype, "train.save_every_steps=0", *STAGE2_MEMORY_SETS)
+    spec = work / f"{name}.spec.json"
+    spec.write_text(json.dumps({"sets": sets, "output_dir": str(out)}))
+    for old in work.glob(f"{name}.probe.*.json"):
+        old.unlink()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(world),
+           "--config_file", str(config), "--mixed_precision", mp,
+           str(Path(__file__).resolve()), "--launched-train", str(spec)]  # fmt: skip
+    rc, stdout, err = run_group(cmd, INNER_TIMEOUT_S)
+    if rc != 0:
+        raise RuntimeError(f"exit {rc}: " + " | ".join((err or stdout).strip().splitlines()[-5:]))
     from safetensors.torch import load_file
 
     weights = load_file(str(out / "adapter_model.safetensors"))
@@ -332,18 +548,56 @@ def _launched(work: Path, cuda: bool, name: str, config: str) -> str:
         raise RuntimeError(
             f"saved adapter has empty tensors (a shard, not the gathered weights): {empty[:3]}"
         )
+    probes = [json.loads((work / f"{name}.probe.{r}.json").read_text()) for r in range(world)]
+    settings = _require_memory_settings(probes[0])
     summary = json.loads((out / "train_summary.json").read_text())
-    return f"engine {summary.get('engine')}, {summary['steps']} steps, adapter of {len(weights)} tensors gathered"
+    line = (
+        f"engine {summary.get('engine')} on {world} process(es), {summary['steps']} steps ({settings}), "
+        f"adapter of {len(weights)} tensors gathered"
+    )
+    return line, probes, world
 
 
-def check_fsdp_1proc(work: Path, cuda: bool) -> str:
-    return _launched(work, cuda, "fsdp-1proc", "configs/accelerate/fsdp.yaml")
+def launched_train(spec_path: Path) -> None:
+    """One rank of a launched check: stage-2 training with the probe (--launched-train SPEC)."""
+    from lmrc.stage2.config import load_stage2_config
+    from lmrc.stage2.train import train
+
+    spec = json.loads(spec_path.read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    probe = spec_path.with_name(spec_path.name.replace(".spec.json", f".probe.{rank}.json"))
+    train(load_stage2_config(None, spec["sets"]), spec["output_dir"], callbacks=[probe_callback(probe)])
 
 
-def check_zero3_1proc(work: Path, cuda: bool) -> str:
+def check_fsdp(work: Path, cuda: bool) -> str:
+    line, probes, world = _launched(work, cuda, "fsdp", REPO / "configs/accelerate/fsdp.yaml")
+    units = probes[0]["fsdp_units"]
+    if not units:
+        raise RuntimeError(f"no FSDP unit found in the trained model: {probes[0]}")
+    if world == 1:
+        return line + f"; {units} FSDP units, 1 process: NO_SHARD, sharding not proven (needs 2 GPUs)"
+    for r, p in enumerate(probes):
+        if not p["local_elements"] * world <= p["full_elements"] + world * units:  # flat params pad to world
+            raise RuntimeError(
+                f"rank {r} holds {p['local_elements']} of {p['full_elements']} elements: not sharded"
+            )
+    return line + f"; {units} FSDP units, each rank holds ~1/{world} of the flat parameters"
+
+
+def check_zero3(work: Path, cuda: bool) -> str:
     if cuda:
-        _need_module("deepspeed", "pip install deepspeed")
-    return _launched(work, cuda, "zero3-1proc", "configs/accelerate/deepspeed_zero3.yaml")
+        _need_module("deepspeed", "pip install 'lmrc[deepspeed]'")
+    line, probes, world = _launched(work, cuda, "zero3", zero3_config(work) if cuda else Path())
+    for r, p in enumerate(probes):
+        if not p["zero3_params"]:
+            raise RuntimeError(f"rank {r}: no ZeRO-3 parameter in the trained model: {p}")
+        if p["resident"]:
+            raise RuntimeError(
+                f"rank {r}: {p['resident']} of {p['zero3_params']} weights stay whole after a step"
+            )
+        if world > 1 and not p["local_elements"] * world <= p["full_elements"] + world * p["zero3_params"]:
+            raise RuntimeError(f"rank {r} holds {p['local_elements']} of {p['full_elements']} elements")
+    return line + f"; all {probes[0]['zero3_params']} weights partitioned over {world} rank(s)"
 
 
 def _stage2_predict(work: Path, name: str, backend: str) -> str:
@@ -458,13 +712,7 @@ def run_all(names: list[str], work: Path, allow_cpu: bool) -> list[dict]:
             cmd += ["--allow-cpu"] if allow_cpu else []
             start = time.perf_counter()
             with _DevicePoller() as poller:
-                try:
-                    proc = subprocess.run(
-                        cmd, cwd=REPO, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S
-                    )
-                    rc, err = proc.returncode, proc.stderr
-                except subprocess.TimeoutExpired:
-                    rc, err = None, f"timed out after {CHECK_TIMEOUT_S} s"
+                rc, _, err = run_group(cmd, CHECK_TIMEOUT_S)
             if result_path.is_file():
                 rec = json.loads(result_path.read_text())
             else:
@@ -512,11 +760,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=CHECKS, help="run only these checks")
     ap.add_argument("--allow-cpu", action="store_true", help="run what a CPU can (developing this script)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--launched-train", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.workdir or args.out.parent / "work"
+    if args.launched_train:
+        launched_train(args.launched_train)
+        return 0
     if args.child:
         run_child(args.child, work, args.result, args.allow_cpu)
         return 0

@@ -6,7 +6,8 @@
 # rel_info.json (lmrc data fetch redocred --to $LMRC_DATA_DIR/redocred). More documents than one job can take:
 # PREDICT_SHARD=i/n runs one shard of the test predictions (a SLURM array: PREDICT_SHARD=$SLURM_ARRAY_TASK_ID/8),
 # then `lmrc merge RUNS/shard_*.json --output RUNS/test.classifier-llm.json`.
-# Environment: NUM_GPUS, ACCELERATE_CONFIG (FSDP / DeepSpeed for 13B+), DRY_RUN=1, BACKEND (hf or vllm).
+# Environment: NUM_GPUS, ACCELERATE_CONFIG (FSDP / DeepSpeed for 13B+ stage-2 models; stage 1 always runs DDP),
+# MIXED_PRECISION, DRY_RUN=1, BACKEND (hf or vllm).
 # Each PREDICT_SHARD runs on its own GPU (i mod NUM_GPUS) unless the job sets CUDA_VISIBLE_DEVICES itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -24,6 +24,7 @@ def _dry_run(*args: str, **env: str) -> list[list[str]]:
             "NUM_GPUS": "8",
             "LMRC_DATA_DIR": "/data",
             "BACKEND": "vllm",
+            "MIXED_PRECISION": "bf16",  # what lmrc resolves on a native-bf16 GPU (computed: see the test below)
             **env,
         },
         capture_output=True,
@@ -136,7 +137,8 @@ def test_training_without_an_accelerate_config_asks_for_every_gpu_explicitly():
         assert "--multi_gpu" in c and c[c.index("--num_processes") + 1] == "8"
         assert "--config_file" not in c
     (one,) = _dry_run("scripts/train_stage1.sh", NUM_GPUS="1")
-    assert "--multi_gpu" not in one and one[one.index("--num_processes") + 1] == "1"
+    # one GPU: a plain process, so that a node's default accelerate config cannot pick FSDP / DeepSpeed for it
+    assert "accelerate.commands.launch" not in one and one[1:3] == ["-m", "lmrc"]
     (fsdp,) = _dry_run("scripts/train_stage2.sh", "rc", ACCELERATE_CONFIG="configs/accelerate/fsdp.yaml")
     assert "--multi_gpu" not in fsdp  # the config file names the engine
 
@@ -203,8 +205,105 @@ def test_gpu_check_without_cuda_prints_one_line_and_skips_everything(tmp_path):
     assert proc.stdout.strip().splitlines() == ["gpu-check: no CUDA device: every check skipped"]
     report = json.loads(out.read_text())
     names = [c["name"] for c in report["checks"]]
-    assert len(names) == 11 and "vllm-lora-structured" in names and "zero3-1proc" in names
+    assert len(names) == 11 and "vllm-lora-structured" in names and {"zero3", "fsdp"} <= set(names)
     assert {(c["status"], c["detail"]) for c in report["checks"]} == {("skipped", "no CUDA device")}
     assert report["machine"]["cuda"] is None
     make = (REPO / "Makefile").read_text()
     assert "gpu-check:" in make and "scripts/gpu_check.py" in make
+
+
+# ------------------------------------------------------------------------------ GPU launch path (issue 26)
+
+
+def test_stage1_never_gets_the_fsdp_or_deepspeed_config_but_stage2_does():
+    """ZeRO-3 / FSDP break stage 1 (prepare without a dataloader, one FSDP unit): it always runs DDP."""
+    for config in ("configs/accelerate/fsdp.yaml", "configs/accelerate/deepspeed_zero3.yaml"):
+        commands = _dry_run("scripts/run_redocred.sh", "runs/x", ACCELERATE_CONFIG=config)
+        stage1, rc, direct = commands[:3]
+        assert _lmrc_args(stage1)[:2] == ["stage1", "train"]
+        assert "--config_file" not in stage1 and "--multi_gpu" in stage1
+        for c in (rc, direct):
+            assert c[c.index("--config_file") + 1] == config and "--multi_gpu" not in c
+    (alone,) = _dry_run("scripts/train_stage1.sh", ACCELERATE_CONFIG="configs/accelerate/fsdp.yaml")
+    assert "--config_file" not in alone and "--multi_gpu" in alone
+
+
+def test_training_is_launched_with_the_precision_lmrc_resolves():
+    """A node's accelerate default of fp16 would autocast fp16 over bf16 weights: --mixed_precision is explicit."""
+    from lmrc.hardware import resolve_mixed_precision
+
+    for c in _dry_run("scripts/run_redocred.sh", "runs/x", MIXED_PRECISION="fp16")[:3]:
+        assert c[c.index("--mixed_precision") + 1] == "fp16"
+    (computed,) = _dry_run("scripts/train_stage2.sh", "rc", MIXED_PRECISION="")
+    assert computed[computed.index("--mixed_precision") + 1] == resolve_mixed_precision("auto")
+
+
+@pytest.mark.parametrize(
+    ("visible", "gpus"), [(None, 4), ("1,3", 2), ("2", 1), ("", 1), ("0,1,2,3,4,5,6,7", 4), ("0,-1,2", 1)]
+)
+def test_gpus_are_counted_as_cuda_sees_them(tmp_path, visible, gpus):
+    """nvidia-smi lists every GPU of the node; CUDA_VISIBLE_DEVICES (a SLURM job's share) hides the others."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n" + "".join(f'echo "GPU {i}: NVIDIA H100 (UUID: GPU-{i})"\n' for i in range(4))
+    )
+    fake.chmod(0o755)
+    env = {"NUM_GPUS": "", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    (cmd,) = _dry_run("scripts/train_stage2.sh", "rc", **env)
+    assert cmd[cmd.index("--num_processes") + 1] == str(gpus)
+    assert ("--multi_gpu" in cmd) == (gpus > 1)
+
+
+def test_gpu_check_builds_its_tiny_models_without_the_model_wheels(tmp_path, redocred_dir, monkeypatch):
+    """make gpu-check needs no packaged tokenizer: WordPiece and byte-level BPE tokenizers trained in code, which
+    lmrc's stage-1 feature builder and stage-2 loader accept, and which encode any text (relation names too)."""
+    import importlib.util
+    import json
+
+    from lmrc.stage1.encoder import load_encoder
+    from lmrc.stage2.modeling import load_tokenizer
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setenv("LMRC_DATA_DIR", str(redocred_dir.parent))
+    bert_dir = gpu_check._tiny_bert(tmp_path)
+    llama_dir = gpu_check._tiny_llama(tmp_path)
+    encoder, tokenizer = load_encoder(str(bert_dir))
+    ids = tokenizer("Lothair II was born in 835 .", "x")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids.count(tokenizer.sep_token_id) == 2
+    assert tokenizer.unk_token_id not in tokenizer("* Lothair", add_special_tokens=False)["input_ids"]
+    assert encoder.config.vocab_size == len(tokenizer)
+    tok = load_tokenizer(llama_dir)
+    names = json.loads((redocred_dir / "rel_info.json").read_text()).values()
+    for text in [*names, "ünïcode — 北京 (x|y)"]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id
+
+
+def test_gpu_check_kills_a_timed_out_checks_whole_process_group(tmp_path):
+    """vLLM's engine processes outlive a killed parent and keep GPU memory: the whole group goes."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    pidfile = tmp_path / "grandchild.pid"
+    script = f"sleep 300 & echo $! > {pidfile}; wait"
+    start = time.monotonic()
+    rc, _, err = gpu_check.run_group(["bash", "-c", script], timeout=2)
+    assert rc is None and "timed out" in err and time.monotonic() - start < 30
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the grandchild {grandchild} survived the timeout")
+    assert gpu_check.run_group(["bash", "-c", "echo ok"], timeout=30)[:2] == (0, "ok\n")

@@ -407,3 +407,40 @@ def test_snapshots_keep_the_adapter_of_the_step_that_reaches_each_budget(
         }
     with pytest.raises(LmrcError, match="snapshot_tokens"):
         _cfg(redocred_dir, "train.snapshot_tokens=[5, 5]")
+
+
+def test_a_finished_run_killed_before_its_adapter_folder_is_written_from_last_without_loading_the_model(
+    reference_run, tmp_path, monkeypatch
+):
+    """Under DeepSpeed the Trainer's save_model needs the engine-wrapped model, which a run with nothing left to
+    train never builds: the adapter is copied from last/ (the Trainer's checkpoint holds it whole)."""
+    import shutil
+
+    from lmrc.stage2 import train as train_mod
+
+    cfg, ref_out, ref = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    (out / "adapter_config.json").unlink()
+    (out / "adapter_model.safetensors").unlink()
+
+    def no_model(*a, **kw):
+        raise AssertionError("a finished run loads no model")
+
+    monkeypatch.setattr(train_mod, "load_base_model", no_model)
+    result = train_mod.train(cfg, out, resume=True)
+    assert result.finished and result.steps == ref.steps and not result.losses
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        out / STATE_DIR / "adapter_model.safetensors"
+    ).read_bytes()
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        ref_out / "adapter_model.safetensors"
+    ).read_bytes()
+    assert {"tokenizer.json", "config.yaml", "prompt_template.txt", "rel_info.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert read_json(out / "train_summary.json")["tokens_trained"] == ref.tokens
+    (out / STATE_DIR / "adapter_model.safetensors").unlink()  # a sharded checkpoint: nothing whole to copy
+    (out / "adapter_config.json").unlink()
+    with pytest.raises(LmrcError, match="holds no whole adapter"):
+        train_mod.train(cfg, out, resume=True)

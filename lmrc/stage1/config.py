@@ -131,8 +131,14 @@ class TrainConfig:
     # torch.use_deterministic_algorithms: bit-identical reruns and resumes (multi-threaded CPU backward kernels
     # otherwise differ in the last bits from run to run); may be slower on GPU.
     deterministic: bool = False
+    # Seconds a rank waits at a collective (barrier, all-reduce) before the run fails. NCCL's default is 10
+    # minutes, less than rank 0 may take to download or load the encoder while the others wait; a generous limit
+    # still ends a hung job. Several GPUs only; changing it on --resume is harmless.
+    ddp_timeout: int = 3600
 
     def __post_init__(self) -> None:
+        if self.ddp_timeout < 1:
+            raise ValueError("ddp_timeout must be at least 1 (seconds)")
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

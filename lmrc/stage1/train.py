@@ -68,6 +68,7 @@ _RESUMABLE_CHANGES = frozenset(
         "train.save_every_steps",
         "train.eval_batch_size",
         "train.deterministic",
+        "train.ddp_timeout",
     }
 )
 
@@ -223,6 +224,65 @@ def _torch_settings(num_threads: int | None, deterministic: bool):
         torch.use_deterministic_algorithms(det)
 
 
+# What `accelerate launch` sets for an engine other than DDP (a config file or a node's default config).
+_SHARDED_ENGINE_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+
+
+def refuse_sharded_engine() -> None:
+    """Stage 1 trains with DDP (or one process) only: one line instead of a failure deep inside the engine.
+
+    Why: under DeepSpeed ZeRO-3 `prepare(model, optimizer)` without a dataloader fails on the "auto" micro-batch,
+    and under FSDP the whole Stage1Model becomes one unit whose `state_dict()` on rank 0 reads sharded views. A
+    RoBERTa-large classifier fits any training GPU, so sharding buys nothing; the accelerate configs in
+    configs/accelerate are for stage 2 (scripts/launch.sh does not pass them to stage 1)."""
+    from accelerate.utils import str_to_bool
+
+    for var, name in _SHARDED_ENGINE_ENV.items():
+        if str_to_bool(os.environ.get(var, "false") or "false"):
+            raise LmrcError(
+                f"stage 1 trains with DDP only, but accelerate launch set up {name} ({var}); launch it with "
+                "`accelerate launch --multi_gpu` (scripts/train_stage1.sh does), the FSDP / DeepSpeed configs "
+                "are for stage 2"
+            )
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if AcceleratorState._shared_state and AcceleratorState().distributed_type in (
+        DistributedType.DEEPSPEED,
+        DistributedType.FSDP,
+        DistributedType.MEGATRON_LM,
+    ):
+        raise LmrcError(
+            f"stage 1 trains with DDP only, but this process's accelerate state is "
+            f"{AcceleratorState().distributed_type.value}; run stage 1 in its own `accelerate launch --multi_gpu`"
+        )
+
+
+def make_accelerator(cfg: Stage1Config, mixed_precision: str, cuda: bool) -> Any:
+    """The run's Accelerator: DDP that tolerates unused parameters (a batch whose documents have no entity pairs
+    leaves the heads without gradient), and a process group whose collectives wait `train.ddp_timeout` seconds.
+
+    The timeout must be given here, where the process group is created: NCCL's default of 10 minutes would
+    otherwise apply while rank 0 downloads or loads the encoder and the other ranks wait at the barrier."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision=mixed_precision,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout)),
+        ],
+    )
+
+
 class _Trainer:
     def __init__(self, config: Stage1Config, resume: bool) -> None:
         self.config = config
@@ -265,12 +325,10 @@ class _Trainer:
         return True
 
     def _setup(self) -> bool:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
         from lmrc.stage1.encoder import load_encoder
 
         cfg = self.config
+        refuse_sharded_engine()
         cuda = torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
         log.info(
@@ -289,12 +347,7 @@ class _Trainer:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
-        # find_unused_parameters: a batch whose documents have no entity pairs leaves the heads without gradient.
-        self.accelerator = Accelerator(
-            cpu=not cuda,
-            mixed_precision=mp,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
+        self.accelerator = make_accelerator(cfg, mp, cuda)
         if self.accelerator.is_main_process:  # an interrupted swap of last/ is undone once, on rank 0
             recover_dir(self.last_dir)
         self.accelerator.wait_for_everyone()

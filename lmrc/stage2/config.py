@@ -96,8 +96,14 @@ class TrainConfig:
     )
     log_every_steps: int = 1
     num_threads: int | None = None  # torch.set_num_threads; None: torch's default
+    # Seconds a rank waits at a collective before the run fails (also the Trainer's ddp_timeout). NCCL's default
+    # of 10 minutes is shorter than rank 0's download or load of a 13B model while the other ranks wait at the
+    # barrier; a generous limit still ends a hung job. Several GPUs only; changing it on --resume is harmless.
+    ddp_timeout: int = 3600
 
     def __post_init__(self) -> None:
+        if self.ddp_timeout < 1:
+            raise ValueError("train.ddp_timeout must be at least 1 (seconds)")
         for name in ("batch_size", "grad_accum", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")

@@ -344,20 +344,24 @@ class VLLMGenerator:
                 "generation.backend=vllm needs vLLM, which is not installed: pip install 'lmrc[vllm]' "
                 "(or use generation.backend=hf)"
             ) from None
+        dtype = _vllm_dtype(cfg, adapter_dir)
         if cfg.load_in_4bit:
-            log.info("vllm serves the base model in %s; load_in_4bit applies to training only", cfg.dtype)
+            log.info("vllm serves the base model in %s; load_in_4bit applies to training only", dtype)
         self._sampling_params = SamplingParams
         self._structured = _structured_outputs_api()
         gen = cfg.generation
         self.llm = LLM(
             model=str(base_path),
             tokenizer=str(adapter_dir),
-            dtype=cfg.dtype,
+            dtype=dtype,
+            max_model_len=_vllm_max_model_len(cfg, base_path),
             enable_lora=True,
             max_lora_rank=_vllm_rank(cfg.lora.r),
             enable_prefix_caching=True,
             seed=gen.seed,
-            gpu_memory_utilization=_vllm_memory_fraction(gen.gpu_memory_utilization),
+            gpu_memory_utilization=_vllm_memory_fraction(
+                gen.gpu_memory_utilization, range(gen.tensor_parallel_size)
+            ),
             tensor_parallel_size=gen.tensor_parallel_size,
             trust_remote_code=False,
         )
@@ -404,45 +408,99 @@ class VLLMGenerator:
         return results
 
 
+# The first vLLM release that installs beside transformers 5 (its metadata: transformers >= 4.56, != 5.0-5.5.0;
+# 0.19 and older require transformers < 5); pyproject's vllm extra has the same floor. Every release since 0.10.2
+# takes grammars as SamplingParams(structured_outputs=StructuredOutputsParams(...)).
+VLLM_MIN = "0.20"
+
+
 def _structured_outputs_api() -> tuple[str, type]:
-    """The SamplingParams keyword and class for grammar-constrained outputs: `structured_outputs` /
-    StructuredOutputsParams (vLLM >= 0.10.2), else the older `guided_decoding` / GuidedDecodingParams."""
+    """The SamplingParams keyword and class for grammar-constrained outputs."""
     try:
         from vllm.sampling_params import StructuredOutputsParams
-
-        return "structured_outputs", StructuredOutputsParams
-    except ImportError:
-        pass
-    try:
-        from vllm.sampling_params import GuidedDecodingParams
-
-        return "guided_decoding", GuidedDecodingParams
     except ImportError:
         raise LmrcError(
-            "generation.constrained with vllm needs vLLM >= 0.7 (grammar-guided decoding): pip install -U 'lmrc[vllm]'"
+            f"generation.backend=vllm needs vLLM >= {VLLM_MIN} (transformers 5, structured outputs): "
+            "pip install -U 'lmrc[vllm]'"
         ) from None
+    return "structured_outputs", StructuredOutputsParams
 
 
-def _vllm_memory_fraction(asked: float) -> float:
+def _vllm_dtype(cfg: Stage2Config, adapter_dir: Path) -> str:
+    """The dtype the adapter was trained in: the config's, or for "auto" the one training resolved (recorded in
+    the adapter's train_summary.json), else what "auto" resolves to on this GPU as training does.
+
+    vLLM's own "auto" is the base model's config dtype, and float16 when that says float32: an adapter trained in
+    bf16 would be served in fp16 (or a float32 tiny model in fp16)."""
+    import json
+
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    summary = adapter_dir / "train_summary.json"
+    if summary.is_file():
+        try:
+            trained = json.loads(summary.read_text(encoding="utf-8")).get("dtype")
+        except (OSError, ValueError):
+            trained = None
+        if trained in ("bfloat16", "float16", "float32"):
+            if trained == "bfloat16" and not _cuda_native_bf16():
+                log.warning("vllm: the adapter was trained in bfloat16, this GPU has no native bf16: float16")
+                return "float16"
+            return trained
+    return "bfloat16" if _cuda_native_bf16() else "float16"
+
+
+def _cuda_native_bf16() -> bool:
+    from lmrc.hardware import cuda_supports_bf16
+
+    return cuda_supports_bf16(0)
+
+
+def _vllm_max_model_len(cfg: Stage2Config, base_path: Path) -> int:
+    """The longest prompt + answer the planner makes: max_seq_len, or the model's window when smaller.
+
+    vLLM otherwise sizes its KV cache for the model's whole window (131,072 tokens for Llama-3.1) and refuses to
+    start when one such sequence does not fit the memory it was given."""
+    import json
+
+    try:
+        window = json.loads((base_path / "config.json").read_text(encoding="utf-8")).get(
+            "max_position_embeddings"
+        )
+    except (OSError, ValueError):
+        window = None
+    return min(cfg.max_seq_len, int(window)) if window else cfg.max_seq_len
+
+
+def _vllm_memory_fraction(asked: float, devices: Sequence[int] = (0,)) -> float:
     """vLLM's gpu_memory_utilization, after giving back what this process's torch cache holds (a stage-1 model
-    ran on the same GPU before the engine starts) and capped by what is free: vLLM refuses to start when the
-    asked fraction of the whole GPU is not free."""
+    ran on the same GPU before the engine starts) and capped by what is free on every device the engine uses
+    (tensor_parallel_size of them): vLLM takes the same fraction of each and refuses to start when the asked
+    fraction of a whole GPU is not free on one of them."""
     from lmrc.hardware import device_memory_used, release_cuda_cache
 
     release_cuda_cache()
-    used = device_memory_used(0)
-    if used is None:
+    worst: tuple[float, int, int, int] | None = None  # (free fraction, device, in use, total)
+    for index in devices:
+        used = device_memory_used(index)
+        if used is None:
+            continue
+        in_use, total = used
+        free_fraction = (total - in_use) / total
+        if worst is None or free_fraction < worst[0]:
+            worst = (free_fraction, index, in_use, total)
+    if worst is None:
         return asked
-    in_use, total = used
-    free_fraction = (total - in_use) / total
+    free_fraction, index, in_use, total = worst
     if asked <= free_fraction - 0.02:
         return asked
     fraction = max(0.05, round(free_fraction - 0.02, 3))
     log.warning(
-        "vllm: %.1f GiB of %.1f GiB on the GPU are in use by other models or processes; "
+        "vllm: %.1f GiB of %.1f GiB on GPU %d are in use by other models or processes; "
         "gpu_memory_utilization %.2f lowered to %.2f",
         in_use / 1024**3,
         total / 1024**3,
+        index,
         asked,
         fraction,
     )

@@ -88,6 +88,7 @@ RESUMABLE_CHANGES = (
     "train.num_threads",
     "train.gradient_checkpointing",  # memory for compute; the same losses (tests/test_stage2_train.py)
     "train.snapshot_tokens",  # what is kept on the way, not how it trains
+    "train.ddp_timeout",  # how long ranks wait for each other
     "generation",
     "align",
 )
@@ -356,19 +357,85 @@ class Precision:
     bf16: bool
     fp16: bool
 
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for the autocast: what the Trainer's Accelerator must get, whatever the launcher said."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+
 
 def resolve_precision(cfg: Stage2Config, device: Any, engine: str) -> Precision:
+    """QLoRA: the 4-bit base computes in its compute dtype (the resolved dtype), the adapter is float32, and the
+    Trainer autocasts to that dtype (bf16 where the GPU has it; fp16 with a loss scaler on older GPUs), as the
+    QLoRA recipe trains; without autocast the float32 adapter would run the LoRA matmuls in float32."""
     import torch
 
     dtype = resolve_dtype(cfg.dtype, device)
     half = dtype in (torch.bfloat16, torch.float16)
-    if cfg.load_in_4bit:  # bitsandbytes computes in its compute dtype; the adapter stays float32
-        return Precision(dtype, False, False)
+    cuda = device.type == "cuda"
+    if cfg.load_in_4bit:
+        return Precision(dtype, dtype == torch.bfloat16 and cuda, dtype == torch.float16 and cuda)
     if engine == "fsdp":
         return Precision(torch.float32, dtype == torch.bfloat16, dtype == torch.float16)
     if engine == "deepspeed":
         return Precision(dtype, dtype == torch.bfloat16, dtype == torch.float16)
     return Precision(dtype, False, half and dtype == torch.float16 and device.type == "cuda")
+
+
+# DeepSpeed's first release whose ZeRO-3 keeps frozen parameters gathered during a non-reentrant checkpoint
+# recompute (deepspeedai/DeepSpeed#8148, in 0.19.3): older ones fail LoRA + gradient checkpointing with
+# "CheckpointError: Recomputed values ... have different metadata" (huggingface/transformers#47254).
+DEEPSPEED_CHECKPOINTING_MIN = (0, 19, 3)
+
+
+def check_engine(cfg: Stage2Config, engine: str) -> None:
+    """Refuse, in one line and before any model is loaded, what the distributed engines cannot train.
+
+    - QLoRA under FSDP or ZeRO-3: the 4-bit base is placed whole on each GPU (`device_map`) and its packed uint8
+      storage cannot be flattened (FSDP) or partitioned (ZeRO-3) without `bnb_4bit_quant_storage`, which lmrc does
+      not set up; one GPU per process with DDP trains QLoRA, or drop load_in_4bit and shard the 16-bit base.
+    - LoRA + gradient checkpointing under DeepSpeed releases before 0.19.3 (see DEEPSPEED_CHECKPOINTING_MIN).
+    """
+    if cfg.load_in_4bit and engine in ("fsdp", "deepspeed"):
+        name = "FSDP" if engine == "fsdp" else "DeepSpeed"
+        raise LmrcError(
+            f"load_in_4bit (QLoRA) does not train under {name}: launch without the FSDP / DeepSpeed config "
+            "(QLoRA fits a 13B model on one GPU per process), or set load_in_4bit: false to shard the 16-bit model"
+        )
+    if engine == "deepspeed" and cfg.train.gradient_checkpointing:
+        version = _installed_version("deepspeed")
+        if version is not None and version < DEEPSPEED_CHECKPOINTING_MIN:
+            need = ".".join(map(str, DEEPSPEED_CHECKPOINTING_MIN))
+            raise LmrcError(
+                f"train.gradient_checkpointing with LoRA under DeepSpeed ZeRO-3 needs deepspeed >= {need} (this is "
+                f"{'.'.join(map(str, version))}: a CheckpointError in the backward pass): pip install 'lmrc[deepspeed]'"
+                ", or set train.gradient_checkpointing: false"
+            )
+
+
+def _installed_version(package: str) -> tuple[int, ...] | None:
+    """The release numbers of an installed package ((0, 19, 3) for "0.19.3+cu12"); None when not installed."""
+    import re
+    from importlib import metadata
+
+    try:
+        text = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def join_processes(cfg: Stage2Config, cuda: bool) -> Any:
+    """accelerate's process state; under torchrun / accelerate launch it creates the process group, with
+    collectives that wait `train.ddp_timeout` seconds.
+
+    The timeout must be given here: this is the first PartialState of the process, so the Trainer's own (from
+    TrainingArguments.ddp_timeout) finds the group made, and NCCL's 10-minute default would apply while rank 0
+    downloads or loads a 13B model and the others wait at the barrier."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=not cuda, timeout=timedelta(seconds=cfg.train.ddp_timeout))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -615,6 +682,7 @@ def _training_arguments(
         bf16=precision.bf16,
         fp16=precision.fp16,
         ddp_find_unused_parameters=False,
+        ddp_timeout=cfg.train.ddp_timeout,
         log_level="warning",
     )
 
@@ -625,19 +693,20 @@ def train(
     resume: bool = False,
     on_step: Callable[[dict], None] | None = None,
     stop_after_steps: int | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Fine-tune LoRA adapters as configured, or continue an interrupted run (`resume`).
 
     `stop_after_steps` pauses after that many steps of this call (state saved; continue with `resume`), to
     time-box long CPU runs. `on_step` receives each step's metrics record (raising KeyboardInterrupt there acts
     as Ctrl-C). Ctrl-C / SIGTERM saves the state of the step under way once it is finished, then raises
-    KeyboardInterrupt.
+    KeyboardInterrupt. `callbacks`: more transformers TrainerCallbacks (scripts/gpu_check.py inspects the
+    prepared model with one: gradient checkpointing on, weights sharded).
 
     Not split: this is the recipe read top to bottom (run folder and resume point, data, step plan, model, Trainer,
     adapter, summary), in the order in which the ranks meet at their barriers; its parts are functions already.
     """
     import torch
-    from accelerate import PartialState
     from transformers import set_seed
 
     out = Path(output_dir or cfg.output_dir)
@@ -652,7 +721,9 @@ def train(
 
         AcceleratorState._reset_state(reset_partial_state=True)
     cuda = torch.cuda.is_available()
-    state = PartialState(cpu=not cuda)  # joins the process group under torchrun / accelerate launch
+    engine = distributed_engine()
+    check_engine(cfg, engine)
+    state = join_processes(cfg, cuda)  # joins the process group under torchrun / accelerate launch
     main, world = state.is_main_process, state.num_processes
     if main:  # an interrupted swap of last/ is undone once, before any rank looks at it
         recover_dir(out / STATE_DIR)
@@ -721,9 +792,24 @@ def train(
     state.wait_for_everyone()
     stop_at = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
 
-    engine = distributed_engine()
     device = state.device
+    already_done = state_dir is not None and start_step >= total_steps
+    if already_done:
+        # Nothing to train: no model is loaded (nor wrapped by an engine, whose save would need it prepared).
+        if main and not (out / ADAPTER_CONFIG).is_file():
+            _finish_from_state(state_dir, out, tokenizer, cfg, template_text, relations)
+        log.info("%s: training had already finished (step %d of %d)", out, start_step, total_steps)
+        if main:
+            summary = _summary(cfg, stats, docs, start_step, total_steps, per_epoch, lengths, world, 0.0, 0,
+                               None, device, engine)  # fmt: skip
+            atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
+        state.wait_for_everyone()
+        return TrainResult(out, start_step, total_steps, [], 0.0, 0, stats, True)
+
     precision = resolve_precision(cfg, device, engine)
+    # The Trainer's Accelerator takes its autocast from ACCELERATE_MIXED_PRECISION when TrainingArguments say
+    # neither bf16 nor fp16: a launcher's (or a node's default config's) fp16 would autocast over bf16 weights.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision.mixed_precision
     # Built before the model: under DeepSpeed ZeRO-3 this makes from_pretrained load the weights partitioned.
     args = _training_arguments(cfg, out, total_steps, warmup, precision, main=main, cuda=cuda)
     set_seed(cfg.train.seed)
@@ -737,13 +823,6 @@ def train(
         place=False,  # the Trainer places it (DDP), or shards it (FSDP, DeepSpeed)
     )
     model = wrap_lora(model, cfg)
-    already_done = state_dir is not None and start_step >= total_steps
-    if already_done and not (out / ADAPTER_CONFIG).is_file():
-        # The last step was saved but the adapter folder was not written (killed in between): write it from last/.
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(state_dir / "adapter_model.safetensors")))
 
     interrupt = StopRequest()
     snapshots = _snapshot_writers(
@@ -755,50 +834,79 @@ def train(
         args=args,
         train_dataset=_Examples(examples),
         data_collator=AnswerCollator(tokenizer.pad_token_id),
-        callbacks=[_run_callback_class()(run)],
+        callbacks=[_run_callback_class()(run), *callbacks],
         batch_sampler=sampler,
         logit_mask=_supports_logit_mask(),
     )
     run.trainer = trainer
-    finished = start_step >= total_steps
     start = time.perf_counter()
-    if not finished:
-        with interrupt, _quiet_trainer_logs():
-            trainer.train(resume_from_checkpoint=str(state_dir) if state_dir is not None else None)
-    steps = int(trainer.state.global_step) if not finished else start_step
+    with interrupt, _quiet_trainer_logs():
+        trainer.train(resume_from_checkpoint=str(state_dir) if state_dir is not None else None)
+    steps = int(trainer.state.global_step)
     seconds = time.perf_counter() - start
     if run.interrupted:
         raise KeyboardInterrupt
     finished = steps >= total_steps
 
-    if finished and not (already_done and (out / ADAPTER_CONFIG).is_file()):
+    if finished:
         _save_final(trainer, out, tokenizer, cfg, template_text, relations)
-    elif already_done:
-        log.info("%s: training had already finished (step %d of %d)", out, start_step, total_steps)
     if main:
-        from lmrc.hardware import gpu_memory
-
-        summary = {
-            "finished": finished,
-            "examples": stats.to_dict(),
-            "documents": len(docs),
-            "steps": steps,
-            "total_steps": total_steps,
-            "steps_per_epoch": per_epoch,
-            "tokens_trained": tokens_for_steps(lengths, cfg, world, steps),  # all calls together
-            "seconds_this_call": round(seconds, 2),
-            "tokens_this_call": run.tokens,
-            "tokens_per_s": round(run.tokens / seconds, 2) if seconds > 0 else None,
-            "final_loss": run.losses[-1] if run.losses else _last_logged_loss(out),
-            "device": str(device),
-            "processes": world,
-            "engine": engine,
-            "dtype": str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
-            "gpu_memory": gpu_memory(),
-        }
+        summary = _summary(cfg, stats, docs, steps, total_steps, per_epoch, lengths, world, seconds, run.tokens,
+                           run.losses[-1] if run.losses else None, device, engine)  # fmt: skip
         atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
     state.wait_for_everyone()
     return TrainResult(out, steps, total_steps, run.losses, seconds, run.tokens, stats, finished)
+
+
+def _summary(cfg: Stage2Config, stats: ExampleStats, docs: Sequence[Document], steps: int, total_steps: int,
+             per_epoch: int, lengths: Sequence[int], world: int, seconds: float, tokens: int,
+             final_loss: float | None, device: Any, engine: str) -> dict[str, Any]:  # fmt: skip
+    """train_summary.json: the run as a whole (tokens over all calls) and this call."""
+    from lmrc.hardware import gpu_memory
+
+    return {
+        "finished": steps >= total_steps,
+        "examples": stats.to_dict(),
+        "documents": len(docs),
+        "steps": steps,
+        "total_steps": total_steps,
+        "steps_per_epoch": per_epoch,
+        "tokens_trained": tokens_for_steps(lengths, cfg, world, steps),  # all calls together
+        "seconds_this_call": round(seconds, 2),
+        "tokens_this_call": tokens,
+        "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+        "final_loss": final_loss if final_loss is not None else _last_logged_loss(Path(cfg.output_dir)),
+        "device": str(device),
+        "processes": world,
+        "engine": engine,
+        "dtype": str(resolve_dtype(cfg.dtype, device)).replace("torch.", ""),
+        "gpu_memory": gpu_memory(),
+    }
+
+
+def _finish_from_state(
+    state_dir: Path, out: Path, tokenizer: Any, cfg: Stage2Config, template_text: str, relations: RelationSet
+) -> None:
+    """The adapter folder of a run whose last step was saved in last/ but which was killed before the folder was
+    written: a copy of the saved adapter (the Trainer's checkpoint holds it whole, gathered from the shards).
+
+    Copied, not saved through the Trainer: under DeepSpeed `save_model` needs the engine-wrapped model, which
+    exists only once training starts, and a finished run has nothing to train."""
+    weights = state_dir / "adapter_model.safetensors"
+    if not weights.is_file() or not (state_dir / ADAPTER_CONFIG).is_file():
+        raise LmrcError(
+            f"{state_dir}: the finished run's checkpoint holds no whole adapter (adapter_model.safetensors, "
+            f"{ADAPTER_CONFIG}) to write {out} from (a sharded state dict?); train again in another --output-dir"
+        )
+    tmp = out / ".final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", ADAPTER_CONFIG):
+        shutil.copy2(state_dir / name, tmp / name)
+    _write_adapter_files(tmp, tokenizer, cfg, template_text, relations)
+    move_files_into(tmp, out, last=ADAPTER_CONFIG)  # adapter_config.json marks a finished adapter
+    log.info("%s: adapter written from %s", out, state_dir)
 
 
 def _snapshot_writers(

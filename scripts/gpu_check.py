@@ -275,22 +275,23 @@ def run_group(cmd: list[str], timeout: float, **kw) -> tuple[int | None, str, st
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
     except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
+        _kill_group(proc)
         out, err = proc.communicate()
         return None, out, (err or "") + f"\ntimed out after {timeout:.0f} s (process group killed)"
 
 
-def _kill_group(pgid: int) -> None:
-    """SIGTERM to the process group, SIGKILL to what is left after 10 s."""
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group led by `proc`, SIGKILL to what is left after 10 s."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
         try:
-            os.killpg(pgid, sig)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.time() + wait
         while time.time() < deadline:
+            proc.poll()  # reap the leader: a zombie would keep the group alive
             try:
-                os.killpg(pgid, 0)
+                os.killpg(proc.pid, 0)
             except ProcessLookupError:
                 return
             time.sleep(0.2)
@@ -657,23 +658,30 @@ def run_child(name: str, work: Path, result_path: Path, allow_cpu: bool) -> None
 
 
 class _DevicePoller:
-    """The device's memory in use (all processes), polled while a check runs; its peak above the start."""
+    """The memory in use (all processes) on the visible devices together, polled while a check runs; its peak
+    above the start (a two-process check uses two GPUs)."""
 
     def __init__(self) -> None:
+        import torch
+
         from lmrc.hardware import device_memory_used
 
         self.read = device_memory_used
-        first = self.read(0)
-        self.base = first[0] if first else None
+        self.devices = range(max(1, torch.cuda.device_count()))
+        self.base = self._used()
         self.peak = self.base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    def _used(self) -> int | None:
+        readings = [self.read(i) for i in self.devices]
+        return sum(r[0] for r in readings if r) if any(readings) else None
+
     def _poll(self) -> None:
         while not self._stop.wait(0.25):
-            used = self.read(0)
-            if used and (self.peak is None or used[0] > self.peak):
-                self.peak = used[0]
+            used = self._used()
+            if used is not None and (self.peak is None or used > self.peak):
+                self.peak = used
 
     def __enter__(self) -> _DevicePoller:
         if self.base is not None:

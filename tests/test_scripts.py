@@ -307,3 +307,29 @@ def test_gpu_check_kills_a_timed_out_checks_whole_process_group(tmp_path):
     else:
         raise AssertionError(f"the grandchild {grandchild} survived the timeout")
     assert gpu_check.run_group(["bash", "-c", "echo ok"], timeout=30)[:2] == (0, "ok\n")
+
+
+def test_gpu_check_stage2_check_asserts_checkpointing_and_accumulation_on_the_trained_model(
+    tmp_path, redocred_dir
+):
+    """The check inspects the prepared model (a Trainer callback), in its own process, as on a GPU."""
+    import json
+    import sys
+
+    out = tmp_path / "report.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "LMRC_DATA_DIR": str(redocred_dir.parent),
+    }
+    proc = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--allow-cpu", "--only", "stage2-lora-resume", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    (check,) = json.loads(out.read_text())["checks"]
+    assert check["status"] == "pass", (check, proc.stderr[-2000:])
+    assert "checkpointing on, grad_accum 2" in check["detail"]
+    probe = json.loads((tmp_path / "work" / "stage2-adapter.probe.json").read_text())
+    assert probe["checkpointing"] is True and probe["grad_accum"] == 2
+    assert probe["zero3_params"] == probe["fsdp_units"] == 0  # one plain process: nothing sharded

@@ -207,7 +207,7 @@ def _fake_vllm(monkeypatch) -> dict:
             seen["llm"] = kw
 
         def generate(self, inputs, params, lora_request=None, use_tqdm=True):
-            seen["params"] = params
+            seen["params"], seen["lora"] = params, lora_request
             out = SimpleNamespace(text="x", token_ids=[1], finish_reason="stop")
             return [SimpleNamespace(outputs=[out]) for _ in inputs]
 
@@ -225,6 +225,33 @@ def _fake_vllm(monkeypatch) -> dict:
                       "vllm.lora.request": request}.items():  # fmt: skip
         monkeypatch.setitem(sys.modules, name, mod)
     return seen
+
+
+def test_vllm_engine_gets_tensor_parallelism_structured_outputs_and_a_memory_fraction_that_fits(monkeypatch):
+    from stage2_helpers import tiny_model_dir
+
+    from lmrc import hardware
+    from lmrc.stage2 import generate
+    from lmrc.stage2.config import load_stage2_config
+
+    seen = _fake_vllm(monkeypatch)
+    released = []
+    gib = 1024**3
+    monkeypatch.setattr(hardware, "release_cuda_cache", lambda: released.append(True))
+    # stage 1 still holds 10 GiB of a 40 GiB GPU: 0.85 of it is not free, vLLM would refuse to start
+    monkeypatch.setattr(hardware, "device_memory_used", lambda i: (10 * gib, 40 * gib))
+    cfg = load_stage2_config(None, [f"model={tiny_model_dir()}", "generation.tensor_parallel_size=2"])
+    gen = generate.VLLMGenerator(cfg, tiny_model_dir(), tiny_model_dir())
+    assert released == [True]  # torch's cache is given back before the engine measures free memory
+    assert seen["llm"]["tensor_parallel_size"] == 2 and seen["llm"]["enable_lora"] is True
+    assert seen["llm"]["gpu_memory_utilization"] == pytest.approx(0.73)
+    out = gen.generate([[1, 2, 3]], [8], grammars=['root ::= "x"'])
+    assert out[0].text == "x" and seen["lora"][2] == str(tiny_model_dir())
+    (params,) = seen["params"]
+    assert params.kw["structured_outputs"].kw == {"grammar": 'root ::= "x"'}
+    monkeypatch.setattr(hardware, "device_memory_used", lambda i: (1 * gib, 40 * gib))
+    generate.VLLMGenerator(cfg, tiny_model_dir(), tiny_model_dir())
+    assert seen["llm"]["gpu_memory_utilization"] == 0.85  # enough free memory: as configured
 
 
 def _model_dir(tmp_path: Path, window: int) -> Path:

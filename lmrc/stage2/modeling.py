@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmrc.errors import LmrcError
-from lmrc.hardware import cpu_supports_bf16, cuda_supports_bf16
+from lmrc.hardware import cpu_bf16_refused, cpu_supports_bf16, cuda_supports_bf16
 from lmrc.stage2.adapter import check_adapter_weights
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 
@@ -47,6 +47,9 @@ def resolve_dtype(name: str, device: Any) -> Any:
     (V100, T4: training adds a loss scaler) and float32 on CPUs."""
     import torch
 
+    if name == "bfloat16" and device.type == "cpu" and (why := cpu_bf16_refused()):
+        log.warning("dtype=bfloat16 turned off on this CPU: %s; float32", why)
+        return torch.float32
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":

@@ -56,15 +56,22 @@ def per_relation(plt, results: dict[str, Any], relations: RelationSet, path: Pat
         ax.barh(ys, [100 * scores.get(r, 0.0) for r in rels], height=height, label=label)
     ax.set_yticks(range(len(rels)))
     ax.set_yticklabels([relations.names.get(r, r) for r in rels], fontsize=8)
-    ax.set_ylim(len(rels) - 0.5, -0.5)  # the most frequent relation at the top, each group's rows in legend order
+    ax.set_ylim(
+        len(rels) - 0.5, -0.5
+    )  # the most frequent relation at the top, each group's rows in legend order
     ax.set_xlim(0, 100)
     ax.set_xlabel("F1 (%)")
     ax.set_ylabel("relation (most training facts first)")
     ax.grid(axis="x", alpha=0.3)
     # above the axes, not on them: any corner of the axes may hold a long bar
     ax.legend(
-        fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False,
-        title="Per-relation F1", title_fontsize=11,
+        fontsize=7,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=2,
+        frameon=False,
+        title="Per-relation F1",
+        title_fontsize=11,
     )
     return _save(fig, path)
 

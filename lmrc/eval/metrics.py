@@ -33,12 +33,15 @@ Additions that are not in the official script, with the conventions used:
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from lmrc.data.docred import (
     Document,
@@ -136,6 +139,67 @@ class Metrics:
         out = asdict(self)
         out["frequent_relations"] = None if self.frequent_relations is None else list(self.frequent_relations)
         return {"summary": self.summary(), **out}
+
+
+# ------------------------------------------------------------------------------------ packed predictions
+
+
+@dataclass(frozen=True)
+class PackedPredictions:
+    """One document's official-format predictions as an int32 array [n, 3] of (h_idx, t_idx, index into
+    `relations`), in their order: 12 bytes a prediction where a list of dicts costs ~400.
+
+    Why: a noisy stage-1 head (an early checkpoint, a low threshold) predicts hundreds of thousands of triples on
+    one long document, up to pairs x relations (18 million for 433 entities); as dicts they would need more memory
+    than the model. `records()` gives the dicts one at a time, in order, for the result file; `evaluate` scores
+    the array as it is.
+    """
+
+    title: str
+    relations: tuple[str, ...]
+    triples: np.ndarray = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.triples)
+
+    @classmethod
+    def from_columns(cls, title: str, h: np.ndarray, t: np.ndarray, r: np.ndarray, ids: Sequence[str]):
+        """From (h, t, relation column) arrays, where `ids[column]` names the relation; only the relations used
+        are kept, in the order of `ids`."""
+        used, index = np.unique(np.asarray(r, dtype=np.int64), return_inverse=True)
+        triples = np.empty((len(index), 3), dtype=np.int32)
+        triples[:, 0], triples[:, 1], triples[:, 2] = h, t, index.reshape(-1)
+        return cls(title, tuple(ids[c] for c in used.tolist()), triples)
+
+    def records(self, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
+        """The predictions as official-format dicts, in order (a block of rows converted at a time)."""
+        for s in range(0, len(self.triples), block):
+            for h, t, k in self.triples[s : s + block].tolist():
+                yield {"title": self.title, "h_idx": h, "t_idx": t, "r": self.relations[k]}
+
+    def to_raw(self) -> dict[str, Any]:
+        """JSON form (progress files): the relations used and the array, little-endian int32 in base64."""
+        data = np.ascontiguousarray(self.triples, dtype="<i4").tobytes()
+        return {"relations": list(self.relations), "triples": base64.b64encode(data).decode("ascii")}
+
+    @classmethod
+    def from_raw(cls, title: str, raw: Any, where: str) -> PackedPredictions:
+        """Read `to_raw`'s form back, refusing a malformed one with a message naming `where`."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("triples"), str):
+            raise LmrcError(f"{where}: expected an object with 'relations' and base64 'triples'")
+        relations = raw.get("relations")
+        if not isinstance(relations, list) or not all(isinstance(r, str) for r in relations):
+            raise LmrcError(f"{where}.relations: expected a list of relation ids")
+        try:
+            data = base64.b64decode(raw["triples"], validate=True)
+        except ValueError:
+            raise LmrcError(f"{where}.triples: not base64") from None
+        if len(data) % 12:
+            raise LmrcError(f"{where}.triples: {len(data)} bytes, not whole (h, t, r) int32 rows")
+        triples = np.frombuffer(data, dtype="<i4").astype(np.int32).reshape(-1, 3)
+        if len(triples) and (triples[:, 2].min() < 0 or triples[:, 2].max() >= len(relations)):
+            raise LmrcError(f"{where}.triples: a relation index outside its {len(relations)} relations")
+        return cls(title, tuple(relations), triples)
 
 
 # ------------------------------------------------------------------------------------------ train reference
@@ -260,18 +324,50 @@ def _frequent_and_long_tail(
     return frequent, long_tail, frequent_ids
 
 
+@dataclass
+class _Matches:
+    """What the unique predictions add up to, before the scores are computed."""
+
+    unique: int = 0
+    correct: int = 0
+    in_train: int = 0
+    pred_evidence: int = 0
+    correct_evidence: int = 0
+    unknown_title: int = 0
+    invalid_pair: int = 0
+    pred_by_rel: Counter[str] = field(default_factory=Counter)
+    correct_by_rel: Counter[str] = field(default_factory=Counter)
+    pred_by_loc: Counter[str | None] = field(default_factory=Counter)
+    correct_by_loc: Counter[str | None] = field(default_factory=Counter)
+
+    def add_correct(self, doc: Document, h: int, t: int, r: str, loc: str | None, ref: TrainReference | None):
+        self.correct += 1
+        self.correct_by_rel[r] += 1
+        self.correct_by_loc[loc] += 1
+        if ref is not None and _seen_in_train(doc, h, t, r, ref.facts):
+            self.in_train += 1
+
+
 def evaluate(
     predictions: Sequence[Mapping[str, Any]],
     gold: Sequence[Document],
     train: Iterable[Document] | TrainReference | None = None,
     n_frequent: int = N_FREQUENT,
+    packed: Sequence[PackedPredictions] = (),
 ) -> Metrics:
-    """Score official-format predictions against labelled gold documents (see the module docstring)."""
+    """Score official-format predictions against labelled gold documents (see the module docstring).
+
+    `packed` adds predictions held as arrays (stage 1's, without evidence), scored as the same dicts would be."""
     check_predictions(list(predictions), "predictions")
     docs = _gold_index(gold)
     ref = (
         train if train is None or isinstance(train, TrainReference) else TrainReference.from_documents(train)
     )
+    listed_titles = {p["title"] for p in predictions}
+    if any(pp.title in listed_titles for pp in packed):  # de-duplication across both forms: as dicts
+        predictions = [*predictions, *(x for pp in packed if pp.title in listed_titles for x in pp.records())]
+        packed = [pp for pp in packed if pp.title not in listed_titles]
+    n_given = len(predictions) + sum(len(pp) for pp in packed)
 
     gold_evidence, n_gold_evidence, gold_by_rel, gold_by_loc = _gold_counts(gold)
 
@@ -279,40 +375,34 @@ def evaluate(
     for p in predictions:
         unique.setdefault((p["title"], p["h_idx"], p["t_idx"], p["r"]), p)
 
-    correct = in_train = pred_evidence = correct_evidence = unknown_title = invalid_pair = 0
-    pred_by_rel: Counter[str] = Counter()
-    correct_by_rel: Counter[str] = Counter()
-    pred_by_loc: Counter[str | None] = Counter()
-    correct_by_loc: Counter[str | None] = Counter()
+    m = _Matches(unique=len(unique))
     for key, p in unique.items():
         title, h, t, r = key
-        pred_by_rel[r] += 1
+        m.pred_by_rel[r] += 1
         doc = docs.get(title)
         if doc is None:
-            unknown_title += 1
+            m.unknown_title += 1
             continue
         evidence = set(p.get("evidence", ()))
-        pred_evidence += len(evidence)
+        m.pred_evidence += len(evidence)
         loc = pair_locality(doc, h, t)
-        invalid_pair += loc is None
-        pred_by_loc[loc] += 1
+        m.invalid_pair += loc is None
+        m.pred_by_loc[loc] += 1
         if key not in gold_evidence:
             continue
-        correct += 1
-        correct_by_rel[r] += 1
-        correct_by_loc[loc] += 1
-        correct_evidence += len(gold_evidence[key] & evidence)
-        if ref is not None and _seen_in_train(doc, h, t, r, ref.facts):
-            in_train += 1
+        m.add_correct(doc, h, t, r, loc, ref)
+        m.correct_evidence += len(gold_evidence[key] & evidence)
+    for pp in packed:
+        _match_packed(pp, docs.get(pp.title), gold_evidence, ref, m)
 
-    n_pred, n_gold = len(unique), len(gold_evidence)
-    relation = Score.from_counts(correct, n_pred, n_gold)
-    ign_p = _ratio(correct - in_train, n_pred - in_train)
-    ign = IgnScore(ign_p, relation.recall, _f1(ign_p, relation.recall), in_train)
+    n_pred, n_gold = m.unique, len(gold_evidence)
+    relation = Score.from_counts(m.correct, n_pred, n_gold)
+    ign_p = _ratio(m.correct - m.in_train, n_pred - m.in_train)
+    ign = IgnScore(ign_p, relation.recall, _f1(ign_p, relation.recall), m.in_train)
 
-    rels = sorted(set(gold_by_rel) | set(pred_by_rel), key=lambda rid: (-gold_by_rel[rid], rid))
+    rels = sorted(set(gold_by_rel) | set(m.pred_by_rel), key=lambda rid: (-gold_by_rel[rid], rid))
     per_relation = {
-        rid: Score.from_counts(correct_by_rel[rid], pred_by_rel[rid], gold_by_rel[rid]) for rid in rels
+        rid: Score.from_counts(m.correct_by_rel[rid], m.pred_by_rel[rid], gold_by_rel[rid]) for rid in rels
     }
 
     frequent, long_tail, frequent_ids = _frequent_and_long_tail(per_relation, ref, n_frequent)
@@ -320,23 +410,74 @@ def evaluate(
     return Metrics(
         relation=relation,
         ign=ign,
-        evidence=Score.from_counts(correct_evidence, pred_evidence, n_gold_evidence),
-        intra=Score.from_counts(correct_by_loc["intra"], pred_by_loc["intra"], gold_by_loc["intra"]),
-        inter=Score.from_counts(correct_by_loc["inter"], pred_by_loc["inter"], gold_by_loc["inter"]),
+        evidence=Score.from_counts(m.correct_evidence, m.pred_evidence, n_gold_evidence),
+        intra=Score.from_counts(m.correct_by_loc["intra"], m.pred_by_loc["intra"], gold_by_loc["intra"]),
+        inter=Score.from_counts(m.correct_by_loc["inter"], m.pred_by_loc["inter"], gold_by_loc["inter"]),
         per_relation=per_relation,
         frequent=frequent,
         long_tail=long_tail,
         frequent_relations=frequent_ids,
         counts=Counts(
-            predictions=len(predictions),
-            duplicates=len(predictions) - n_pred,
-            unknown_title=unknown_title,
-            invalid_pair=invalid_pair,
+            predictions=n_given,
+            duplicates=n_given - n_pred,
+            unknown_title=m.unknown_title,
+            invalid_pair=m.invalid_pair,
             documents=len(gold),
             gold_facts=n_gold,
         ),
         train_used=ref is not None,
     )
+
+
+def _match_packed(
+    pp: PackedPredictions,
+    doc: Document | None,
+    gold_evidence: Mapping[Key, frozenset[int]],
+    ref: TrainReference | None,
+    m: _Matches,
+) -> None:
+    """One document's packed predictions into `m`, array-wise: what the loop over dicts does for them (they
+    carry no evidence), with a Python step only for the correct ones (at most the gold facts)."""
+    rows = np.unique(pp.triples, axis=0) if len(pp) else pp.triples.reshape(0, 3)
+    m.unique += len(rows)
+    for k, n in enumerate(np.bincount(rows[:, 2], minlength=len(pp.relations)).tolist()):
+        if n:
+            m.pred_by_rel[pp.relations[k]] += n
+    if doc is None:
+        m.unknown_title += len(rows)
+        return
+    n_ent = len(doc.entities)
+    h, t = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+    valid = (h >= 0) & (h < n_ent) & (t >= 0) & (t < n_ent) & (h != t)
+    intra = valid & _intra_matrix(doc)[h.clip(0, max(n_ent - 1, 0)), t.clip(0, max(n_ent - 1, 0))]
+    n_intra, n_valid = int(intra.sum()), int(valid.sum())
+    m.invalid_pair += len(rows) - n_valid
+    m.pred_by_loc["intra"] += n_intra
+    m.pred_by_loc["inter"] += n_valid - n_intra
+    m.pred_by_loc[None] += len(rows) - n_valid
+    index = {r: k for k, r in enumerate(pp.relations)}
+    n_rel = max(len(pp.relations), 1)
+    gold = [
+        (gh * n_ent + gt) * n_rel + index[r]
+        for title, gh, gt, r in gold_evidence
+        if title == doc.title and r in index
+    ]
+    codes = (h * n_ent + t) * n_rel + rows[:, 2]
+    hits = np.flatnonzero(valid & np.isin(codes, np.asarray(gold, dtype=np.int64)))
+    for i in hits.tolist():
+        hh, tt, r = int(h[i]), int(t[i]), pp.relations[int(rows[i, 2])]
+        m.add_correct(doc, hh, tt, r, "intra" if intra[i] else "inter", ref)
+
+
+def _intra_matrix(doc: Document) -> np.ndarray:
+    """[entities, entities] bool: some mention of one shares a sentence with some mention of the other
+    (pair_locality's 'intra')."""
+    n_sent = max((m.sent_id for e in doc.entities for m in e.mentions), default=-1) + 1
+    in_sent = np.zeros((len(doc.entities), n_sent), dtype=np.float32)
+    for i, e in enumerate(doc.entities):
+        for mention in e.mentions:
+            in_sent[i, mention.sent_id] = 1.0
+    return (in_sent @ in_sent.T) > 0
 
 
 def _seen_in_train(doc: Document, h: int, t: int, r: str, facts: frozenset[tuple[str, str, str]]) -> bool:

@@ -21,6 +21,7 @@ from lmrc.data.candidates import VERSION as CANDIDATES_VERSION
 from lmrc.data.candidates import CandidatePair, CandidatesHeader
 from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
+from lmrc.eval.metrics import PackedPredictions
 from lmrc.io import JsonStreamWriter, sidecar
 from lmrc.pipeline.build import Pipeline
 
@@ -32,7 +33,8 @@ class Tally:
     """What the document records of a run add up to."""
 
     records: int = 0
-    predictions: list[dict] = field(default_factory=list)
+    predictions: list[dict] = field(default_factory=list)  # LLM modes (and stage-1 records of older runs)
+    packed: list[PackedPredictions] = field(default_factory=list)  # stage-1 relations, as arrays
     strict: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # LLM counts (prompts, tokens, answers)
     drops: Counter = field(default_factory=Counter)  # dropped triples by reason
@@ -91,7 +93,12 @@ def write_outputs(
         for record in records:
             doc = by_title[record["title"]]
             tally.add(record, doc)
-            for p in record["predictions"]:
+            if "packed_predictions" in record:
+                packed = _packed(record, progress_path)
+                for p in packed.records():
+                    result.add(p)
+                tally.packed.append(packed)
+            for p in record.get("predictions", ()):
                 result.add(p)
                 tally.predictions.append(p)
             if strict is not None:
@@ -113,13 +120,26 @@ def write_outputs(
     return tally
 
 
+def prediction_count(record: dict) -> int:
+    """The relation triples of a document record: its `predictions` list, or stage 1's packed array (12 bytes
+    a triple: `n` rows of h, t, relation index, so 16 base64 characters a triple)."""
+    packed = record.get("packed_predictions")
+    n = len(packed["triples"]) * 3 // 4 // 12 if packed is not None else 0
+    return n + len(record.get("predictions", ()))
+
+
+def _packed(record: dict, progress_path: Path) -> PackedPredictions:
+    where = f"{progress_path}: document {record['title']!r}: packed_predictions"
+    return PackedPredictions.from_raw(record["title"], record["packed_predictions"], where)
+
+
 def summarize(pipeline: Pipeline, docs: Sequence[Document], tally: Tally, train_path: Path | None) -> dict:
     """The run's summary (`SUMMARY_FORMAT`); the driver adds the fingerprint, shard and timing of this call."""
     summary: dict[str, Any] = {
         "format": SUMMARY_FORMAT,
         "mode": pipeline.mode,
         "documents": len(docs),
-        "predictions": len(tally.predictions),
+        "predictions": len(tally.predictions) + sum(len(p) for p in tally.packed),
         "seconds_per_document": round(tally.seconds / len(docs), 3) if docs else None,
         **tally.peaks,
     }
@@ -206,7 +226,7 @@ def _scores(pipeline: Pipeline, docs: Sequence[Document], tally: Tally, train_pa
         ref = TrainReference.from_documents(load_documents(train_path, pipeline.relations))
     scores: dict[str, Any] = {
         "train_reference": str(train_path) if train_path is not None else None,
-        "scores": evaluate(tally.predictions, docs, ref).summary(),
+        "scores": evaluate(tally.predictions, docs, ref, packed=tally.packed).summary(),
     }
     if pipeline.runner is not None and pipeline.runner.cfg.align.relation_mapping == "sbert":
         scores["scores_strict"] = evaluate(tally.strict, docs, ref).summary()

@@ -37,10 +37,11 @@ from typing import Any
 from lmrc.data.candidates import CandidatePair, DocumentCandidates
 from lmrc.data.docred import Document
 from lmrc.errors import LmrcError
+from lmrc.eval.metrics import PackedPredictions
 from lmrc.io import append_jsonl, atomic_write_json, open_progress, sidecar
 from lmrc.pipeline.build import Pipeline, build_pipeline
 from lmrc.pipeline.config import PredictConfig
-from lmrc.pipeline.outputs import summarize, train_path, write_outputs
+from lmrc.pipeline.outputs import prediction_count, summarize, train_path, write_outputs
 from lmrc.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def run_batch(pipeline: Pipeline, docs: Sequence[Document]) -> tuple[list[dict],
     debug record per document (raw answers, parsed triples, alignment, drops)."""
     t0 = time.perf_counter()
     found: list[DocumentCandidates | None] = [None] * len(docs)
-    rel_preds: list[list[dict]] | None = None
+    rel_preds: list[PackedPredictions] | None = None
     if pipeline.proposer is not None and pipeline.mode != "direct":
         proposed, rel_preds = pipeline.proposer.propose(docs)
         found = list(proposed)
@@ -110,12 +111,13 @@ def run_batch(pipeline: Pipeline, docs: Sequence[Document]) -> tuple[list[dict],
     debug: list[dict] = []
     if pipeline.mode == "stage1-only":
         assert rel_preds is not None
+        # the relations as arrays (PackedPredictions), not dicts: a noisy head predicts hundreds of thousands
         records = [
             {
                 "title": doc.title,
                 "index": doc.index,
                 "candidates": _candidate_rows(dc),
-                "predictions": preds,
+                "packed_predictions": preds.to_raw(),
                 "counts": {},
                 "drops": {},
             }
@@ -361,6 +363,6 @@ def _run_batches(
                 for d in debug:
                     append_jsonl(debug_path, d)
             ran_docs += len(records)
-            triples += sum(len(r["predictions"]) for r in records)
+            triples += sum(prediction_count(r) for r in records)
             bar.update(len(records), triples=triples)
     return ran_docs

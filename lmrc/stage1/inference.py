@@ -8,13 +8,18 @@ threshold. A pair counts as positive for the candidate metrics when it holds at 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import logging
-from collections.abc import Sequence
+import os
+import platform
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +30,7 @@ from lmrc.data.candidates import (
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
+from lmrc.eval.metrics import PackedPredictions
 from lmrc.io import file_sha256
 
 log = logging.getLogger(__name__)
@@ -51,21 +57,112 @@ def infer_logits(
         if not f.hts:
             out[i] = torch.zeros((0, width or 1))
     subset = [features[i] for i in runnable]
-    for batch in length_grouped_batches(subset, batch_size, seed=0, shuffle=False):
-        inputs = collate([subset[j] for j in batch])
-        logits = model(
-            inputs["input_ids"].to(device),
-            inputs["attention_mask"].to(device),
-            inputs["entity_pos"],
-            inputs["hts"],
-        )
-        logits = logits.float().cpu()
-        start = 0
-        for j in batch:
-            n = len(subset[j].hts)
-            out[runnable[j]] = logits[start : start + n]
-            start += n
+    with mapped_large_buffers():
+        for batch in length_grouped_batches(subset, batch_size, seed=0, shuffle=False):
+            inputs = collate([subset[j] for j in batch])
+            logits = model(
+                inputs["input_ids"].to(device),
+                inputs["attention_mask"].to(device),
+                inputs["entity_pos"],
+                inputs["hts"],
+            )
+            logits = logits.float().cpu()
+            start = 0
+            for j in batch:
+                n = len(subset[j].hts)
+                out[runnable[j]] = logits[start : start + n]
+                start += n
     return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------- the heap while scoring
+
+# Every lmrc command serves buffers below 1 GiB from glibc's heap and never trims it (lmrc.hardware.
+# keep_freed_memory: training steps reuse the same large buffers instead of paying the kernel for fresh pages).
+# Scoring a long document breaks that bargain: the model scores its pairs chunk by chunk, each chunk making
+# ~200 MB of temporaries ([pairs, heads, length] attention products) and keeping a small logits tensor. The kept
+# pieces land inside the freed temporaries' space, the next chunk's temporaries no longer fit there, and the heap
+# grows by about a chunk's temporaries per chunk: 19.5 GiB for one 433-entity document (736 chunks), against
+# 2.2 GiB with glibc's defaults, whatever the model predicts. So stage-1 scoring runs with glibc's own settings
+# at their ceilings (buffers above 32 MiB mapped, more than 64 MiB free at the heap top returned, no padding)
+# and gives keep_freed_memory's back afterwards (training evaluates mid-run).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
+_KEPT = {
+    _M_MMAP_THRESHOLD: 2**30,
+    _M_TRIM_THRESHOLD: 2**31 - 1,
+    _M_TOP_PAD: 256 * 2**20,
+}  # keep_freed_memory's
+_SCORING = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20, _M_TOP_PAD: 128 * 2**10}
+# above the ceilings of glibc's dynamic mmap (32 MiB) and trim (64 MiB) thresholds: mapped unless kept
+# (the heap top never holds that much free under glibc's defaults)
+_PROBE_BYTES = 96 * 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc() -> Any:
+    """glibc with mallopt and mallinfo2 (2.33+), typed; None elsewhere (other C libraries or systems)."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.mallinfo2.argtypes, libc.mallinfo2.restype = [], _MallInfo2
+        libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+        libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def large_buffers_from_heap() -> bool:
+    """True when glibc serves a 96 MiB buffer from its heap instead of mapping it: keep_freed_memory's setting
+    (glibc's own dynamic threshold never goes above 32 MiB). Asked of malloc itself: glibc has no getter."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    before = libc.mallinfo2().hblks
+    ptr = libc.malloc(_PROBE_BYTES)
+    if not ptr:
+        return False
+    try:
+        return libc.mallinfo2().hblks == before
+    finally:
+        libc.free(ptr)
+
+
+@contextlib.contextmanager
+def mapped_large_buffers() -> Iterator[bool]:
+    """Within the block glibc manages the heap as by default (at its dynamic thresholds' ceilings) even when
+    lmrc's keep_freed_memory keeps freed memory; the block yields whether it changed anything. A user's MALLOC_*
+    settings are left alone, as keep_freed_memory leaves them."""
+    if any(k.startswith("MALLOC_") for k in os.environ) or not large_buffers_from_heap():
+        yield False
+        return
+    libc = _glibc()
+    for param, value in _SCORING.items():
+        libc.mallopt(param, value)
+    try:
+        yield True
+    finally:
+        for param, value in _KEPT.items():
+            libc.mallopt(param, value)
 
 
 def pair_scores(loss, logits: Sequence[Tensor]) -> list[list[float]]:
@@ -83,18 +180,20 @@ def relation_predictions(
     docs: Sequence[Document], logits: Sequence[Tensor], loss, relations: RelationSet
 ) -> list[dict[str, Any]]:
     """The head's relation decisions in the official result format: [{title, h_idx, t_idx, r}]."""
+    return [x for doc, lg in zip(docs, logits) for x in packed_relations(doc, lg, loss, relations).records()]
+
+
+def packed_relations(doc: Document, logits: Tensor, loss, relations: RelationSet) -> PackedPredictions:
+    """One document's relation decisions as arrays, in relation_predictions' order (pair, then relation):
+    12 bytes a triple, where the dicts would take ~400 (a noisy head predicts hundreds of thousands)."""
     if not loss.per_relation:
         raise LmrcError(f"the {loss.name!r} head predicts no relations (only whether a pair has one)")
-    out = []
-    for doc, lg in zip(docs, logits):
-        if not len(lg):
-            continue
-        pairs = doc.pairs()
-        decided = loss.predict(lg)[:, 1:]
-        for row, col in decided.nonzero().tolist():
-            h, t = pairs[row]
-            out.append({"title": doc.title, "h_idx": h, "t_idx": t, "r": relations.ids[col]})
-    return out
+    empty = np.zeros(0, dtype=np.int64)
+    if not len(logits):
+        return PackedPredictions.from_columns(doc.title, empty, empty, empty, relations.ids)
+    found = loss.predict(logits)[:, 1:].nonzero().numpy()  # [n, 2]: pair row, relation column
+    pairs = np.asarray(doc.pairs(), dtype=np.int64).reshape(-1, 2)[found[:, 0]]
+    return PackedPredictions.from_columns(doc.title, pairs[:, 0], pairs[:, 1], found[:, 1], relations.ids)
 
 
 # ------------------------------------------------------------------------------------------------- metrics

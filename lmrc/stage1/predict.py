@@ -39,6 +39,7 @@ from lmrc.data.candidates import (
 from lmrc.data.docred import Document, load_documents, load_labelled, restrict_pairs
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
+from lmrc.eval.metrics import PackedPredictions
 from lmrc.io import atomic_write_json, file_sha256
 from lmrc.stage1.calibration import (
     calibrate_additions,
@@ -52,6 +53,7 @@ from lmrc.stage1.inference import (
     candidate_report,
     file_features,
     infer_logits,
+    packed_relations,
     relation_predictions,
     select_candidates,
 )
@@ -275,8 +277,10 @@ class Proposer:
         feats = [featurize(d, ck.tokenizer, None, ck.max_length, self._info) for d in docs]
         return infer_logits(ck.model, feats, self.batch_size, self.device)
 
-    def propose(self, docs: Sequence[Document]) -> tuple[list[DocumentCandidates], list[list[dict]] | None]:
-        """Candidates of every document, and (multi-label heads) its relation predictions."""
+    def propose(
+        self, docs: Sequence[Document]
+    ) -> tuple[list[DocumentCandidates], list[PackedPredictions] | None]:
+        """Candidates of every document, and (multi-label heads) its relation predictions, as arrays."""
         ck = self.checkpoint
         logits = self.logits(docs)
         cands = select_candidates(
@@ -284,5 +288,5 @@ class Proposer:
         )
         rels = None
         if ck.loss.per_relation:
-            rels = [relation_predictions([d], [lg], ck.loss, ck.relations) for d, lg in zip(docs, logits)]
+            rels = [packed_relations(d, lg, ck.loss, ck.relations) for d, lg in zip(docs, logits)]
         return cands, rels

@@ -10,6 +10,8 @@ import copy
 import json
 import os
 import random
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -125,23 +127,31 @@ def test_stage1_only_records_hold_the_relations_packed_not_as_dicts(gold):
     assert list(back.records()) == list(packed.records())
 
 
-def test_scoring_gives_the_heap_back_to_glibc_defaults_and_restores_lmrc_s(monkeypatch):
+def test_scoring_gives_the_heap_back_to_glibc_defaults_trims_it_and_restores_lmrc_s(monkeypatch):
     calls = []
-    libc = SimpleNamespace(mallopt=lambda param, value: calls.append((param, value)) or 1)
+    trims = []
+    libc = SimpleNamespace(
+        mallopt=lambda param, value: calls.append((param, value)) or 1,
+        malloc_trim=lambda pad: trims.append(pad),
+    )
+    monkeypatch.setattr(inference, "TRIM_EVERY_S", 0.01)
     monkeypatch.setattr(inference, "_glibc", lambda: libc)
     monkeypatch.setattr(inference, "large_buffers_from_heap", lambda: True)
     for k in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)
-    with inference.mapped_large_buffers() as changed:
+    with inference.scoring_heap() as changed:
         assert changed and calls == list(inference._SCORING.items())
+        while not trims:  # the heap is trimmed while scoring
+            time.sleep(0.01)
     assert calls[3:] == list(inference._KEPT.items())
+    assert not any(t.name == "lmrc-heap-trim" for t in threading.enumerate())
     # a user's MALLOC_* settings, or glibc's defaults (big buffers already mapped), are left alone
     calls.clear()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    with inference.mapped_large_buffers() as changed:
+    with inference.scoring_heap() as changed:
         assert not changed
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setattr(inference, "large_buffers_from_heap", lambda: False)
-    with inference.mapped_large_buffers() as changed:
+    with inference.scoring_heap() as changed:
         assert not changed
     assert calls == []

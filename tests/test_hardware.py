@@ -178,6 +178,58 @@ def test_cpu_configs_leave_precision_and_threads_to_the_machine():
         assert "num_threads" not in train, path.name
 
 
+def test_the_heap_watch_trims_only_a_fragmented_heap(monkeypatch):
+    from types import SimpleNamespace
+
+    gib = 2**30
+    state = {"in_use": 3 * gib, "rss": 3 * gib, "trims": 0}
+
+    class Libc:
+        def mallinfo2(self):
+            return SimpleNamespace(uordblks=state["in_use"], hblkhd=0)
+
+        def malloc_trim(self, pad):
+            state["trims"] += 1
+            state["rss"] = state["in_use"]
+
+    monkeypatch.setattr(hardware, "anon_rss_bytes", lambda: state["rss"])
+    watch = hardware.HeapWatch(Libc())
+    assert watch.check() is False  # a training step's buffers kept for the next step: the point
+    state["in_use"], state["rss"] = 0.5 * gib, 3.2 * gib  # between steps: freed, still resident
+    assert watch.check() is False and watch.peak_in_use == 3 * gib
+    state["rss"] = 6 * gib  # grown past 1.5 x the peak use + 1 GiB: holes no buffer fits
+    assert watch.check() is True and state["trims"] == 1 and state["rss"] == 0.5 * gib
+
+
+def test_malloc_trim_gives_a_fragmented_heaps_pages_back():
+    """The real allocator, in a child process with keep_freed_memory's settings: holes left by freed buffers stay
+    resident until the watch trims them."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes
+from lmrc import hardware
+assert hardware.keep_freed_memory(watch=False)
+libc = hardware._glibc()
+libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(8 << 20) for _ in range(48)]
+for b in blocks:
+    ctypes.memset(b, 1, 8 << 20)
+for b in blocks[:-1]:  # the last one pins the heap top: everything below is holes
+    libc.free(b)
+before = hardware.anon_rss_bytes()
+watch = hardware.HeapWatch(libc, slack=0)
+watch.peak_in_use = 16 << 20
+assert watch.check()
+print(before >> 20, hardware.anon_rss_bytes() >> 20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, after = map(int, out.split())
+    assert before - after >= 300, (before, after)  # ~376 MiB of holes returned
+
+
 def test_freed_memory_is_kept_unless_the_user_tunes_malloc(monkeypatch):
     import ctypes
     import platform

@@ -8,14 +8,9 @@ threshold. A pair counts as positive for the candidate metrics when it holds at 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import logging
-import os
-import platform
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +27,7 @@ from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions
+from lmrc.hardware import scoring_heap
 from lmrc.io import file_sha256
 
 log = logging.getLogger(__name__)
@@ -74,115 +70,6 @@ def infer_logits(
                 out[runnable[j]] = logits[start : start + n]
                 start += n
     return out  # type: ignore[return-value]
-
-
-# ------------------------------------------------------------------------------------- the heap while scoring
-
-# Every lmrc command serves buffers below 1 GiB from glibc's heap and never trims it (lmrc.hardware.
-# keep_freed_memory: training steps reuse the same large buffers instead of paying the kernel for fresh pages).
-# Scoring a long document breaks that bargain: the model scores its pairs chunk by chunk, each chunk making
-# ~200 MB of temporaries ([pairs, heads, length] attention products) and keeping a small logits tensor. The kept
-# pieces land inside the freed temporaries' space, the next chunk's temporaries no longer fit there, and the heap
-# grows by about a chunk's temporaries per chunk: 19.5 GiB for one 433-entity document (736 chunks), against
-# 2.2 GiB with glibc's defaults, whatever the model predicts. So stage-1 scoring runs with glibc's own settings
-# at their ceilings (buffers above 32 MiB mapped, more than 64 MiB free at the heap top returned, no padding),
-# trims the heap's free pages every TRIM_EVERY_S seconds, and gives keep_freed_memory's settings back afterwards
-# (training evaluates mid-run). The lasting fix belongs beside keep_freed_memory and in the model's pair loop
-# (one preallocated logits tensor instead of kept chunks); this keeps `lmrc predict` safe until then.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (malloc.h)
-_KEPT = {
-    _M_MMAP_THRESHOLD: 2**30,
-    _M_TRIM_THRESHOLD: 2**31 - 1,
-    _M_TOP_PAD: 256 * 2**20,
-}  # keep_freed_memory's
-_SCORING = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20, _M_TOP_PAD: 128 * 2**10}
-TRIM_EVERY_S = 0.5
-# above the ceilings of glibc's dynamic mmap (32 MiB) and trim (64 MiB) thresholds: mapped unless kept
-# (the heap top never holds that much free under glibc's defaults)
-_PROBE_BYTES = 96 * 2**20
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _glibc() -> Any:
-    """glibc with mallopt and mallinfo2 (2.33+), typed; None elsewhere (other C libraries or systems)."""
-    if platform.system() != "Linux":
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        libc.mallinfo2.argtypes, libc.mallinfo2.restype = [], _MallInfo2
-        libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
-        libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
-        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def large_buffers_from_heap() -> bool:
-    """True when glibc serves a 96 MiB buffer from its heap instead of mapping it: keep_freed_memory's setting
-    (glibc's own dynamic threshold never goes above 32 MiB). Asked of malloc itself: glibc has no getter."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    before = libc.mallinfo2().hblks
-    ptr = libc.malloc(_PROBE_BYTES)
-    if not ptr:
-        return False
-    try:
-        return libc.mallinfo2().hblks == before
-    finally:
-        libc.free(ptr)
-
-
-@contextlib.contextmanager
-def scoring_heap() -> Iterator[bool]:
-    """Within the block glibc manages the heap as by default (at its dynamic thresholds' ceilings) and a thread
-    trims it twice a second, even when lmrc's keep_freed_memory keeps freed memory; the block yields whether it
-    changed anything. A user's MALLOC_*
-    settings are left alone, as keep_freed_memory leaves them."""
-    if any(k.startswith("MALLOC_") for k in os.environ) or not large_buffers_from_heap():
-        yield False
-        return
-    libc = _glibc()
-    for param, value in _SCORING.items():
-        libc.mallopt(param, value)
-    stop = threading.Event()
-    trimmer = threading.Thread(target=_trim_until, args=(libc, stop), name="lmrc-heap-trim", daemon=True)
-    trimmer.start()
-    try:
-        yield True
-    finally:
-        stop.set()
-        trimmer.join()
-        for param, value in _KEPT.items():
-            libc.mallopt(param, value)
-
-
-def _trim_until(libc: Any, stop: threading.Event) -> None:
-    """Return the heap's free pages to the system every TRIM_EVERY_S seconds until `stop` (malloc_trim also
-    releases the holes inside the heap, which no setting does): the settings alone left the fragmentation
-    growing in some runs (4.1 GiB instead of 2.3 for the same document); this bounds it by what one interval
-    adds. malloc_trim takes the arena's lock, so it is safe beside the scoring thread."""
-    while not stop.wait(TRIM_EVERY_S):
-        libc.malloc_trim(0)
 
 
 def pair_scores(loss, logits: Sequence[Tensor]) -> list[list[float]]:

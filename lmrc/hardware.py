@@ -6,6 +6,7 @@ Precision defaults depend on it: bf16 autocast is ~2x faster than float32 on CPU
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -301,28 +302,37 @@ def anon_rss_bytes() -> int:
 
 
 class HeapWatch(threading.Thread):
-    """Gives the heap's free pages back (malloc_trim) when the process holds much more than it has ever used.
+    """Gives the heap's free pages back (malloc_trim) when the process holds much more than it recently used.
 
     Once a second it reads what malloc has in use (mallinfo2: heap chunks + mapped buffers) and the process's
     resident anonymous memory. Kept freed memory is the point of keep_freed_memory, so the steady state of a
-    training loop (resident ~ its peak use) is left alone; only when resident memory exceeds `factor` x the peak
-    use seen plus `slack` (the heap has fragmented: holes that no new buffer fits) does it trim, which returns
-    every free page inside the heap and costs one round of page faults for the holes reused afterwards.
+    training loop (resident ~ its peak use over the last `window` seconds) is left alone; when resident memory
+    exceeds `factor` x that recent peak plus `slack`, it trims, which returns every free page inside the heap and
+    costs one round of page faults for the holes reused afterwards. Two cases: the heap has fragmented (holes no
+    new buffer fits: 13.1 GiB for a ~3 GiB stage-1 step over an epoch), or a phase has ended (LoRA training in
+    `lmrc compare` leaves ~12 GiB of freed buffers while the rows run in other processes): a minute later the
+    recent peak is the new phase's, and the old one's memory goes back to the system.
     A daemon thread; malloc_trim and mallinfo2 take malloc's own locks, so it is safe beside torch's threads.
     """
 
     NAME = "lmrc-heap-watch"
 
-    def __init__(self, libc: Any, interval: float = 1.0, factor: float = 1.5, slack: int = 2**30) -> None:
+    def __init__(
+        self, libc: Any, interval: float = 1.0, factor: float = 1.5, slack: int = 2**30, window: int = 60
+    ) -> None:
         super().__init__(name=self.NAME, daemon=True)
         self.libc, self.interval, self.factor, self.slack = libc, interval, factor, slack
-        self.peak_in_use = 0
+        self.recent: collections.deque[int] = collections.deque(maxlen=max(1, int(window / interval)))
         self.trims = 0
 
+    @property
+    def peak_in_use(self) -> int:
+        return max(self.recent, default=0)
+
     def check(self) -> bool:
-        """One look: trim when fragmented. True when it trimmed."""
+        """One look: trim when the resident memory is far above the recent peak use. True when it trimmed."""
         info = self.libc.mallinfo2()
-        self.peak_in_use = max(self.peak_in_use, info.uordblks + info.hblkhd)
+        self.recent.append(info.uordblks + info.hblkhd)
         if anon_rss_bytes() <= self.factor * self.peak_in_use + self.slack:
             return False
         self.libc.malloc_trim(0)

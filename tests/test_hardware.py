@@ -193,12 +193,18 @@ def test_the_heap_watch_trims_only_a_fragmented_heap(monkeypatch):
             state["rss"] = state["in_use"]
 
     monkeypatch.setattr(hardware, "anon_rss_bytes", lambda: state["rss"])
-    watch = hardware.HeapWatch(Libc())
+    watch = hardware.HeapWatch(Libc(), window=3)
     assert watch.check() is False  # a training step's buffers kept for the next step: the point
     state["in_use"], state["rss"] = 0.5 * gib, 3.2 * gib  # between steps: freed, still resident
     assert watch.check() is False and watch.peak_in_use == 3 * gib
     state["rss"] = 6 * gib  # grown past 1.5 x the peak use + 1 GiB: holes no buffer fits
     assert watch.check() is True and state["trims"] == 1 and state["rss"] == 0.5 * gib
+    # a phase ends (training done, rows run elsewhere): its freed buffers go back once its peak leaves the window
+    state["in_use"] = state["rss"] = 3 * gib
+    assert watch.check() is False
+    state["in_use"] = 0.3 * gib
+    assert [watch.check() for _ in range(2)] == [False, False]  # the training peak is still recent
+    assert watch.check() is True and state["rss"] == 0.3 * gib and state["trims"] == 2
 
 
 def test_malloc_trim_gives_a_fragmented_heaps_pages_back():
@@ -221,7 +227,7 @@ for b in blocks[:-1]:  # the last one pins the heap top: everything below is hol
     libc.free(b)
 before = hardware.anon_rss_bytes()
 watch = hardware.HeapWatch(libc, slack=0)
-watch.peak_in_use = 16 << 20
+watch.recent.append(16 << 20)
 assert watch.check()
 print(before >> 20, hardware.anon_rss_bytes() >> 20)
 """

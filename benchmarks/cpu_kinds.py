@@ -3,7 +3,7 @@ as (lmrc.cpu_guard.imitable_levels: itself, AMX off, AVX512 without bf16, AVX2),
 has bf16 (natively, or emulated on the machine itself), in bf16. Each level runs in fresh processes with the CPU
 guard active, as a user's run would; the table says the guard's verdict per level.
 
-    python benchmarks/cpu_kinds.py [--docs 8] [--prompts 2] [--gen-tokens 32] [--out benchmarks/results/cpu_kinds.json]
+    python benchmarks/cpu_kinds.py [--docs 8] [--prompts 2] [--gen-tokens 32] [--out FILE]
 
 On an AMX machine this is the "AMX on / off" table of docs/PERFORMANCE.md. It prints a Markdown table.
 """
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=2, help="LoRA / generation prompts")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--levels", help="comma-separated subset of the level names")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu_kinds.json")
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/cpu_kinds/<kind>.json")
     args = p.parse_args(argv)
 
     from lmrc.cpu_guard import imitable_levels, read_cpu
@@ -98,10 +98,18 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out = (
+        args.out
+        or REPO / "benchmarks" / "results" / "cpu_kinds" / f"{_slug(cpu.kind())}-{os.cpu_count()}cores.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)  # apart from make bench's results/*.json (another format)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
     return 0
+
+
+def _slug(kind: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
 def render(results: dict) -> str:

@@ -19,8 +19,8 @@ The verdict keeps AMX's speed wherever that is safe (AMX trains the demo's LoRA 
 
 `LMRC_CPU_GUARD` overrides it: `auto` (default), `off` (no probe, no change), `no-amx`, `float32`.
 `LMRC_CPU_PROBE_FAULT` / `LMRC_CPU_PROBE_FAULT_CAPPED` (regular expressions over case names) make the probe child
-kill itself by SIGFPE before the matching cases, without / with the ISA cap: that is how the guard is tested on
-machines that cannot meet the real crash.
+kill itself by SIGFPE before the matching cases, on the first probe / on the probe with AMX capped: that is how the
+guard is tested on machines that cannot meet the real crash.
 """
 
 from __future__ import annotations
@@ -351,7 +351,8 @@ def _child_main(indices: list[int]) -> int:
     import torch
 
     cases = probe_cases()
-    fault = os.environ.get("LMRC_CPU_PROBE_FAULT_CAPPED" if read_cpu().isa_cap else "LMRC_CPU_PROBE_FAULT")
+    capped = os.environ.get("LMRC_CPU_PROBE_LEVEL") == "capped"
+    fault = os.environ.get("LMRC_CPU_PROBE_FAULT_CAPPED" if capped else "LMRC_CPU_PROBE_FAULT")
     torch.manual_seed(0)
     for i in indices:
         print(f"start {i}", flush=True)
@@ -379,7 +380,7 @@ def run_probe(isa_cap: str | None = None, only: str | None = None, timeout: floa
     processes under `isa_cap`: a new child after each crash, going on with the next case."""
     cases = probe_cases()
     todo = [i for i, c in enumerate(cases) if only is None or re.search(only, c.name)]
-    env = dict(os.environ)
+    env = dict(os.environ, LMRC_CPU_PROBE_LEVEL="capped" if isa_cap else "native")
     if isa_cap:
         env["ONEDNN_MAX_CPU_ISA"] = isa_cap
     failures: dict[str, str] = {}

@@ -36,13 +36,11 @@ probe = functools.partial(run_probe, only=SUBSET)
 
 @pytest.fixture
 def faults(monkeypatch):
-    for name in (
-        "LMRC_CPU_PROBE_FAULT",
-        "LMRC_CPU_PROBE_FAULT_CAPPED",
-        "LMRC_CPU_GUARD",
-        "ONEDNN_MAX_CPU_ISA",
-    ):
+    for name in ("LMRC_CPU_PROBE_FAULT", "LMRC_CPU_PROBE_FAULT_CAPPED", "LMRC_CPU_GUARD"):
         monkeypatch.delenv(name, raising=False)
+    # The probe children run below AMX (and AVX512), so that on an AMX machine the real crash cannot mix with the
+    # injected ones; the "capped" probe sets its own cap, as in use.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
 
     def set_(native: str | None = None, capped: str | None = None) -> None:
         for name, value in (("LMRC_CPU_PROBE_FAULT", native), ("LMRC_CPU_PROBE_FAULT_CAPPED", capped)):
@@ -152,12 +150,11 @@ def test_the_probe_blames_the_case_a_child_died_in_and_goes_on(monkeypatch):
 
 
 def test_probe_cases_compute_what_float32_computes():
-    for case in cpu_guard.probe_cases():
-        if case.name in (
-            "stage1-bilinear-split m=33 k=49152 n=97",
-            "lora-b m=512 r=8 n=576",
-        ) or case.op.startswith("sdpa"):
-            assert cpu_guard.run_case(case) < cpu_guard.MAX_REL_ERR, case.name
+    """The real kernels of this machine, in a child (on an AMX machine a case may crash: reported, not fatal)."""
+    only = r"^stage1-bilinear-split m=33 k=49152 n=97$|^lora-b m=512 r=8 n=576$|^attention"
+    assert run_probe(only=only).failures == {}
+    assert cpu_guard._rel_err(torch.ones(3), torch.ones(3)) == 0.0
+    assert cpu_guard._rel_err(torch.tensor([float("nan")]), torch.ones(1)) == float("inf")
 
 
 def test_the_verdict_is_probed_once_and_cached_per_cpu_and_torch_build(faults, monkeypatch, tmp_path):
@@ -208,7 +205,9 @@ def test_overrides(faults, monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 32, 33, 600])
-def test_the_split_k_bilinear_matches_one_product_forward_and_backward(monkeypatch, n):
+def test_the_split_k_bilinear_matches_float32_forward_and_backward(monkeypatch, n):
+    """bf16 in K chunks against the float32 product (never the unsplit bf16 product: on an AMX machine that is the
+    shape that crashes)."""
     from lmrc.stage1 import model as model_mod
 
     torch.manual_seed(0)
@@ -217,20 +216,19 @@ def test_the_split_k_bilinear_matches_one_product_forward_and_backward(monkeypat
     weight = torch.randn(97, 12 * 64 * 64, requires_grad=True)  # K = 49,152, as emb 768 x block 64
     bias = torch.randn(97, requires_grad=True)
     results = []
-    for chunk in (None, 5000):  # 5000 does not divide K: the last chunk is short
+    for chunk, bf16 in ((None, False), (5000, True)):  # 5000 does not divide K: the last chunk is short
         monkeypatch.setattr(model_mod, "_k_chunk", lambda device, dtype, c=chunk: c)
         for t in (b1, b2, weight, bias):
             t.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model_mod.grouped_bilinear(b1, b2, weight, bias)
         out.float().square().mean().backward()
         results.append([out.detach().float()] + [t.grad.clone() for t in (b1, b2, weight, bias)])
-    for got, ref in zip(*results):
+    for got, ref in zip(results[1], results[0]):
         assert ((got - ref).norm() / ref.norm()) < 2e-2
-    # float32 reference of the forward: the split sum is as exact as one bf16 product
-    g = (b1.detach().unsqueeze(3) * b2.detach().unsqueeze(2)).reshape(n, -1)
+    g = (b1.detach().unsqueeze(3) * b2.detach().unsqueeze(2)).reshape(n, -1)  # the formula, recomputed
     ref = g @ weight.detach().t() + bias.detach()
-    assert ((results[1][0] - ref).norm() / ref.norm()) < 1e-2
+    assert ((results[0][0] - ref).norm() / ref.norm()) < 1e-5
 
 
 def test_the_bilinear_asks_the_guard_only_for_bf16_on_a_cpu(monkeypatch):

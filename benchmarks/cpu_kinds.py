@@ -21,13 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-
-
-def _env(level_env: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _ISA_ENV}
-    env.update(level_env)
-    return env
 
 
 def _guard(env: dict[str, str]) -> dict:
@@ -67,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="default: benchmarks/results/cpu_kinds/<kind>.json")
     args = p.parse_args(argv)
 
-    from lmrc.cpu_guard import imitable_levels, read_cpu
+    from lmrc.cpu_guard import imitable_levels, level_environment, read_cpu
     from lmrc.hardware import describe_line
 
     cpu = read_cpu()
@@ -76,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         levels = [lv for lv in levels if lv[0] in args.levels.split(",")]
     results = {"machine": describe_line(), "cpu_kind": cpu.kind(), "levels": []}
     for name, level_env in levels:
-        env = _env(level_env)
+        env = level_environment(level_env)
         t0 = time.monotonic()
         info = _guard(env)
         native = info["stage1_mixed_precision"] == "bf16"

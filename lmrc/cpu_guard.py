@@ -66,13 +66,9 @@ _ISA_ORDER = (
     "DEFAULT",
     "ALL",
 )
-_KEY_ENV = (
-    "ONEDNN_MAX_CPU_ISA",
-    "DNNL_MAX_CPU_ISA",
-    "ATEN_CPU_CAPABILITY",
-    "OMP_NUM_THREADS",
-    "LMRC_CPU_GUARD",
-)
+ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # how a CPU kind is imitated
+_KEY_ENV = (*ISA_ENV, "OMP_NUM_THREADS", "LMRC_CPU_GUARD")
+X86 = ("x86_64", "AMD64", "i686")
 _FAULT_ENV = ("LMRC_CPU_PROBE_FAULT", "LMRC_CPU_PROBE_FAULT_CAPPED")
 
 
@@ -105,7 +101,7 @@ class CpuInfo:
 
         Without them torch emulates bf16 (measured on an AVX512 Ice Lake without AVX512-BF16: a bf16 matmul 4.6x
         slower than float32; ~10x on AVX2). Non-x86 CPUs are left to torch's own check (lmrc.hardware)."""
-        if self.machine not in ("x86_64", "AMD64", "i686"):
+        if self.machine not in X86:
             return False
         if not self.hardware_bf16:
             return False
@@ -118,7 +114,7 @@ class CpuInfo:
     def kind(self) -> str:
         """The machine kind in words: "AMX", "AVX512 native bf16", "AVX512 no native bf16", "AVX2"."""
         cap = f", oneDNN capped at {self.isa_cap}" if self.isa_cap else ""
-        if self.machine not in ("x86_64", "AMD64", "i686"):
+        if self.machine not in X86:
             return self.machine + cap
         if self.has_amx:
             base = "AMX"
@@ -166,6 +162,13 @@ def imitable_levels(cpu: CpuInfo) -> list[tuple[str, dict[str, str]]]:
     if "avx512f" in cpu.flags:
         levels.append(("avx2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}))
     return levels
+
+
+def level_environment(level_env: dict[str, str]) -> dict[str, str]:
+    """This process's environment with the ISA settings of one of imitable_levels() in place of its own."""
+    env = {k: v for k, v in os.environ.items() if k not in ISA_ENV}
+    env.update(level_env)
+    return env
 
 
 def read_cpu(cpuinfo: str = "/proc/cpuinfo") -> CpuInfo:

@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 
 
+def _flags(settings: list[str]) -> list[str]:
+    return [x for s in settings for x in ("--set", s)]
+
+
 def _step(name: str) -> None:
     print(f"step {name}", flush=True)
 
@@ -46,8 +50,7 @@ def main(work: Path, models: Path, data: Path) -> int:
         "train.log_every_steps=0",
         "train.mixed_precision=auto",
     ]
-    args = [x for s in sets for x in ("--set", s)]
-    assert lmrc(["-q", "stage1", "train", *args, "--output-dir", str(work / "stage1")]) == 0
+    assert lmrc(["-q", "stage1", "train", *_flags(sets), "--output-dir", str(work / "stage1")]) == 0
     print(f"ok stage1-train {resolve_mixed_precision('auto', cuda=False)}", flush=True)
 
     _step("lora-step")
@@ -61,8 +64,7 @@ def main(work: Path, models: Path, data: Path) -> int:
         "train.max_steps=1",
         "train.warmup_steps=0",
     ]
-    args = [x for s in sets for x in ("--set", s)]
-    assert lmrc(["-q", "stage2", "train", *args, "--output-dir", str(work / "adapter")]) == 0
+    assert lmrc(["-q", "stage2", "train", *_flags(sets), "--output-dir", str(work / "adapter")]) == 0
     print(f"ok lora-step {resolve_dtype('auto', torch.device('cpu'))}", flush=True)
 
     _step("constrained-generation")

@@ -21,15 +21,14 @@ import pytest
 from stage1_run_helpers import save_tiny_bert
 from stage2_helpers import tiny_model_dir
 
-from lmrc.cpu_guard import imitable_levels, read_cpu
+from lmrc.cpu_guard import ISA_ENV, imitable_levels, level_environment, read_cpu
 
 DRIVER = Path(__file__).with_name("cpu_kind_driver.py")
-_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
 def levels() -> list[tuple[str, dict[str, str]]]:
     cpu = read_cpu()
-    cap = {k: v for k, v in os.environ.items() if k in _ISA_ENV}
+    cap = {k: v for k, v in os.environ.items() if k in ISA_ENV}
     return imitable_levels(cpu) if not cap else [("as set", cap)]  # a run that imitates a kind itself
 
 
@@ -46,8 +45,8 @@ def models(tmp_path_factory) -> Path:
 def test_first_steps_run_under_every_cpu_kind_this_machine_can_imitate(
     level, env, models, data_dir, tmp_path, cache_dir
 ):
-    child_env = {k: v for k, v in os.environ.items() if k not in _ISA_ENV}  # from the real CPU up
-    child_env.update(env, LMRC_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    child_env = level_environment(env)  # from the real CPU up
+    child_env.update(LMRC_CACHE=str(cache_dir), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     child_env["PYTHONPATH"] = os.pathsep.join([str(DRIVER.parent), child_env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(DRIVER), str(tmp_path), str(models), str(data_dir)],

@@ -54,7 +54,7 @@ def _docs(n: int, name: str = "dev_50.json"):
 
 
 def _peak_gib() -> float:
-    from lmrc.pipeline.run import peak_rss_gib
+    from lmrc.predict.run import peak_rss_gib
 
     return peak_rss_gib()
 

@@ -16,7 +16,7 @@ from lmrc.cli import main
 from lmrc.data.docred import load_documents
 from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
 from lmrc.io import read_json
-from lmrc.pipeline.compare import load_compare_config
+from lmrc.experiments.compare import load_compare_config
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +257,7 @@ def test_compare_config_refuses_unknown_modes():
 
 def test_without_matplotlib_the_pictures_are_skipped_by_name(monkeypatch, tmp_path):
     from lmrc.data.relations import RelationSet
-    from lmrc.pipeline import plots
+    from lmrc.experiments import plots
 
     monkeypatch.setattr(plots, "_pyplot", lambda: None)
     results = {
@@ -278,7 +278,7 @@ def test_without_matplotlib_the_pictures_are_skipped_by_name(monkeypatch, tmp_pa
 def test_per_relation_f1_is_drawn_as_grouped_bars(monkeypatch, tmp_path):
     """One bar group per relation some row got right, one bar per row in it (no line across categories)."""
     from lmrc.data.relations import RelationSet
-    from lmrc.pipeline import plots
+    from lmrc.experiments import plots
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
@@ -316,7 +316,7 @@ def test_learning_curve_snapshots_come_from_the_configs_own_adapter_run(redocred
     """learning_curve.adapters=snapshots: the config's own adapter keeps the smaller budgets on the way (one run,
     no token trained twice) and each point reads its snapshot; a budget above the adapter's is refused."""
     from lmrc.errors import LmrcError
-    from lmrc.pipeline.compare import _curve_adapter, _snapshot_overrides, ensure_adapter
+    from lmrc.experiments.compare import _curve_adapter, _snapshot_overrides, ensure_adapter
 
     files = data_files(redocred_dir)
     llm = {

@@ -199,7 +199,7 @@ def test_stage1_configs(text):
 @given(text=yaml_text)
 def test_predict_configs(text):
     from lmrc.config import load_config
-    from lmrc.pipeline.config import PredictConfig
+    from lmrc.predict.config import PredictConfig
 
     _check(_write(text, ".yaml"), lambda p: load_config(PredictConfig, p, []))
 

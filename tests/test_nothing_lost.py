@@ -400,7 +400,7 @@ def test_an_earlier_runs_summary_is_not_replaced_without_overwrite(tmp_path):
     """The result file is gone but its summary is still there: a new run must not replace it silently."""
     from lmrc.errors import LmrcError
     from lmrc.io import sidecar
-    from lmrc.outputs import Named, check_paths
+    from lmrc.paths import Named, check_paths
 
     out = tmp_path / "result.json"
     summary = sidecar(out, ".summary.json")

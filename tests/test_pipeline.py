@@ -23,9 +23,9 @@ from lmrc.config import load_config
 from lmrc.data.candidates import load_candidates
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, sidecar
-from lmrc.pipeline.config import PredictConfig
-from lmrc.pipeline.merge import merge
-from lmrc.pipeline.run import Shard, run_pipeline
+from lmrc.predict.config import PredictConfig
+from lmrc.predict.merge import merge
+from lmrc.predict.run import Shard, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ class _FailingGenerator:
 
 
 def _fast() -> list[str]:
-    from lmrc.pipeline.config import Stage2Settings
+    from lmrc.predict.config import Stage2Settings
 
     return Stage2Settings(overrides=FAST_GENERATION).override_list()
 
@@ -512,7 +512,7 @@ def test_predict_peak_memory_counts_every_gpu_and_what_other_processes_use(monke
     """GPU memory in the predict summary: torch's peak over all local devices, and the device memory in use by
     every process (a vLLM engine's), from lmrc.hardware.gpu_memory (mocked: no GPU here)."""
     import lmrc.hardware
-    from lmrc.pipeline import run
+    from lmrc.predict import run
 
     fake = [
         {"device": 0, "peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0, "device_used_gib": 30.0},

@@ -63,7 +63,7 @@ def _resolve(args: list[str]) -> str:
         cfg = _predict_config(ns)
         return f"predict {cfg.stage2.override_list()}"
     if args[0] == "compare":
-        from lmrc.pipeline.compare import load_compare_config
+        from lmrc.experiments.compare import load_compare_config
 
         return f"compare {load_compare_config(ns.config, ns.overrides).rc.path}"
     return args[0]
@@ -113,10 +113,10 @@ def test_every_shipped_config_resolves():
     import yaml
 
     from lmrc.config import load_config
-    from lmrc.pipeline.compare import load_compare_config
+    from lmrc.experiments.compare import load_compare_config
     from lmrc.stage1.config import load_stage1_config
     from lmrc.stage2.config import load_stage2_config
-    from lmrc.text.config import EntitiesConfig
+    from lmrc.entities.config import EntitiesConfig
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())

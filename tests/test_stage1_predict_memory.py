@@ -23,8 +23,8 @@ from lmrc import hardware
 from lmrc.data.docred import parse_documents
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions, evaluate
-from lmrc.pipeline.outputs import prediction_count
-from lmrc.pipeline.run import run_batch
+from lmrc.predict.outputs import prediction_count
+from lmrc.predict.run import run_batch
 from lmrc.stage1 import inference
 
 

@@ -18,8 +18,8 @@ from lmrc.data.candidates import (
 )
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, read_jsonl, sidecar
-from lmrc.pipeline.config import stage2_predict_config
-from lmrc.pipeline.run import run_pipeline
+from lmrc.predict.config import stage2_predict_config
+from lmrc.predict.run import run_pipeline
 from lmrc.stage2 import predict as predict_module
 from lmrc.stage2.config import load_stage2_config
 from lmrc.stage2.generate import Generation
@@ -532,7 +532,7 @@ def test_predict_prefills_a_documents_shared_prefix_once(redocred_dir, tmp_path)
 
 def test_stage2_predict_is_lmrc_predict_with_the_adapter_alone(adapter, docs_file, tmp_path):
     from lmrc.config import load_config
-    from lmrc.pipeline.config import PredictConfig
+    from lmrc.predict.config import PredictConfig
 
     alone = predict(adapter, docs_file, tmp_path / "a.json", gold_pairs=True, generator=EchoGenerator())
     cfg = load_config(PredictConfig, None, [f"stage2.adapter={adapter}", "stage1.gold_pairs=true"])

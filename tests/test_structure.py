@@ -72,11 +72,11 @@ def test_downstream_layers_are_not_imported_upstream():
     graph = import_graph()
     for name, deps in graph.items():
         if name.startswith(("lmrc.data", "lmrc.eval")):
-            assert not {d for d in deps if d.startswith(("lmrc.stage1", "lmrc.stage2", "lmrc.pipeline"))}, (
+            assert not {d for d in deps if d.startswith(("lmrc.stage1", "lmrc.stage2", "lmrc.predict"))}, (
                 name
             )
         if name.startswith(("lmrc.stage1", "lmrc.stage2")):
-            assert not {d for d in deps if d.startswith("lmrc.pipeline")}, name
+            assert not {d for d in deps if d.startswith("lmrc.predict")}, name
         if name.startswith("lmrc.stage1"):
             assert not {d for d in deps if d.startswith("lmrc.stage2")}, name
 
@@ -108,10 +108,10 @@ def test_atomic_writes_have_one_helper():
     write_dir_atomically. A module that re-codes them (mkstemp / mkdtemp + os.replace) is listed here."""
     temporaries = _using(r"\bmkstemp\(|\bmkdtemp\(")
     renames = _using(r"\bos\.replace\(|\.replace\(\s*(out|target|path)\w*\s*\)")
-    # lmrc/outputs.py creates (and deletes) a probe file to learn whether a folder is writable, lmrc/crash.py a
+    # lmrc/paths.py creates (and deletes) a probe file to learn whether a folder is writable, lmrc/crash.py a
     # uniquely named crash log that faulthandler writes into: neither is renamed
     assert temporaries & renames == {"lmrc/io.py"}
-    assert temporaries <= {"lmrc/io.py", "lmrc/outputs.py", "lmrc/crash.py"}, temporaries
+    assert temporaries <= {"lmrc/io.py", "lmrc/paths.py", "lmrc/crash.py"}, temporaries
 
 
 def test_progress_bars_have_one_helper():
@@ -133,10 +133,10 @@ def test_sidecar_names_and_the_labels_check_have_one_helper():
 
 
 def test_one_prediction_driver():
-    """`lmrc stage2 predict` is a run of lmrc.pipeline.run: no second progress file format or summary."""
-    assert _using(r"PROGRESS_FORMAT = ", skip=set()) == {"lmrc/pipeline/run.py"}
-    assert _using(r"SUMMARY_FORMAT = ", skip=set()) == {"lmrc/pipeline/outputs.py"}
-    assert _using(r"open_progress\(") == {"lmrc/io.py", "lmrc/pipeline/run.py"}
+    """`lmrc stage2 predict` is a run of lmrc.predict.run: no second progress file format or summary."""
+    assert _using(r"PROGRESS_FORMAT = ", skip=set()) == {"lmrc/predict/run.py"}
+    assert _using(r"SUMMARY_FORMAT = ", skip=set()) == {"lmrc/predict/outputs.py"}
+    assert _using(r"open_progress\(") == {"lmrc/io.py", "lmrc/predict/run.py"}
     stage2_command = (PACKAGE / "commands" / "stage2.py").read_text(encoding="utf-8")
     assert "run_pipeline(" in stage2_command
 

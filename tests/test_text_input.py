@@ -15,13 +15,13 @@ from lmrc.cli import main
 from lmrc.data.docred import Document, Entity, Mention, parse_documents
 from lmrc.errors import LmrcError
 from lmrc.io import read_json
-from lmrc.text import reader
-from lmrc.text.annotate import gold_of, is_exact
-from lmrc.text.build import build_documents
-from lmrc.text.detok import detokenize
-from lmrc.text.e2e import built_entity_spans
-from lmrc.text.model import GoldAnnotator, SpacyAnnotator
-from lmrc.text.reader import TextDoc, read_texts
+from lmrc.entities import reader
+from lmrc.entities.annotate import gold_of, is_exact
+from lmrc.entities.build import build_documents
+from lmrc.entities.detok import detokenize
+from lmrc.entities.e2e import built_entity_spans
+from lmrc.entities.model import GoldAnnotator, SpacyAnnotator
+from lmrc.entities.reader import TextDoc, read_texts
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_round_trip_on_real_documents_keeps_every_mention_span_that_tokens_can_h
         g = gold_of(doc)
         built = built_entity_spans(raw)
         assert len(built) == len(doc.entities)  # the same entities, in vertexSet order
-        from lmrc.text.segment import segment
+        from lmrc.entities.segment import segment
 
         seg = segment(g.text)
         for gold_ent, spans in zip(g.entities, built):
@@ -195,7 +195,7 @@ def test_long_documents_are_tagged_in_windows_none_dropped():
     from conftest import minilm_dir
     from transformers import AutoTokenizer
 
-    from lmrc.text.mentions import plan_windows
+    from lmrc.entities.mentions import plan_windows
 
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     sents = [["word"] * 30 for _ in range(20)] + [["verylongwordpiece"] * 200]

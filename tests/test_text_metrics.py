@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from lmrc.text.e2e import entity_matches, score_triples
-from lmrc.text.metrics import (
+from lmrc.entities.e2e import entity_matches, score_triples
+from lmrc.entities.metrics import (
     EntityScores,
     b_cubed,
     b_cubed_counts,

@@ -15,10 +15,10 @@ from text_helpers import need_spacy, tiny_entity_model
 from lmrc.cli import main
 from lmrc.data.docred import load_documents
 from lmrc.io import read_json
-from lmrc.text.annotate import gold_of, is_exact
-from lmrc.text.model import EntityModel
-from lmrc.text.run import docs_path, document_triples, triples_path
-from lmrc.text.segment import segment
+from lmrc.entities.annotate import gold_of, is_exact
+from lmrc.entities.model import EntityModel
+from lmrc.entities.run import docs_path, document_triples, triples_path
+from lmrc.entities.segment import segment
 
 
 @pytest.fixture(autouse=True)
@@ -153,8 +153,8 @@ def _raw(d):
 
 def test_entity_model_finds_entities_and_resumes_to_the_same_model(files, entities, tmp_path):
     from lmrc.config import load_config
-    from lmrc.text.config import EntitiesConfig
-    from lmrc.text.train import train
+    from lmrc.entities.config import EntitiesConfig
+    from lmrc.entities.train import train
 
     model = EntityModel.load(entities)
     doc = load_documents(files["test"])[0]

@@ -29,8 +29,8 @@ def tiny_entity_model(train: Path, tune: Path) -> Path:
     from stage1_run_helpers import save_tiny_bert
 
     from lmrc.config import load_config
-    from lmrc.text.config import EntitiesConfig
-    from lmrc.text.train import train as train_entities
+    from lmrc.entities.config import EntitiesConfig
+    from lmrc.entities.train import train as train_entities
 
     root = Path(tempfile.mkdtemp(prefix="lmrc-text-models-"))
     cfg = load_config(

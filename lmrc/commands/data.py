@@ -10,7 +10,7 @@ from lmrc.data.docred import load_documents, validate_raw
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
-from lmrc.outputs import check_paths, check_writable_folder, named, same_file
+from lmrc.paths import check_paths, check_writable_folder, named, same_file
 
 
 def register(sub) -> None:
@@ -231,7 +231,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_from_text(args: argparse.Namespace) -> int:
-    from lmrc.text.run import build_file
+    from lmrc.entities.run import build_file
 
     entities = (
         [] if str(args.entities).startswith(("spacy:", "gold:")) else named("--entities", args.entities)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lmrc.commands.common import add_config_args, add_overwrite_arg, log_to_file, sigterm_as_interrupt
 from lmrc.io import atomic_write_json
-from lmrc.outputs import check_paths, check_writable_folder, named
+from lmrc.paths import check_paths, check_writable_folder, named
 
 
 def register(sub) -> None:
@@ -66,8 +66,8 @@ def register(sub) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lmrc.config import load_config
-    from lmrc.text.config import EntitiesConfig
-    from lmrc.text.train import train
+    from lmrc.entities.config import EntitiesConfig
+    from lmrc.entities.train import train
 
     config = args.config
     if args.resume and config is None and args.output_dir and (args.output_dir / "config.yaml").is_file():
@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lmrc.text.evaluate import evaluate, format_report
+    from lmrc.entities.evaluate import evaluate, format_report
 
     entities = (
         [] if str(args.entities).startswith(("spacy:", "gold:")) else named("--entities", args.entities)
@@ -108,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from lmrc.text.e2e import format_scores, score_files
+    from lmrc.entities.e2e import format_scores, score_files
 
     check_paths(
         named("--result", args.result) + named("--built", args.built) + named("--gold", args.gold),

@@ -11,7 +11,7 @@ from lmrc.data.relations import load_relations
 from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
 from lmrc.eval.report import format_table
 from lmrc.io import atomic_write_json
-from lmrc.outputs import check_paths, named
+from lmrc.paths import check_paths, named
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from lmrc.commands.common import (
     sigterm_as_interrupt,
 )
 from lmrc.errors import LmrcError
-from lmrc.outputs import Named, check_paths, check_progress, check_writable_folder, named
+from lmrc.paths import Named, check_paths, check_progress, check_writable_folder, named
 
 
 def register(sub) -> None:
@@ -111,7 +111,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 def _predict_config(args: argparse.Namespace):
     from lmrc.config import load_config
-    from lmrc.pipeline.config import PredictConfig
+    from lmrc.predict.config import PredictConfig
 
     overrides = list(args.overrides)
     flags = {
@@ -144,7 +144,7 @@ def _companions(output: Path, text: bool = False) -> list[Named]:
         Named("the progress file", sidecar(output, ".progress.jsonl")),
     ]
     if text:
-        from lmrc.text.run import docs_path, triples_path
+        from lmrc.entities.run import docs_path, triples_path
 
         companions += [
             Named("the documents built from the text", docs_path(Path(output))),
@@ -185,7 +185,7 @@ def _check_predict_paths(args: argparse.Namespace, cfg) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from lmrc.io import sidecar
-    from lmrc.pipeline.run import Shard, run_pipeline
+    from lmrc.predict.run import Shard, run_pipeline
 
     shard = Shard.parse(args.shard) if args.shard else None
     cfg = _predict_config(args)
@@ -196,7 +196,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_predict_paths(args, cfg)
     with sigterm_as_interrupt():  # finished batches are in the progress file; --resume continues
         if args.text is not None:
-            from lmrc.text.run import predict_text
+            from lmrc.entities.run import predict_text
 
             summary = predict_text(
                 cfg,
@@ -256,7 +256,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lmrc.pipeline.merge import merge
+    from lmrc.predict.merge import merge
 
     shards = [n for shard in args.shards for n in [Named("a shard", shard), *_companions(shard)]]
     check_paths(
@@ -271,8 +271,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lmrc.pipeline.compare import compare, load_compare_config
-    from lmrc.pipeline.report import (
+    from lmrc.experiments.compare import compare, load_compare_config
+    from lmrc.experiments.report import (
         ANSWER_COLUMNS,
         LEARNING_COLUMNS,
         NOISE_COLUMNS,

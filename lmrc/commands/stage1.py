@@ -19,7 +19,7 @@ from lmrc.commands.common import (
     sigterm_as_interrupt,
 )
 from lmrc.errors import LmrcError
-from lmrc.outputs import check_paths, check_writable_folder, named
+from lmrc.paths import check_paths, check_writable_folder, named
 
 
 def register(sub) -> None:

@@ -15,7 +15,7 @@ from lmrc.commands.common import (
     sigterm_as_interrupt,
 )
 from lmrc.errors import LmrcError
-from lmrc.outputs import check_paths, check_progress, check_writable_folder, named
+from lmrc.paths import check_paths, check_progress, check_writable_folder, named
 
 
 def register(sub) -> None:
@@ -131,8 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """A pipeline run with the adapter alone: one driver, progress file and summary format for both commands."""
     from lmrc.io import sidecar
-    from lmrc.pipeline.config import stage2_predict_config
-    from lmrc.pipeline.run import run_pipeline
+    from lmrc.predict.config import stage2_predict_config
+    from lmrc.predict.run import run_pipeline
 
     output = Path(args.output)
     # a killed run's progress first: its message says what --resume and --overwrite do

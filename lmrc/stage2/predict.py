@@ -2,7 +2,7 @@
 
 `Stage2Runner` renders each document's prompts for the pairs it is given (in canonical row-major order, as in
 training), generates all prompts of the batch together, and parses and aligns the answers into predictions and
-counts. Which pairs, and the resumable run around it, belong to the one prediction driver (`lmrc.pipeline.run`,
+counts. Which pairs, and the resumable run around it, belong to the one prediction driver (`lmrc.predict.run`,
 used by `lmrc predict` and `lmrc stage2 predict`). A document without pairs gets no prompt and costs no LLM call.
 """
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lmrc.text.annotate import TokenMention
-from lmrc.text.model import Annotator
-from lmrc.text.reader import Skipped, TextDoc
-from lmrc.text.segment import Segmented, segment
+from lmrc.entities.annotate import TokenMention
+from lmrc.entities.model import Annotator
+from lmrc.entities.reader import Skipped, TextDoc
+from lmrc.entities.segment import Segmented, segment
 
 log = logging.getLogger(__name__)
 

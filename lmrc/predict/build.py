@@ -20,7 +20,7 @@ from lmrc.data.docred import Document, load_documents, require_labels, restrict_
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import file_sha256
-from lmrc.pipeline.config import PredictConfig
+from lmrc.predict.config import PredictConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Pipeline:
     candidates: list[DocumentCandidates | None] | None  # from a candidates file, per document
     runner: Any | None  # lmrc.stage2.predict.Stage2Runner
     fingerprint: dict[str, Any]
-    refine: bool = False  # fusion refine: stage 1 settles its confident pairs, see lmrc.pipeline.config
+    refine: bool = False  # fusion refine: stage 1 settles its confident pairs, see lmrc.predict.config
     upper: float | None = None  # refine: pairs scored above it keep stage 1's relations, no LLM call
     keep_margin: float | None = None  # refine: stage-1 relations kept in the band above this margin
     # refine.additions calibrated: the LLM's relations that stage 1 does not predict need this stage-1 margin

@@ -18,11 +18,11 @@ import torch
 
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
-from lmrc.text.annotate import TokenMention
-from lmrc.text.coref import FEATURES, MentionInfo, PairScorer, cluster
-from lmrc.text.mentions import decode_bio, tag_document
-from lmrc.text.metrics import majority_type
-from lmrc.text.segment import Segmented
+from lmrc.entities.annotate import TokenMention
+from lmrc.entities.coref import FEATURES, MentionInfo, PairScorer, cluster
+from lmrc.entities.mentions import decode_bio, tag_document
+from lmrc.entities.metrics import majority_type
+from lmrc.entities.segment import Segmented
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class SpacyAnnotator:
 
     @classmethod
     def load(cls, spec: str) -> SpacyAnnotator:
-        from lmrc.text.segment import require_spacy
+        from lmrc.entities.segment import require_spacy
 
         spacy = require_spacy()
         try:
@@ -180,7 +180,7 @@ class SpacyAnnotator:
         return cls(nlp, f"spacy:{spec}")
 
     def find(self, seg: Segmented) -> list[list[TokenMention]]:
-        from lmrc.text.annotate import align_span
+        from lmrc.entities.annotate import align_span
 
         self.nlp.max_length = max(self.nlp.max_length, len(seg.text) + 1)
         doc = self.nlp(seg.text)
@@ -211,7 +211,7 @@ class GoldAnnotator:
 
     @classmethod
     def from_documents(cls, docs, name: str = "gold") -> GoldAnnotator:
-        from lmrc.text.annotate import gold_of
+        from lmrc.entities.annotate import gold_of
 
         out = {}
         for d in docs:
@@ -220,7 +220,7 @@ class GoldAnnotator:
         return cls(out, name)
 
     def find(self, seg: Segmented) -> list[list[TokenMention]]:
-        from lmrc.text.annotate import align_span
+        from lmrc.entities.annotate import align_span
 
         out = []
         for ent in self.by_text.get(seg.text, []):

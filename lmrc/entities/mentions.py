@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmrc.text.annotate import TokenMention
+from lmrc.entities.annotate import TokenMention
 
 OUTSIDE = "O"
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, atomic_write_text, file_sha256, read_json, sidecar
-from lmrc.text.build import BuildStats, build_documents
-from lmrc.text.model import META_FILE, load_annotator
-from lmrc.text.reader import read_texts
+from lmrc.entities.build import BuildStats, build_documents
+from lmrc.entities.model import META_FILE, load_annotator
+from lmrc.entities.reader import read_texts
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def shard_titles(docs_file: Path, docs_per_batch: int, shard: Any) -> list[str] 
     """Titles of the shard's documents (the pipeline's shards are whole batches in document order)."""
     if shard is None:
         return None
-    from lmrc.pipeline.run import batch_ranges
+    from lmrc.predict.run import batch_ranges
 
     titles = [d["title"] for d in read_json(docs_file)]
     batches = batch_ranges(len(titles), docs_per_batch)
@@ -184,7 +184,7 @@ def shard_titles(docs_file: Path, docs_per_batch: int, shard: Any) -> list[str] 
 def predict_text(cfg: Any, input_path: str | os.PathLike, output: str | os.PathLike, entities: str, *,
                  resume: bool = False, shard: Any = None, save_candidates: Any = None, **kwargs: Any) -> dict:  # fmt: skip
     """Text in, relations out: build (or reuse) the documents, run the pipeline on them, write the triples."""
-    from lmrc.pipeline.run import run_pipeline
+    from lmrc.predict.run import run_pipeline
 
     input_path, output = Path(input_path), Path(output)
     docs_file, meta = prepare(input_path, entities, output, resume)

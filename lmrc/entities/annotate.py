@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmrc.data.docred import Document
-from lmrc.text.detok import DetokText, detokenize
-from lmrc.text.segment import Segmented
+from lmrc.entities.detok import DetokText, detokenize
+from lmrc.entities.segment import Segmented
 
 Span = tuple[int, int]
 

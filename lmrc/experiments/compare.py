@@ -31,7 +31,7 @@ from lmrc.data.docred import Document, document_to_raw, load_documents, require_
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, atomic_write_text, read_json
-from lmrc.pipeline.report import (
+from lmrc.experiments.report import (
     LLM_MODES,
     ModeRun,
     candidate_curve,
@@ -307,7 +307,7 @@ def _predict_config(
     cfg: CompareConfig, mode: str, models: dict[str, Path], tune: Path | None, extra: Sequence[str] = ()
 ) -> dict:
     from lmrc.config import apply_overrides
-    from lmrc.pipeline.config import PredictConfig
+    from lmrc.predict.config import PredictConfig
 
     overrides = json.loads(json.dumps(cfg.stage2_overrides))
     if cfg.sbert and mode in LLM_MODES:
@@ -353,7 +353,7 @@ def run_mode(
 ) -> ModeRun:
     """`lmrc predict` for one mode (or variant) in a child process (its own peak memory), resuming a finished or
     killed run."""
-    from lmrc.pipeline.run import sidecar
+    from lmrc.predict.run import sidecar
 
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -454,7 +454,7 @@ def learning_curve(
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     all_docs = docs
-    from lmrc.pipeline.config import Stage2Settings
+    from lmrc.predict.config import Stage2Settings
 
     sets = Stage2Settings(overrides=json.loads(json.dumps(cfg.stage2_overrides))).override_list()
     if lc.constrained:
@@ -528,7 +528,7 @@ def compare(
     """Train what is missing, run every mode on the same documents, score, tabulate and plot."""
     from lmrc.eval.metrics import TrainReference
     from lmrc.hardware import describe_line
-    from lmrc.pipeline import plots
+    from lmrc.experiments import plots
 
     machine = describe_line()
     out = Path(output_dir)

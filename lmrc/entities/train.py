@@ -26,10 +26,10 @@ from lmrc.config import save_config, to_dict
 from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json, write_dir_atomically
-from lmrc.text.annotate import TokenMention, align_span, gold_of
-from lmrc.text.config import EntitiesConfig
-from lmrc.text.coref import PairScorer, link, pair_matrix, train_scorer
-from lmrc.text.mentions import (
+from lmrc.entities.annotate import TokenMention, align_span, gold_of
+from lmrc.entities.config import EntitiesConfig
+from lmrc.entities.coref import PairScorer, link, pair_matrix, train_scorer
+from lmrc.entities.mentions import (
     bio_labels,
     collate,
     decode_bio,
@@ -38,9 +38,9 @@ from lmrc.text.mentions import (
     tag_document,
     window_labels,
 )
-from lmrc.text.metrics import EntityScores
-from lmrc.text.model import EntityModel, mention_infos, typed_clusters
-from lmrc.text.segment import Segmented, segment
+from lmrc.entities.metrics import EntityScores
+from lmrc.entities.model import EntityModel, mention_infos, typed_clusters
+from lmrc.entities.segment import Segmented, segment
 from lmrc.training import length_grouped_batches
 
 log = logging.getLogger(__name__)

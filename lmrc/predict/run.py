@@ -11,7 +11,7 @@ Exactness: a batch's results depend only on the batch (its documents are encoded
 fixed order), so a run that was killed and resumed (`resume`: finished batches are skipped, a torn last line is
 dropped and its batch redone) and a run split into shards (`Shard`: whole batches, contiguous) produce the same
 bytes as one uninterrupted run. The final files are written from the progress file, atomically
-(`lmrc.pipeline.outputs`):
+(`lmrc.predict.outputs`):
 
 - `<output>`: the official result file (a JSON list of {title, h_idx, t_idx, r});
 - `<output stem>.strict.json`: strict relation names, when stage 2 maps names with SBERT;
@@ -39,9 +39,9 @@ from lmrc.data.docred import Document
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions
 from lmrc.io import append_jsonl, atomic_write_json, open_progress, sidecar
-from lmrc.pipeline.build import Pipeline, build_pipeline
-from lmrc.pipeline.config import PredictConfig
-from lmrc.pipeline.outputs import prediction_count, summarize, train_path, write_outputs
+from lmrc.predict.build import Pipeline, build_pipeline
+from lmrc.predict.config import PredictConfig
+from lmrc.predict.outputs import prediction_count, summarize, train_path, write_outputs
 from lmrc.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
 from lmrc.io import read_json
-from lmrc.text.annotate import gold_of
-from lmrc.text.metrics import PRF
+from lmrc.entities.annotate import gold_of
+from lmrc.entities.metrics import PRF
 
 Span = tuple[int, int]
 

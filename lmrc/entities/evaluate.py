@@ -11,10 +11,10 @@ import time
 
 from lmrc.data.docred import load_documents
 from lmrc.io import atomic_write_text
-from lmrc.text.annotate import gold_of, is_exact
-from lmrc.text.metrics import EntityScores
-from lmrc.text.model import load_annotator
-from lmrc.text.segment import segment
+from lmrc.entities.annotate import gold_of, is_exact
+from lmrc.entities.metrics import EntityScores
+from lmrc.entities.model import load_annotator
+from lmrc.entities.segment import segment
 
 log = logging.getLogger(__name__)
 

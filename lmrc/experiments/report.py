@@ -122,7 +122,7 @@ def theta_curves(
     from lmrc.eval.metrics import evaluate
     from lmrc.io import sidecar
     from lmrc.model_store import default_cache_dir
-    from lmrc.pipeline.run import iter_progress
+    from lmrc.predict.run import iter_progress
     from lmrc.stage2.align import RelationMapper, align_output, entity_choices
     from lmrc.stage2.modeling import load_adapter_config
     from lmrc.stage2.prompts import Prompt, entity_names

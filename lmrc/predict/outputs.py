@@ -23,7 +23,7 @@ from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions
 from lmrc.io import JsonStreamWriter, sidecar
-from lmrc.pipeline.build import Pipeline
+from lmrc.predict.build import Pipeline
 
 SUMMARY_FORMAT = "lmrc-predict-summary"
 

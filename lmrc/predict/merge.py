@@ -15,7 +15,7 @@ from typing import Any
 
 from lmrc.errors import LmrcError
 from lmrc.io import JsonStreamWriter, atomic_write_json, read_json, sidecar
-from lmrc.pipeline.outputs import SUMMARY_FORMAT
+from lmrc.predict.outputs import SUMMARY_FORMAT
 
 
 def _shard_summary(path: Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Experiments above the library: compare methods on one dataset, report, plot."""

@@ -15,8 +15,8 @@ from stage2_helpers import tiny_model_dir
 from lmrc.cli import main
 from lmrc.data.docred import load_documents
 from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
-from lmrc.io import read_json
 from lmrc.experiments.compare import load_compare_config
+from lmrc.io import read_json
 
 
 @pytest.fixture(scope="module")

@@ -113,10 +113,10 @@ def test_every_shipped_config_resolves():
     import yaml
 
     from lmrc.config import load_config
+    from lmrc.entities.config import EntitiesConfig
     from lmrc.experiments.compare import load_compare_config
     from lmrc.stage1.config import load_stage1_config
     from lmrc.stage2.config import load_stage2_config
-    from lmrc.entities.config import EntitiesConfig
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())

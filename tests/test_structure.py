@@ -72,9 +72,7 @@ def test_downstream_layers_are_not_imported_upstream():
     graph = import_graph()
     for name, deps in graph.items():
         if name.startswith(("lmrc.data", "lmrc.eval")):
-            assert not {d for d in deps if d.startswith(("lmrc.stage1", "lmrc.stage2", "lmrc.predict"))}, (
-                name
-            )
+            assert not {d for d in deps if d.startswith(("lmrc.stage1", "lmrc.stage2", "lmrc.predict"))}, name
         if name.startswith(("lmrc.stage1", "lmrc.stage2")):
             assert not {d for d in deps if d.startswith("lmrc.predict")}, name
         if name.startswith("lmrc.stage1"):

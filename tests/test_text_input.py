@@ -13,8 +13,6 @@ from text_helpers import need_spacy
 
 from lmrc.cli import main
 from lmrc.data.docred import Document, Entity, Mention, parse_documents
-from lmrc.errors import LmrcError
-from lmrc.io import read_json
 from lmrc.entities import reader
 from lmrc.entities.annotate import gold_of, is_exact
 from lmrc.entities.build import build_documents
@@ -22,6 +20,8 @@ from lmrc.entities.detok import detokenize
 from lmrc.entities.e2e import built_entity_spans
 from lmrc.entities.model import GoldAnnotator, SpacyAnnotator
 from lmrc.entities.reader import TextDoc, read_texts
+from lmrc.errors import LmrcError
+from lmrc.io import read_json
 
 
 @pytest.fixture(autouse=True)

@@ -14,11 +14,11 @@ from text_helpers import need_spacy, tiny_entity_model
 
 from lmrc.cli import main
 from lmrc.data.docred import load_documents
-from lmrc.io import read_json
 from lmrc.entities.annotate import gold_of, is_exact
 from lmrc.entities.model import EntityModel
 from lmrc.entities.run import docs_path, document_triples, triples_path
 from lmrc.entities.segment import segment
+from lmrc.io import read_json
 
 
 @pytest.fixture(autouse=True)

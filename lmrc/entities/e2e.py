@@ -13,10 +13,10 @@ import os
 from collections.abc import Iterable
 
 from lmrc.data.docred import Document, load_documents
-from lmrc.errors import LmrcError
-from lmrc.io import read_json
 from lmrc.entities.annotate import gold_of
 from lmrc.entities.metrics import PRF
+from lmrc.errors import LmrcError
+from lmrc.io import read_json
 
 Span = tuple[int, int]
 

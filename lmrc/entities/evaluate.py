@@ -10,11 +10,11 @@ import sys
 import time
 
 from lmrc.data.docred import load_documents
-from lmrc.io import atomic_write_text
 from lmrc.entities.annotate import gold_of, is_exact
 from lmrc.entities.metrics import EntityScores
 from lmrc.entities.model import load_annotator
 from lmrc.entities.segment import segment
+from lmrc.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

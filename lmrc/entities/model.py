@@ -16,13 +16,13 @@ from typing import Any, Protocol
 
 import torch
 
-from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, read_json
 from lmrc.entities.annotate import TokenMention
 from lmrc.entities.coref import FEATURES, MentionInfo, PairScorer, cluster
 from lmrc.entities.mentions import decode_bio, tag_document
 from lmrc.entities.metrics import majority_type
 from lmrc.entities.segment import Segmented
+from lmrc.errors import LmrcError
+from lmrc.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, atomic_write_text, file_sha256, read_json, sidecar
 from lmrc.entities.build import BuildStats, build_documents
 from lmrc.entities.model import META_FILE, load_annotator
 from lmrc.entities.reader import read_texts
+from lmrc.errors import LmrcError
+from lmrc.io import atomic_write_json, atomic_write_text, file_sha256, read_json, sidecar
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,6 @@ import torch
 
 from lmrc.config import save_config, to_dict
 from lmrc.data.docred import Document, load_documents
-from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, read_json, write_dir_atomically
 from lmrc.entities.annotate import TokenMention, align_span, gold_of
 from lmrc.entities.config import EntitiesConfig
 from lmrc.entities.coref import PairScorer, link, pair_matrix, train_scorer
@@ -41,6 +39,8 @@ from lmrc.entities.mentions import (
 from lmrc.entities.metrics import EntityScores
 from lmrc.entities.model import EntityModel, mention_infos, typed_clusters
 from lmrc.entities.segment import Segmented, segment
+from lmrc.errors import LmrcError
+from lmrc.io import atomic_write_json, read_json, write_dir_atomically
 from lmrc.training import length_grouped_batches
 
 log = logging.getLogger(__name__)

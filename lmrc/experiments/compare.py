@@ -30,7 +30,6 @@ from lmrc.config import expand_path, load_config, to_dict
 from lmrc.data.docred import Document, document_to_raw, load_documents, require_labels
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, atomic_write_text, read_json
 from lmrc.experiments.report import (
     LLM_MODES,
     ModeRun,
@@ -39,6 +38,7 @@ from lmrc.experiments.report import (
     score_runs,
     theta_curves,
 )
+from lmrc.io import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -527,8 +527,8 @@ def compare(
 ) -> CompareResult:
     """Train what is missing, run every mode on the same documents, score, tabulate and plot."""
     from lmrc.eval.metrics import TrainReference
-    from lmrc.hardware import describe_line
     from lmrc.experiments import plots
+    from lmrc.hardware import describe_line
 
     machine = describe_line()
     out = Path(output_dir)

@@ -401,7 +401,7 @@ def collate(batch: list[DocFeatures]) -> dict:
 def length_grouped_batches(
     features: Sequence[DocFeatures], batch_size: int, seed: int, shuffle: bool = True
 ) -> list[list[int]]:
-    """Batches of documents of similar length (lmrc.training.length_grouped_batches on their token counts)."""
-    from lmrc.training import length_grouped_batches as by_length
+    """Batches of documents of similar length (lmrc.schedule.length_grouped_batches on their token counts)."""
+    from lmrc.schedule import length_grouped_batches as by_length
 
     return by_length([len(f.input_ids) for f in features], batch_size, seed, shuffle)

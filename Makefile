@@ -29,7 +29,7 @@ demo: setup
 	LMRC_DATA_DIR=$$data $(VENV)/bin/lmrc compare --config configs/demo.yaml --output-dir $(DEMO_DIR)
 	@echo
 	@echo "The demo trains for a few minutes on a CPU: its F1 only shows that the pipeline runs end to end, not"
-	@echo "what the methods reach (full-size GPU runs: scripts/run_redocred.sh, README 'Full-size runs')."
+	@echo "what the methods reach (full-size GPU runs: scripts/run_redocred.sh, docs/GPUS.md)."
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info
@@ -38,6 +38,6 @@ bench: setup
 	$(PY) benchmarks/bench.py   # under 20 minutes on 2 cores; rewrites docs/PERFORMANCE.md
 
 # Does this GPU machine run lmrc? One line per check (pass / fail / skipped with why) on one GPU with tiny random
-# models, a JSON report in runs/gpu_check/; prints one line and exits 0 without a CUDA device (README "Full-size runs").
+# models, a JSON report in runs/gpu_check/; prints one line and exits 0 without a CUDA device (docs/GPUS.md).
 gpu-check: setup
 	$(PY) scripts/gpu_check.py --out runs/gpu_check/report.json

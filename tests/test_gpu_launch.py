@@ -1,6 +1,6 @@
 """The GPU launch path, tested on a CPU (issue 26): what each engine may train, the process group's timeout, the
 precision the Trainer autocasts to whatever the launcher said, QLoRA's precision, and the vLLM engine's settings
-(a fake vllm records them). No GPU has run these; what needs one is listed in README's "Full-size runs"."""
+(a fake vllm records them). No GPU has run these; what needs one is listed in docs/GPUS.md."""
 
 from __future__ import annotations
 

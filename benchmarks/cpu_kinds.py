@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="default: benchmarks/results/cpu_kinds/<kind>.json")
     args = p.parse_args(argv)
 
-    from lmrc.cpu_guard import imitable_levels, level_environment, read_cpu
+    from lmrc.cpu_info import imitable_levels, level_environment, read_cpu
     from lmrc.hardware import describe_line
 
     cpu = read_cpu()

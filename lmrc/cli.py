@@ -66,7 +66,7 @@ def _configure_logging(console_level: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("LMRC_DEBUG") == "1"
-    from lmrc.hardware import keep_freed_memory
+    from lmrc.heap import keep_freed_memory
 
     keep_freed_memory()
     try:

@@ -15,6 +15,7 @@ process instead (no fork), for debuggers and profilers.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import os
 import re
@@ -23,6 +24,9 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from lmrc.cpu_info import read_cpu
+from lmrc.model_store import default_cache_dir
 
 _CHILD_ENV = "LMRC_SUPERVISED"
 NATIVE_FAULTS = {
@@ -60,8 +64,6 @@ def _die_with_parent(parent: int) -> None:
     orphaned rank keeps running and holding a GPU. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             return
@@ -70,8 +72,6 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _crash_log_path() -> Path:
-    from lmrc.model_store import default_cache_dir
-
     for folder in (default_cache_dir() / "crashes", Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -130,8 +130,6 @@ def crash_line(sig: int, stack: str, log_path: Path | None) -> str:
 def _fallback() -> str:
     """The setting that avoids the crashing kernels: AMX off where the CPU has it, else float32."""
     try:
-        from lmrc.cpu_guard import read_cpu
-
         return "LMRC_CPU_GUARD=no-amx (or float32)" if read_cpu().has_amx else "LMRC_CPU_GUARD=float32"
     except Exception:  # the report must not fail
         return "LMRC_CPU_GUARD=float32"

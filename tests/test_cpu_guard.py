@@ -21,8 +21,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmrc import cpu_guard
-from lmrc.cpu_guard import CpuInfo, Verdict, decide, run_probe
+from lmrc import cpu_guard, cpu_info, cpu_probe
+from lmrc.cpu_guard import Verdict, decide
+from lmrc.cpu_info import CpuInfo
+from lmrc.cpu_probe import run_probe
+from lmrc.cpu_probe_child import relative_error
 from lmrc.crash import crash_line, innermost_lmrc_frame
 from lmrc.errors import LmrcError
 
@@ -68,7 +71,7 @@ def test_read_cpu_parses_the_flags_that_matter(tmp_path, monkeypatch):
         "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n\n"
     )
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    cpu = cpu_guard.read_cpu(str(info))
+    cpu = cpu_info.read_cpu(str(info))
     assert cpu.model == "Some Xeon" and cpu.flags == {"avx2", "avx512f", "amx_bf16", "amx_tile"}
     assert cpu.has_amx and cpu.isa_cap == "AVX2" and not cpu.native_bf16
 
@@ -90,7 +93,7 @@ def test_all_shapes_passing_keeps_bf16_and_amx(faults):
 def test_a_sigfpe_on_the_bilinear_tail_only_splits_its_k_and_keeps_amx(faults):
     faults(native=r"^stage1-bilinear m=32 ")  # what oneDNN's AMX brgemm does on [32, 49152] x [49152, n]
     v = decide(AMX, probe=probe)
-    assert v.mode == "bf16-split-k" and v.k_chunk == cpu_guard.K_CHUNK and v.isa_cap is None
+    assert v.mode == "bf16-split-k" and v.k_chunk == cpu_probe.K_CHUNK and v.isa_cap is None
     assert v.failures == {
         "stage1-bilinear m=32 k=49152 n=97": "crashed (SIGFPE)",
         "stage1-bilinear m=32 k=49152 n=2": "crashed (SIGFPE)",
@@ -124,12 +127,12 @@ def _fake_children(monkeypatch, outputs: list[tuple[str, int]]) -> list[list[int
         out, code = outputs[len(asked) - 1]
         return SimpleNamespace(stdout=out, returncode=code, stderr="Traceback\nRuntimeError: boom\n")
 
-    monkeypatch.setattr(cpu_guard.subprocess, "run", fake_run)
+    monkeypatch.setattr(cpu_probe.subprocess, "run", fake_run)
     return asked
 
 
 def test_the_probe_blames_the_case_a_child_died_in_and_goes_on(monkeypatch):
-    names = [c.name for c in cpu_guard.probe_cases()]
+    names = [c.name for c in cpu_probe.probe_cases()]
     # child 1: case 0 fine, case 1 wrong (error 0.9), dies by SIGFPE in case 2; child 2: case 3 nan, case 4 raises
     asked = _fake_children(
         monkeypatch,
@@ -153,8 +156,8 @@ def test_probe_cases_compute_what_float32_computes():
     """The real kernels of this machine, in a child (on an AMX machine a case may crash: reported, not fatal)."""
     only = r"^stage1-bilinear-split m=33 k=49152 n=97$|^lora-b m=512 r=8 n=576$|^attention"
     assert run_probe(only=only).failures == {}
-    assert cpu_guard._rel_err(torch.ones(3), torch.ones(3)) == 0.0
-    assert cpu_guard._rel_err(torch.tensor([float("nan")]), torch.ones(1)) == float("inf")
+    assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
+    assert relative_error(torch.tensor([float("nan")]), torch.ones(1)) == float("inf")
 
 
 def test_the_verdict_is_probed_once_and_cached_per_cpu_and_torch_build(faults, monkeypatch, tmp_path):
@@ -348,7 +351,7 @@ def test_lmrc_env_shows_kind_precision_threads_and_verdict(capsys):
     out = capsys.readouterr().out
     for label in ("machine:", "CPU kind:", "stage 1:", "stage 2 (CPU):", "threads:", "CPU guard:"):
         assert label in out
-    assert cpu_guard.read_cpu().kind() in out
+    assert cpu_info.read_cpu().kind() in out
     assert main(["env", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["cpu_guard"]["mode"] in cpu_guard.MODES

@@ -5,19 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmrc import hardware
+from lmrc import cpu_guard, cpu_info, hardware
 from lmrc.stage2.modeling import resolve_dtype
 
 
 @pytest.fixture
 def native_bf16(monkeypatch):
     """A CPU with native bf16 (AVX512-BF16) or without it (Ice Lake AVX512), the guard's verdict passing."""
-    from lmrc import cpu_guard
 
     def set_(value: bool, mode: str = "bf16") -> None:
         flags = frozenset({"avx2", "avx512f"} | ({"avx512_bf16"} if value else set()))
-        cpu = cpu_guard.CpuInfo("test CPU", flags, "x86_64", None)
-        monkeypatch.setattr(cpu_guard, "read_cpu", lambda: cpu)
+        cpu = cpu_info.CpuInfo("test CPU", flags, "x86_64", None)
+        monkeypatch.setattr(cpu_info, "read_cpu", lambda: cpu)
         verdict = cpu_guard.Verdict(mode if value else "not-needed", "test", cpu.kind())
         monkeypatch.setattr(cpu_guard, "ensure", lambda: verdict)
         monkeypatch.setattr(
@@ -176,91 +175,3 @@ def test_cpu_configs_leave_precision_and_threads_to_the_machine():
         train = (yaml.safe_load(path.read_text()) or {}).get("train", {}) or {}
         assert train.get("mixed_precision", "auto") == "auto", path.name
         assert "num_threads" not in train, path.name
-
-
-def test_the_heap_watch_trims_only_a_fragmented_heap(monkeypatch):
-    from types import SimpleNamespace
-
-    gib = 2**30
-    state = {"in_use": 3 * gib, "rss": 3 * gib, "trims": 0}
-
-    class Libc:
-        def mallinfo2(self):
-            return SimpleNamespace(uordblks=state["in_use"], hblkhd=0)
-
-        def malloc_trim(self, pad):
-            state["trims"] += 1
-            state["rss"] = state["in_use"]
-
-    monkeypatch.setattr(hardware, "anon_rss_bytes", lambda: state["rss"])
-    watch = hardware.HeapWatch(Libc(), window=3)
-    assert watch.check() is False  # a training step's buffers kept for the next step: the point
-    state["in_use"], state["rss"] = 0.5 * gib, 3.2 * gib  # between steps: freed, still resident
-    assert watch.check() is False and watch.peak_in_use == 3 * gib
-    state["rss"] = 6 * gib  # grown past 1.5 x the peak use + 1 GiB: holes no buffer fits
-    assert watch.check() is True and state["trims"] == 1 and state["rss"] == 0.5 * gib
-    # a phase ends (training done, rows run elsewhere): its freed buffers go back once its peak leaves the window
-    state["in_use"] = state["rss"] = 3 * gib
-    assert watch.check() is False
-    state["in_use"] = 0.3 * gib
-    assert [watch.check() for _ in range(2)] == [False, False]  # the training peak is still recent
-    assert watch.check() is True and state["rss"] == 0.3 * gib and state["trims"] == 2
-
-
-def test_malloc_trim_gives_a_fragmented_heaps_pages_back():
-    """The real allocator, in a child process with keep_freed_memory's settings: holes left by freed buffers stay
-    resident until the watch trims them."""
-    import subprocess
-    import sys
-
-    code = """
-import ctypes
-from lmrc import hardware
-assert hardware.keep_freed_memory(watch=False)
-libc = hardware._glibc()
-libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-blocks = [libc.malloc(8 << 20) for _ in range(48)]
-for b in blocks:
-    ctypes.memset(b, 1, 8 << 20)
-for b in blocks[:-1]:  # the last one pins the heap top: everything below is holes
-    libc.free(b)
-before = hardware.anon_rss_bytes()
-watch = hardware.HeapWatch(libc, slack=0)
-watch.recent.append(16 << 20)
-assert watch.check()
-print(before >> 20, hardware.anon_rss_bytes() >> 20)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    before, after = map(int, out.split())
-    assert before - after >= 300, (before, after)  # ~376 MiB of holes returned
-
-
-def test_freed_memory_is_kept_unless_the_user_tunes_malloc(monkeypatch):
-    import ctypes
-    import platform
-
-    from lmrc import hardware
-
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert hardware.keep_freed_memory() is False  # the user's own malloc settings win
-    monkeypatch.delenv("MALLOC_ARENA_MAX")
-    calls = []
-
-    class Mallopt:  # records the calls instead of changing this process's allocator
-        def __call__(self, param, value):
-            calls.append((param, value))
-            return 1
-
-    class FakeLibc:
-        mallopt = Mallopt()
-
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
-    if platform.system() != "Linux":
-        assert hardware.keep_freed_memory() is False
-        return
-    assert hardware.keep_freed_memory() is True
-    params = dict(calls)
-    assert params[-3] >= 2**30 and params[-1] == 2**31 - 1 and params[-2] > 0  # mmap, trim, top pad
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError("no libc")))
-    assert hardware.keep_freed_memory() is False

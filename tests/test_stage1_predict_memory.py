@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_metrics import GOLD_RAW, PREDS, TRAIN_RAW
 
-from lmrc import hardware
+from lmrc import heap
 from lmrc.data.docred import parse_documents
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions, evaluate
@@ -135,24 +135,24 @@ def test_scoring_gives_the_heap_back_to_glibc_defaults_trims_it_and_restores_lmr
         mallopt=lambda param, value: calls.append((param, value)) or 1,
         malloc_trim=lambda pad: trims.append(pad),
     )
-    monkeypatch.setattr(hardware, "TRIM_EVERY_S", 0.01)
-    monkeypatch.setattr(hardware, "_glibc", lambda: libc)
-    monkeypatch.setattr(hardware, "large_buffers_from_heap", lambda: True)
+    monkeypatch.setattr(heap, "TRIM_EVERY_S", 0.01)
+    monkeypatch.setattr(heap, "_glibc", lambda: libc)
+    monkeypatch.setattr(heap, "large_buffers_from_heap", lambda: True)
     for k in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)
-    with hardware.scoring_heap() as changed:
-        assert changed and calls == list(hardware._SCORING.items())
+    with heap.scoring_heap() as changed:
+        assert changed and calls == list(heap._SCORING.items())
         while not trims:  # the heap is trimmed while scoring
             time.sleep(0.01)
-    assert calls[3:] == list(hardware._KEPT.items())
+    assert calls[3:] == list(heap._KEPT.items())
     assert not any(t.name == "lmrc-heap-trim" for t in threading.enumerate())
     # a user's MALLOC_* settings, or glibc's defaults (big buffers already mapped), are left alone
     calls.clear()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    with hardware.scoring_heap() as changed:
+    with heap.scoring_heap() as changed:
         assert not changed
     monkeypatch.delenv("MALLOC_ARENA_MAX")
-    monkeypatch.setattr(hardware, "large_buffers_from_heap", lambda: False)
-    with hardware.scoring_heap() as changed:
+    monkeypatch.setattr(heap, "large_buffers_from_heap", lambda: False)
+    with heap.scoring_heap() as changed:
         assert not changed
     assert calls == []

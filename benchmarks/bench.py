@@ -330,7 +330,7 @@ def part_stage2_lora(reps: int, quick: bool, checkpointing: bool = False) -> dic
     from lmrc.stage2.examples import ExampleBuilder, ExampleStats
     from lmrc.stage2.modeling import load_base_model, load_tokenizer, resolve_model_path, wrap_lora
     from lmrc.stage2.prompts import PromptEncoder, load_template
-    from lmrc.stage2.train import answer_loss_sum, collate
+    from lmrc.stage2.trainer import answer_loss_sum, collate
 
     rel, docs = _docs(4)
     path = resolve_model_path("smollm2-135m")

@@ -98,7 +98,7 @@ def measure(name, model_path, cfg, tok, examples, train_steps: int, gen_tokens: 
 
     from lmrc.stage2.examples import IGNORE_INDEX
     from lmrc.stage2.modeling import wrap_lora
-    from lmrc.stage2.train import answer_loss_sum, collate
+    from lmrc.stage2.trainer import answer_loss_sum, collate
 
     dtype = getattr(torch, name)
     model = wrap_lora(AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype), cfg)

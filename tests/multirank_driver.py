@@ -78,21 +78,14 @@ def _stage2(spec: dict, out: Path, seen: dict) -> dict:
     from lmrc.stage2 import train as train_mod
     from lmrc.stage2.config import load_stage2_config
 
-    trainer_cls = train_mod._make_trainer_class
+    class Recording(train_mod.AnswerLossTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            step = int(self.state.global_step) + 1
+            ids = inputs["input_ids"].tolist()
+            seen.setdefault(step, []).extend(_fingerprint(row) for row in ids)
+            return super().compute_loss(model, inputs, *a, **kw)
 
-    def recording_class():
-        base = trainer_cls()
-
-        class Recording(base):
-            def compute_loss(self, model, inputs, *a, **kw):
-                step = int(self.state.global_step) + 1
-                ids = inputs["input_ids"].tolist()
-                seen.setdefault(step, []).extend(_fingerprint(row) for row in ids)
-                return super().compute_loss(model, inputs, *a, **kw)
-
-        return Recording
-
-    train_mod._make_trainer_class = recording_class
+    train_mod.AnswerLossTrainer = Recording
     rank = int(os.environ.get("RANK", "0"))
 
     def on_step(record):

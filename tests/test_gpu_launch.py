@@ -48,6 +48,7 @@ def _stage2_cfg(*extra: str):
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
 def test_qlora_under_fsdp_or_zero3_is_refused_before_the_model_loads(monkeypatch, tmp_path, engine):
+    from lmrc.stage2 import engine as engine_mod
     from lmrc.stage2 import train as train_mod
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP" if engine == "fsdp" else "ACCELERATE_USE_DEEPSPEED", "true")
@@ -55,22 +56,22 @@ def test_qlora_under_fsdp_or_zero3_is_refused_before_the_model_loads(monkeypatch
     with pytest.raises(LmrcError) as err:
         train_mod.train(cfg, tmp_path / "out")
     assert "load_in_4bit (QLoRA) does not train under" in str(err.value) and "\n" not in str(err.value)
-    train_mod.check_engine(_stage2_cfg("load_in_4bit=true"), "ddp")  # one GPU per process: fine
-    train_mod.check_engine(_stage2_cfg(), engine)  # 16-bit LoRA shards
+    engine_mod.check_engine(_stage2_cfg("load_in_4bit=true"), "ddp")  # one GPU per process: fine
+    engine_mod.check_engine(_stage2_cfg(), engine)  # 16-bit LoRA shards
 
 
 def test_lora_checkpointing_under_deepspeed_needs_the_release_with_the_zero3_fix(monkeypatch):
-    from lmrc.stage2 import train as train_mod
+    from lmrc.stage2 import engine as engine_mod
 
     cfg = _stage2_cfg("train.gradient_checkpointing=true")
-    monkeypatch.setattr(train_mod, "_installed_version", lambda name: (0, 19, 2))
+    monkeypatch.setattr(engine_mod, "_installed_version", lambda name: (0, 19, 2))
     with pytest.raises(LmrcError, match=r"needs deepspeed >= 0\.19\.3 \(this is 0\.19\.2"):
-        train_mod.check_engine(cfg, "deepspeed")
-    train_mod.check_engine(cfg, "ddp")  # torch's own checkpointing under DDP has no such bug
-    train_mod.check_engine(_stage2_cfg(), "deepspeed")  # no checkpointing: no recompute
-    monkeypatch.setattr(train_mod, "_installed_version", lambda name: (0, 19, 3))
-    train_mod.check_engine(cfg, "deepspeed")
-    assert train_mod.DEEPSPEED_CHECKPOINTING_MIN == (0, 19, 3)
+        engine_mod.check_engine(cfg, "deepspeed")
+    engine_mod.check_engine(cfg, "ddp")  # torch's own checkpointing under DDP has no such bug
+    engine_mod.check_engine(_stage2_cfg(), "deepspeed")  # no checkpointing: no recompute
+    monkeypatch.setattr(engine_mod, "_installed_version", lambda name: (0, 19, 3))
+    engine_mod.check_engine(cfg, "deepspeed")
+    assert engine_mod.DEEPSPEED_CHECKPOINTING_MIN == (0, 19, 3)
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["deepspeed"] == ["deepspeed>=0.19.3"]
@@ -79,15 +80,15 @@ def test_lora_checkpointing_under_deepspeed_needs_the_release_with_the_zero3_fix
 def test_installed_versions_are_read_as_release_numbers(monkeypatch):
     from importlib import metadata
 
-    from lmrc.stage2.train import _installed_version
+    from lmrc.stage2.engine import _installed_version
 
     monkeypatch.setattr(metadata, "version", lambda name: "0.19.10+cu128")
     assert _installed_version("deepspeed") == (0, 19, 10) > (0, 19, 3)
-    assert _installed_version.__module__ == "lmrc.stage2.train"
+    assert _installed_version.__module__ == "lmrc.stage2.engine"
 
 
 def test_qlora_autocasts_to_the_compute_dtype_on_a_gpu():
-    from lmrc.stage2.train import resolve_precision
+    from lmrc.stage2.engine import resolve_precision
 
     cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
     bf16 = resolve_precision(_stage2_cfg("load_in_4bit=true", "dtype=bfloat16"), cuda, "ddp")
@@ -115,17 +116,13 @@ def test_the_trainer_autocasts_as_lmrc_chose_not_as_the_launcher_said(monkeypatc
     from lmrc.stage2 import train as train_mod
 
     seen = []
-    make = train_mod._make_trainer_class
 
-    def recording():
-        class Recording(make()):
-            def compute_loss(self, model, inputs, *a, **kw):
-                seen.append(self.accelerator.mixed_precision)
-                return super().compute_loss(model, inputs, *a, **kw)
+    class Recording(train_mod.AnswerLossTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            seen.append(self.accelerator.mixed_precision)
+            return super().compute_loss(model, inputs, *a, **kw)
 
-        return Recording
-
-    monkeypatch.setattr(train_mod, "_make_trainer_class", recording)
+    monkeypatch.setattr(train_mod, "AnswerLossTrainer", Recording)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     cfg = load_stage2_config(
         None,
@@ -153,7 +150,7 @@ _DRIVER = textwrap.dedent(
         make_accelerator(load_stage1_config(None, ["train.ddp_timeout=4321"]), "no", cuda=False)
     else:
         from lmrc.stage2.config import load_stage2_config
-        from lmrc.stage2.train import join_processes
+        from lmrc.stage2.engine import join_processes
 
         join_processes(load_stage2_config(None, ["model=x", "train.ddp_timeout=4321"]), cuda=False)
     group = dist.distributed_c10d._get_default_group()
@@ -181,11 +178,12 @@ def test_the_process_group_waits_train_ddp_timeout(tmp_path, stage):
 
 
 def test_the_trainer_gets_the_same_timeout():
-    from lmrc.stage2.train import Precision, _training_arguments
+    from lmrc.stage2.engine import Precision
+    from lmrc.stage2.trainer import training_arguments
 
     cfg = _stage2_cfg("train.ddp_timeout=5400")
-    args = _training_arguments(cfg, Path("/tmp/x"), 4, 0, Precision(torch.float32, False, False), main=True,
-                               cuda=False)  # fmt: skip
+    args = training_arguments(cfg, Path("/tmp/x"), 4, 0, Precision(torch.float32, False, False), main=True,
+                              cuda=False)  # fmt: skip
     assert args.ddp_timeout == 5400
     assert _stage2_cfg().train.ddp_timeout >= 1800  # generous by default
     with pytest.raises(LmrcError, match="ddp_timeout"):

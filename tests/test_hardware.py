@@ -94,7 +94,7 @@ def test_on_a_v100_both_stages_train_in_fp16_with_a_loss_scaler(monkeypatch):
     from dataclasses import astuple
 
     from lmrc.stage2.config import load_stage2_config
-    from lmrc.stage2.train import resolve_precision
+    from lmrc.stage2.engine import resolve_precision
 
     _fake_gpu(monkeypatch, (7, 0))
     assert hardware.resolve_mixed_precision("auto") == "fp16"  # stage 1: accelerate's fp16 + GradScaler

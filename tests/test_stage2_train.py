@@ -11,16 +11,11 @@ from stage2_helpers import smollm2_tokenizer, tiny_model_dir
 
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, read_jsonl
+from lmrc.schedule import length_grouped_batches, linear_schedule
 from lmrc.stage2.config import load_stage2_config
-from lmrc.stage2.train import (
-    STATE_DIR,
-    build_training_examples,
-    load_training_documents,
-    load_training_template,
-    prepare_output_dir,
-    train,
-)
-from lmrc.training import length_grouped_batches, linear_schedule
+from lmrc.stage2.run_callback import STATE_DIR
+from lmrc.stage2.train import prepare_output_dir, train
+from lmrc.stage2.train_data import build_training_examples, load_training_documents, load_training_template
 
 
 def _cfg(redocred_dir, *extra: str):
@@ -69,7 +64,7 @@ def test_first_step_loss_is_the_mean_answer_token_cross_entropy(reference_run):
 
 
 def _mean_answer_loss(model, examples) -> float:
-    from lmrc.stage2.train import answer_loss_sum, collate
+    from lmrc.stage2.trainer import answer_loss_sum, collate
 
     total = tokens = 0.0
     with torch.no_grad():
@@ -312,7 +307,7 @@ def test_false_positive_candidates_are_matched_by_title_and_checked(redocred_dir
         DocumentCandidates,
         save_candidates,
     )
-    from lmrc.stage2.train import load_false_positive_candidates
+    from lmrc.stage2.train_data import load_false_positive_candidates
 
     cfg = _cfg(redocred_dir, "rc_allow_none=true", f"data.candidates={tmp_path / 'c.json'}")
     _, docs = load_training_documents(cfg)
@@ -371,7 +366,8 @@ def test_snapshots_keep_the_adapter_of_the_step_that_reaches_each_budget(
     max_tokens rule), in a folder predict reads, with the tokens it had trained on; the run itself unchanged."""
     from safetensors.torch import load_file
 
-    from lmrc.stage2.train import SNAPSHOTS_DIR, steps_for_tokens, tokens_for_steps
+    from lmrc.stage2.adapter_folder import SNAPSHOTS_DIR
+    from lmrc.stage2.budget import steps_for_tokens, tokens_for_steps
 
     cfg, _, ref = reference_run
     relations, docs = load_training_documents(cfg)

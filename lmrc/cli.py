@@ -1,7 +1,7 @@
 """The `lmrc` command: parse arguments, call one library function per subcommand, print the result.
 
-Subcommands live in `lmrc/commands/<group>.py`; each module has `register(subparsers)`, and the handlers it
-sets return an exit code. Library errors (`LmrcError`) and operating-system errors (a read-only folder, a full
+Subcommands live in `lmrc/commands/<group>.py`, imported below; each module has `register(subparsers)`, and the
+handlers it sets return an exit code. Library errors (`LmrcError`) and operating-system errors (a read-only folder, a full
 disk, permission denied: `OSError`) become one line `lmrc: error: ...` with exit 2; `--debug` adds the
 traceback above that line and changes nothing else (the exit code stays 2). The console command (`run`) watches
 for native crashes from a parent process (lmrc.crash), and settles this CPU's kernels before any command runs
@@ -11,16 +11,20 @@ for native crashes from a parent process (lmrc.crash), and settles this CPU's ke
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 import traceback
 
 from lmrc import __version__
+from lmrc.commands import compare, data, entities, env, evaluate, models, predict, stage1, stage2
+from lmrc.cpu_guard import ensure
+from lmrc.crash import supervise
 from lmrc.errors import LmrcError
+from lmrc.heap import keep_freed_memory
 
-COMMAND_MODULES = ("data", "evaluate", "models", "stage1", "stage2", "pipeline", "entities", "env")
+# In the order of `lmrc --help`.
+COMMANDS = (data, evaluate, models, stage1, stage2, predict, compare, entities, env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"lmrc.commands.{name}").register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 
@@ -66,8 +70,6 @@ def _configure_logging(console_level: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("LMRC_DEBUG") == "1"
-    from lmrc.heap import keep_freed_memory
-
     keep_freed_memory()
     try:
         parser = build_parser()
@@ -77,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0 if args.command is None else 2
-        # Before any kernel runs: oneDNN fixes its ISA at its first use, and the guard may cap it.
-        from lmrc.cpu_guard import ensure
-
+        # Before any kernel runs: oneDNN fixes its ISA at its first use, and the guard may cap it. The commands
+        # import torch inside their handlers, after this line (lmrc.commands).
         ensure()
         return int(args.func(args) or 0)
     except LmrcError as exc:
@@ -98,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """The `lmrc` console command: `main` in a child process watched for native crashes (lmrc.crash)."""
-    from lmrc.crash import supervise
-
     return supervise(main, sys.argv[1:] if argv is None else argv)
 
 

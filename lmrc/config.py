@@ -1,7 +1,8 @@
-"""Typed configs: dataclass defaults (the papers' values) <- YAML file <- `--set key.sub=value` overrides.
+"""Typed configs: dataclass defaults (the papers' values) <- YAML file <- `--set key.sub=value` overrides <- flags.
 
 Each stage defines its own dataclasses; this module only turns dicts into them and back, refusing unknown
-keys and wrong types with a message that names the file and the key.
+keys and wrong types with a message that names the file and the key. The command line becomes dataclasses here,
+once (`load_config`, then `with_flags`); later changes go through `dataclasses.replace` (`replace_nested`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +164,38 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise LmrcError(f"{where}: {exc}") from None
+
+
+def replace_nested(obj: T, changes: Mapping[str, Any], where: str = "config") -> T:
+    """`obj` with `changes` applied through `dataclasses.replace`: a nested mapping of field names to values, as a
+    YAML section gives them (`{generation: {batch_size: 4}}`); a mapping for a dataclass field changes only the
+    keys it names. Values are checked and converted as `from_dict` does; an unknown key or a bad value is an
+    error naming `where` and the key."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in changes.items():
+        if key not in names:
+            raise LmrcError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            kwargs[key] = replace_nested(current, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _convert(value, hints[key], f"{where}.{key}")
+    try:
+        return dataclasses.replace(obj, **kwargs)  # type: ignore[type-var]
+    except (TypeError, ValueError) as exc:
+        raise LmrcError(f"{where}: {exc}") from None
+
+
+def with_flags(obj: T, flags: Mapping[str, Any]) -> T:
+    """`obj` with the command-line flags that were given (None: not given, so the config's value stays), through
+    `dataclasses.replace`. Flags name themselves, so a bad combination is reported without a file name."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    try:
+        return dataclasses.replace(obj, **given)  # type: ignore[type-var]
+    except (TypeError, ValueError) as exc:
+        raise LmrcError(str(exc)) from None
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> T:

@@ -26,6 +26,8 @@ from lmrc.io import read_json, sidecar
 from lmrc.predict.config import PredictConfig
 from lmrc.predict.merge import merge
 from lmrc.predict.run import Shard, run_pipeline
+from lmrc.stage1.config import CandidateSettings
+from lmrc.stage1.predict import predict as stage1_predict
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +67,6 @@ def llm_config(ckpt, rc, **keys) -> PredictConfig:
 
 
 def test_classifier_llm_asks_the_llm_exactly_about_the_stage1_candidates(ckpt, rc, files, tmp_path):
-    from lmrc.stage1.predict import predict as stage1_predict
-
     out = tmp_path / "result.json"
     summary = run_pipeline(llm_config(ckpt, rc), files["test"], out, save_candidates=tmp_path / "c.json")
     assert summary["mode"] == "classifier-llm" and summary["documents"] == 7
@@ -99,8 +99,6 @@ def test_classifier_llm_asks_the_llm_exactly_about_the_stage1_candidates(ckpt, r
 
 
 def test_stage1_only_equals_the_heads_own_relation_predictions(ckpt, files, tmp_path):
-    from lmrc.stage1.predict import predict as stage1_predict
-
     out = tmp_path / "result.json"
     summary = run_pipeline(config(**{"stage1.checkpoint": str(ckpt)}), files["test"], out)
     assert summary["mode"] == "stage1-only" and "llm" not in summary
@@ -136,8 +134,6 @@ def test_constrained_answers_leave_nothing_for_the_scorer_to_drop(ckpt, rc, file
 
 
 def test_stage1_choices_narrow_every_constrained_answer_to_stage1s_best_relations(ckpt, rc, files, tmp_path):
-    from lmrc.stage1.predict import predict as stage1_predict
-
     cfg = llm_config(ckpt, rc, **{"stage1.max_per_doc": 4})
     cfg.stage2.overrides["generation"].update(
         {"constrained": True, "stage1_choices": 2, "max_new_tokens_cap": None}
@@ -145,7 +141,9 @@ def test_stage1_choices_narrow_every_constrained_answer_to_stage1s_best_relation
     out = tmp_path / "r.json"
     summary = run_pipeline(cfg, files["test"], out)
     best = {}  # (title, h, t) -> stage 1's two best relation ids by margin, from stage 1 run on its own
-    alone = stage1_predict(ckpt, files["test"], tmp_path / "alone.json", max_per_doc=4).candidates
+    alone = stage1_predict(
+        ckpt, files["test"], tmp_path / "alone.json", CandidateSettings(max_per_doc=4)
+    ).candidates
     for dc in alone.documents:
         for p in dc.pairs:
             assert p.top, "a multi-label head gives every candidate its best relations"
@@ -208,9 +206,12 @@ class _FailingGenerator:
 
 
 def _fast() -> list[str]:
-    from lmrc.predict.config import Stage2Settings
-
-    return Stage2Settings(overrides=FAST_GENERATION).override_list()
+    """FAST_GENERATION as `--set` items of the adapter's config."""
+    return [
+        f"{section}.{k}={json.dumps(v)}"
+        for section, values in FAST_GENERATION.items()
+        for k, v in values.items()
+    ]
 
 
 def test_a_run_killed_between_stage1_and_stage2_resumes_to_the_same_bytes(ckpt, rc, files, tmp_path, whole):
@@ -317,8 +318,6 @@ def test_bad_input_is_one_line_and_writes_nothing(ckpt, rc, direct, files, redoc
         ([], "nothing to run"),
     ]  # fmt: skip
     # a candidates file made for other documents
-    from lmrc.stage1.predict import predict as stage1_predict
-
     other_docs = tmp_path / "cands_other.json"
     stage1_predict(ckpt, files["train"], other_docs)
     cases.append((["--candidates", str(other_docs), "--stage2", str(rc)], "no document title matches"))
@@ -334,10 +333,8 @@ def test_bad_input_is_one_line_and_writes_nothing(ckpt, rc, direct, files, redoc
 
 
 def test_candidates_file_for_another_relation_set_is_refused(ckpt, rc, files, tmp_path):
-    from lmrc.stage1.predict import predict as stage1_predict
-
     path = tmp_path / "c.json"
-    stage1_predict(ckpt, files["test"], path, max_per_doc=2)
+    stage1_predict(ckpt, files["test"], path, CandidateSettings(max_per_doc=2))
     raw = read_json(path)
     raw["documents"][0]["pairs"][0]["relations"] = {"P99999": 1.0}
     path.write_text(json.dumps(raw))
@@ -399,8 +396,6 @@ def test_calibrate_additions_picks_the_near_miss_set_that_raises_f1_most():
 
 
 def test_refine_gates_the_llms_additions_at_the_calibrated_margin(ckpt, rc, files, tmp_path):
-    from lmrc.stage1.predict import predict as stage1_predict
-
     cfg = llm_config(
         ckpt,
         rc,
@@ -417,7 +412,9 @@ def test_refine_gates_the_llms_additions_at_the_calibrated_margin(ckpt, rc, file
         and summary["fingerprint"]["fusion"]["additions"] == "calibrated"
     )
     margin = gate["add_margin"] if gate["add_margin"] is not None else float("inf")
-    alone = stage1_predict(ckpt, files["test"], tmp_path / "s1.json", max_per_doc=6).candidates
+    alone = stage1_predict(
+        ckpt, files["test"], tmp_path / "s1.json", CandidateSettings(max_per_doc=6)
+    ).candidates
     stage1 = {(d.title, p.h, p.t): p for d in alone.documents for p in d.pairs}
     added = 0
     for x in read_json(out):
@@ -438,8 +435,6 @@ def test_refine_gates_the_llms_additions_at_the_calibrated_margin(ckpt, rc, file
 
 
 def test_refine_sends_only_the_uncertain_band_to_the_llm_and_keeps_stage1_above_it(ckpt, rc, files, tmp_path):
-    from lmrc.stage1.predict import predict as stage1_predict
-
     alone = stage1_predict(ckpt, files["test"], tmp_path / "s1.json").candidates
     with_rel = sorted(p.score for d in alone.documents for p in d.pairs if p.relations)
     assert len(with_rel) >= 4
@@ -484,11 +479,10 @@ def test_refine_calibrates_its_upper_threshold_on_the_tuning_file(ckpt, rc, file
 def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_hints(
     ckpt, files, redocred_dir, tmp_path
 ):
-    from lmrc.stage1.predict import predict as stage1_predict
     from lmrc.stage2.predict import Stage2Runner
 
     train_cands = tmp_path / "train.cands.json"  # stands in for `lmrc stage1 crossfit` output
-    stage1_predict(ckpt, files["train"], train_cands, max_per_doc=6)
+    stage1_predict(ckpt, files["train"], train_cands, CandidateSettings(max_per_doc=6))
     assert all(p.top and len(p.top) == 3 for d in load_candidates(train_cands).documents for p in d.pairs)
     hinted = adapter(redocred_dir, "rc", None, ("hints=2", f"data.candidates={train_cands}"))
     out = tmp_path / "r.json"
@@ -500,7 +494,9 @@ def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_h
     from lmrc.data.docred import load_documents
 
     doc = load_documents(files["test"])[0]
-    dc = stage1_predict(ckpt, files["test"], tmp_path / "c.json", max_per_doc=3).candidates.documents[0]
+    dc = stage1_predict(
+        ckpt, files["test"], tmp_path / "c.json", CandidateSettings(max_per_doc=3)
+    ).candidates.documents[0]
     _, prompts = runner.plan(doc, sorted((p.h, p.t) for p in dc.pairs), runner.hints_for(dc))
     assert prompts[0].suffix.count("| hints: ") == len(dc.pairs)
     assert "best guesses of a relation classifier" in prompts[0].prefix

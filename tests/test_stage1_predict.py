@@ -29,6 +29,7 @@ from lmrc.errors import LmrcError
 from lmrc.eval.metrics import load_predictions
 from lmrc.stage1.calibration import calibrate_recall
 from lmrc.stage1.checkpoint import load_checkpoint
+from lmrc.stage1.config import CandidateSettings
 from lmrc.stage1.crossfit import crossfit
 from lmrc.stage1.features import featurize
 from lmrc.stage1.inference import infer_logits
@@ -124,6 +125,10 @@ def test_calibrate_recall_picks_the_highest_threshold_reaching_the_target():
         calibrate_recall([[0.2]], [[False]], 0.9)
 
 
+def _recall(target: float, calibration) -> CandidateSettings:
+    return CandidateSettings(recall_target=target, calibration=str(calibration))
+
+
 def test_recall_target_calibration_reaches_the_target_on_the_tune_docs(setup, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(setup["atl"], ckpt)
@@ -133,8 +138,7 @@ def test_recall_target_calibration_reaches_the_target_on_the_tune_docs(setup, tm
         ckpt,
         setup["tune"],
         tmp_path / "c.json",
-        recall_target=0.9,
-        tune_path=setup["tune"],
+        CandidateSettings(recall_target=0.9, tune=str(setup["tune"])),
         save_calibration_path=saved,
     )
     assert result.report.recall >= 0.9
@@ -158,19 +162,19 @@ def test_recall_target_calibration_reaches_the_target_on_the_tune_docs(setup, tm
     k = sum(s > result.threshold for s in pos)
     assert (k - 1) / len(pos) < 0.9 <= k / len(pos)
     # the saved calibration is reused with --calibration; another target or other weights are refused
-    again = predict(ckpt, setup["test"], tmp_path / "c2.json", recall_target=0.9, calibration_path=saved)
+    again = predict(ckpt, setup["test"], tmp_path / "c2.json", _recall(0.9, saved))
     assert again.threshold == result.threshold
     assert again.candidates.header.calibration["method"] == "recall_target"
     with pytest.raises(LmrcError, match="calibrated for recall target 0.9, not 0.8"):
-        predict(ckpt, setup["test"], tmp_path / "c3.json", recall_target=0.8, calibration_path=saved)
+        predict(ckpt, setup["test"], tmp_path / "c3.json", _recall(0.8, saved))
     with pytest.raises(LmrcError, match="pass --tune FILE"):
-        predict(ckpt, setup["test"], tmp_path / "c3.json", recall_target=0.9)
+        predict(ckpt, setup["test"], tmp_path / "c3.json", CandidateSettings(recall_target=0.9))
     with pytest.raises(LmrcError, match="calibrated for other weights"):
-        predict(setup["bce"], setup["test"], tmp_path / "c4.json", recall_target=0.9, calibration_path=saved)
+        predict(setup["bce"], setup["test"], tmp_path / "c4.json", _recall(0.9, saved))
 
 
 def test_max_per_doc_keeps_the_k_best_pairs(setup, tmp_path):
-    result = predict(setup["atl"], setup["unlabelled"], tmp_path / "c.json", max_per_doc=3)
+    result = predict(setup["atl"], setup["unlabelled"], tmp_path / "c.json", CandidateSettings(max_per_doc=3))
     assert result.candidates.header.threshold is None
     assert result.candidates.header.calibration == {"method": "max_per_doc", "k": 3}
     for dc, scores in zip(result.candidates.documents, reference_scores(setup["atl"], setup["unlabelled"])):
@@ -266,8 +270,8 @@ def test_head_params_change_prediction_only_and_refuse_training_parameters(setup
         setup["atl"],
         setup["test"],
         tmp_path / "b.json",
+        CandidateSettings(head_params={"top_k": 1}),
         relations_output=tmp_path / "b.result.json",
-        head_params={"top_k": 1},
     )
     per_pair: dict = {}
     for x in capped.relation_predictions:

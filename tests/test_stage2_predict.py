@@ -9,6 +9,7 @@ import pytest
 from stage2_helpers import smollm2_tokenizer, tiny_model_dir
 
 from lmrc.cli import main
+from lmrc.config import apply_overrides
 from lmrc.data.candidates import (
     CandidatePair,
     Candidates,
@@ -29,7 +30,7 @@ from lmrc.stage2.train import train
 def predict(adapter, docs, out, candidates_path=None, gold_pairs=False, resume=False, debug_out=None,
             overrides=(), generator=None):  # fmt: skip
     """What `lmrc stage2 predict` runs; returns the summary's LLM section."""
-    cfg = stage2_predict_config(adapter, candidates_path, gold_pairs, overrides)
+    cfg = stage2_predict_config(adapter, candidates_path, gold_pairs, apply_overrides({}, list(overrides)))
     summary = run_pipeline(
         cfg, docs, out, resume=resume, debug_out=debug_out, generator=generator, show_progress=False
     )
@@ -375,7 +376,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(adapter):
 def test_rows_stop_at_their_own_budget_or_after_repeated_lines():
     import torch
 
-    from lmrc.stage2.generate import _RowStopper
+    from lmrc.stage2.generate.hf_backend import _RowStopper
 
     tok = smollm2_tokenizer()
     line = tok("(Alpha| country| Beta)\n")["input_ids"]

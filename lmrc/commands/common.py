@@ -1,4 +1,6 @@
-"""Argument helpers shared by subcommands."""
+"""Argument helpers shared by subcommands: one parser per subcommand (`add_command`), the flag groups that
+several commands share (config, run folder, overwrite, stage 1's candidate rule), checked numbers, and the log
+file and SIGTERM handling of long runs."""
 
 from __future__ import annotations
 
@@ -10,18 +12,36 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmrc.errors import LmrcError
+from lmrc.io import sidecar
+from lmrc.paths import Named
 
 
-def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument("--config", default=default, help="YAML config file (defaults are the papers' values)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
-    )
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand whose handler is `func` (it returns the exit code)."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults are the papers' values)")
+    add_set_arg(p, "override a config value, e.g. --set train.epochs=3 (repeatable)")
+
+
+def add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE`, repeatable: the YAML override syntax (lmrc.config.apply_overrides), in `args.overrides`."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +66,88 @@ def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "existing output f
         action="store_true",
         help=f"replace {what} (without it an existing output is an error, never silently replaced)",
     )
+
+
+def add_candidate_args(p: argparse.ArgumentParser, tune: bool = True) -> None:
+    """Stage 1's candidate rule (lmrc.stage1.config.CandidateSettings): one of --threshold, --recall-target and
+    --max-per-doc, and (`tune`) where the recall target's calibration comes from."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=finite_float, help="keep pairs whose score is above this value")
+    g.add_argument(
+        "--recall-target",
+        type=recall_fraction,
+        metavar="R",
+        help="the highest threshold whose pair recall on the tuning file is >= R"
+        + (" (--tune FILE, or a saved --calibration FILE)" if tune else " (data.tune of the config)"),
+    )
+    g.add_argument(
+        "--max-per-doc", type=positive_int, metavar="K", help="keep the K best-scored pairs of every document"
+    )
+    if tune:
+        p.add_argument("--tune", type=Path, metavar="FILE", help="labelled tuning file for --recall-target")
+        p.add_argument(
+            "--calibration",
+            type=Path,
+            metavar="FILE",
+            help="a calibration saved earlier with --save-calibration",
+        )
+
+
+def add_batch_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="documents per forward pass (default 8)"
+    )
+
+
+def candidate_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The candidate-rule flags of `add_candidate_args` (and --batch-size, --head-param) as CandidateSettings
+    fields; None where a flag was not given, so that a config's value stays (lmrc.config.with_flags)."""
+    tune, calibration = getattr(args, "tune", None), getattr(args, "calibration", None)
+    return {
+        "threshold": args.threshold,
+        "recall_target": args.recall_target,
+        "max_per_doc": args.max_per_doc,
+        "tune": str(tune) if tune is not None else None,
+        "calibration": str(calibration) if calibration is not None else None,
+        "batch_size": getattr(args, "batch_size", None),
+        "head_params": head_params(getattr(args, "head_params", None) or []) or None,
+    }
+
+
+def head_params(items: list[str]) -> dict[str, Any]:
+    """`--head-param KEY=VALUE` flags (values read as YAML) as a dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LmrcError(f"--head-param {item}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def add_entities_arg(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> None:
+    p.add_argument(
+        "--entities",
+        required=required,
+        metavar="CKPT",
+        help=help or "entity checkpoint (lmrc entities train) or spacy:<pipeline>",
+    )
+
+
+def entity_model_path(entities: str | None) -> list[Named]:
+    """--entities as an input path to check: a checkpoint folder (spacy:<pipeline> and gold: name no file)."""
+    if entities is None or str(entities).startswith(("spacy:", "gold:")):
+        return []
+    return [Named("--entities", Path(entities))]
+
+
+def predict_outputs(output: Path) -> list[Named]:
+    """The files a prediction run (`lmrc predict`, `lmrc stage2 predict`, `lmrc merge`) writes beside its result."""
+    return [
+        Named("the summary", sidecar(output, ".summary.json")),
+        Named("the strict-names result", sidecar(output, ".strict.json")),
+        Named("the progress file", sidecar(output, ".progress.jsonl")),
+    ]
 
 
 # Numeric options are checked here, where the arguments are parsed, so a bad value is one usage line at once

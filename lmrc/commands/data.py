@@ -5,104 +5,122 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmrc.commands.common import add_overwrite_arg, non_negative_int, positive_float
+from lmrc.commands.common import (
+    add_command,
+    add_entities_arg,
+    add_overwrite_arg,
+    entity_model_path,
+    non_negative_int,
+    positive_float,
+)
 from lmrc.data.docred import load_documents, validate_raw
+from lmrc.data.fetch import fetch_redocred
 from lmrc.data.relations import RelationSet, load_relations
+from lmrc.data.split import manifest_path, parse_ratios, split_file, split_output_paths
+from lmrc.data.stats import document_stats
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
 from lmrc.paths import check_paths, check_writable_folder, named, same_file
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="validate, describe, split and fetch DocRED-format data")
     data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-
-    v = data_sub.add_parser(
+    validate = add_command(
+        data_sub,
         "validate",
+        cmd_validate,
         help="check a DocRED-format file; exit 0 when clean, 1 with a report of its problems",
         description='Check a DocRED-format file. Each problem is one line `FILE: document I ("TITLE"): FIELD: '
         "MESSAGE`. Exit 0 when there are no errors, 1 otherwise; duplicate facts are warnings (exit 0) unless "
         "--strict. Unreadable or malformed JSON exits 2.",
     )
-    v.add_argument("file", type=Path, help="DocRED-format JSON file")
-    v.add_argument(
+    validate.add_argument("file", type=Path, help="DocRED-format JSON file")
+    validate.add_argument(
         "--rel-info", type=Path, help="relation inventory (rel_info.json): also check relation ids"
     )
-    v.add_argument(
+    validate.add_argument(
         "--max-problems",
         type=non_negative_int,
         default=100,
         metavar="N",
         help="list at most N problems (0: all; default 100)",
     )
-    v.add_argument("--strict", action="store_true", help="treat warnings (duplicate facts) as errors")
-    v.set_defaults(func=cmd_validate)
-
-    s = data_sub.add_parser("stats", help="corpus statistics of a DocRED-format file")
-    s.add_argument("file", type=Path, help="DocRED-format JSON file")
-    s.add_argument(
+    validate.add_argument("--strict", action="store_true", help="treat warnings (duplicate facts) as errors")
+    stats = add_command(data_sub, "stats", cmd_stats, help="corpus statistics of a DocRED-format file")
+    stats.add_argument("file", type=Path, help="DocRED-format JSON file")
+    stats.add_argument(
         "--rel-info", type=Path, help="relation inventory: check relation ids and show their names"
     )
-    s.add_argument(
+    stats.add_argument(
         "--top", type=non_negative_int, default=10, metavar="N", help="show the N most frequent relations"
     )
-    s.add_argument("--json", type=Path, metavar="OUT", help="also write the statistics as JSON to OUT")
-    add_overwrite_arg(s)
-    s.set_defaults(func=cmd_stats)
+    stats.add_argument("--json", type=Path, metavar="OUT", help="also write the statistics as JSON to OUT")
+    add_overwrite_arg(stats)
+    _register_split(data_sub)
+    _register_from_text(data_sub)
+    _register_fetch(data_sub)
 
-    sp = data_sub.add_parser(
+
+def _register_split(data_sub: argparse._SubParsersAction) -> None:
+    split = add_command(
+        data_sub,
         "split",
+        cmd_split,
         help="seeded document-level split into <stem>_split0.json, <stem>_split1.json, ...",
         description="Shuffle the documents with the seed and cut them into parts of the given ratios; each part "
         "keeps the original file order and every field of every document. Writes <stem>_split<i>.json per "
         "ratio and <stem>_split_manifest.json (seed, ratios, source sha256, indices).",
     )
-    sp.add_argument("file", type=Path, help="DocRED-format JSON file")
-    sp.add_argument("--ratios", required=True, help="comma-separated part sizes summing to 1, e.g. 0.9,0.1")
-    sp.add_argument("--seed", type=int, required=True)
-    sp.add_argument("--out-dir", type=Path, required=True)
-    add_overwrite_arg(sp, "existing split files")
-    sp.set_defaults(func=cmd_split)
+    split.add_argument("file", type=Path, help="DocRED-format JSON file")
+    split.add_argument(
+        "--ratios", required=True, help="comma-separated part sizes summing to 1, e.g. 0.9,0.1"
+    )
+    split.add_argument("--seed", type=int, required=True)
+    split.add_argument("--out-dir", type=Path, required=True)
+    add_overwrite_arg(split, "existing split files")
 
-    _register_from_text(data_sub)
 
-    f = data_sub.add_parser(
+def _register_fetch(data_sub: argparse._SubParsersAction) -> None:
+    fetch = add_command(
+        data_sub,
         "fetch",
+        cmd_fetch,
         help="get the official Re-DocRED train/dev/test files (sha256-verified, atomic)",
         description="Download the official Re-DocRED files into $LMRC_CACHE/redocred (default "
         "~/.cache/lmrc/redocred), or copy them from a local copy (--from DIR, or LMRC_DATA_DIR) that holds "
         "redocred/<file>. Files the local copy lacks are reported with their download URL (exit 1).",
     )
-    f.add_argument("dataset", choices=["redocred"])
-    f.add_argument("--to", type=Path, metavar="DIR", help="output folder (default $LMRC_CACHE/redocred)")
-    f.add_argument("--from", dest="from_dir", type=Path, metavar="DIR", help="copy from this local copy")
-    f.add_argument(
+    fetch.add_argument("dataset", choices=["redocred"])
+    fetch.add_argument("--to", type=Path, metavar="DIR", help="output folder (default $LMRC_CACHE/redocred)")
+    fetch.add_argument("--from", dest="from_dir", type=Path, metavar="DIR", help="copy from this local copy")
+    fetch.add_argument(
         "--url", help="download from this base URL (default $LMRC_REDOCRED_URL, else the official)"
     )
-    f.add_argument("--files", default="train,dev,test", help="which files (default train,dev,test)")
-    f.add_argument("--force", action="store_true", help="fetch again even when a good copy is already there")
-    f.add_argument(
+    fetch.add_argument("--files", default="train,dev,test", help="which files (default train,dev,test)")
+    fetch.add_argument(
+        "--force", action="store_true", help="fetch again even when a good copy is already there"
+    )
+    fetch.add_argument(
         "--timeout", type=positive_float, default=60.0, help="network timeout in seconds (default 60)"
     )
-    f.set_defaults(func=cmd_fetch)
 
 
-def _register_from_text(data_sub) -> None:
-    ft = data_sub.add_parser(
+def _register_from_text(data_sub: argparse._SubParsersAction) -> None:
+    from_text = add_command(
+        data_sub,
         "from-text",
+        cmd_from_text,
         help="build DocRED documents (entities, coreference) from plain text",
         description="Read a .txt file, a folder of .txt files or JSON lines {title, text}; cut sentences and "
         "tokens (spaCy), find and group the entity mentions with --entities, and write DocRED documents (with "
         "their text and token character offsets) for inspection or `lmrc predict --input`. Unreadable, empty or "
         "binary texts are reported one line each and skipped.",
     )
-    ft.add_argument("input", type=Path, help=".txt file, folder of .txt files, or .jsonl")
-    ft.add_argument(
-        "--entities", required=True, help="entity checkpoint (lmrc entities train) or spacy:<pipeline>"
-    )
-    ft.add_argument("--output", required=True, type=Path, help="DocRED-format JSON file to write")
-    add_overwrite_arg(ft)
-    ft.set_defaults(func=cmd_from_text)
+    from_text.add_argument("input", type=Path, help=".txt file, folder of .txt files, or .jsonl")
+    add_entities_arg(from_text, required=True)
+    from_text.add_argument("--output", required=True, type=Path, help="DocRED-format JSON file to write")
+    add_overwrite_arg(from_text)
 
 
 def _relations(path: Path | None) -> RelationSet | None:
@@ -133,8 +151,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from lmrc.data.stats import document_stats
-
     check_paths(
         named("the input", args.file) + named("--rel-info", args.rel_info),
         named("--json", args.json),
@@ -189,8 +205,6 @@ def format_stats(stats: dict, title: str, top: int = 10) -> str:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from lmrc.data.split import manifest_path, parse_ratios, split_file, split_output_paths
-
     ratios = parse_ratios(args.ratios)
     parts = split_output_paths(args.file, args.out_dir, len(ratios))
     check_paths(
@@ -206,8 +220,6 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from lmrc.data.fetch import fetch_redocred
-
     if args.to is not None and args.from_dir is not None:
         for source in (args.from_dir, args.from_dir / "redocred"):
             if same_file(args.to, source):
@@ -231,13 +243,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_from_text(args: argparse.Namespace) -> int:
-    from lmrc.entities.run import build_file
+    from lmrc.entities.run import build_file  # torch: see lmrc.commands
 
-    entities = (
-        [] if str(args.entities).startswith(("spacy:", "gold:")) else named("--entities", args.entities)
-    )
     check_paths(
-        named("INPUT", args.input) + entities, named("--output", args.output), overwrite=args.overwrite
+        named("INPUT", args.input) + entity_model_path(args.entities),
+        named("--output", args.output),
+        overwrite=args.overwrite,
     )
     docs, stats = build_file(args.input, args.entities, args.output)  # skipped texts: one warning line each
     print(

@@ -2,33 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 
+from lmrc import cpu_guard
+from lmrc.commands.common import add_command
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
         "env",
+        cmd_env,
         help="show the machine kind, the precision and threads lmrc chooses, and the CPU kernel check's verdict",
         description="The machine as lmrc sees it. The CPU guard probes this CPU's bf16 kernels once (in a child "
         "process: a crash there costs nothing) and caches the verdict; --reprobe runs the probe again.",
     )
     p.add_argument("--reprobe", action="store_true", help="forget the cached verdict and probe again")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    p.set_defaults(func=cmd_env)
 
 
 def environment(reprobe: bool = False) -> dict:
     """What `lmrc env` shows, as a dict (also what benchmarks record)."""
-    from lmrc import cpu_guard, hardware
-    from lmrc.stage2.modeling import resolve_dtype
-
     if reprobe:
         cpu_guard.ensure.cache_clear()
         cpu_guard.verdict(refresh=True)
     verdict = cpu_guard.ensure()
+    # torch and the torch-based modules after the guard's verdict (see lmrc.commands)
     import torch
+
+    from lmrc import hardware
+    from lmrc.stage2.modeling import resolve_dtype
 
     cpu = cpu_guard.read_cpu()
     return {
@@ -44,7 +50,7 @@ def environment(reprobe: bool = False) -> dict:
     }
 
 
-def cmd_env(args) -> int:
+def cmd_env(args: argparse.Namespace) -> int:
     env = environment(args.reprobe)
     if args.json:
         print(json.dumps(env, indent=2))

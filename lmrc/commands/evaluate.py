@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lmrc.commands.common import add_overwrite_arg
+from lmrc.commands.common import add_command, add_overwrite_arg
 from lmrc.data.docred import load_labelled
 from lmrc.data.relations import load_relations
 from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "evaluate",
+        run,
         help="score predictions with the official DocRED metrics (P/R/F1, Ign F1, evidence, intra/inter, ...)",
         description="Score a result file (a JSON list of {title, h_idx, t_idx, r[, evidence]}) against a labelled "
         "DocRED file, with the semantics of the official DocRED evaluation script.",
@@ -42,7 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="write all metrics as JSON here")
     p.add_argument("--per-relation", action="store_true", help="also print one row per relation")
     add_overwrite_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,66 +8,95 @@ import os
 from pathlib import Path
 
 from lmrc.commands.common import (
+    add_batch_size_arg,
+    add_candidate_args,
+    add_command,
     add_config_args,
     add_overwrite_arg,
     add_run_args,
-    finite_float,
+    candidate_flags,
     fold_count,
     log_to_file,
-    positive_int,
-    recall_fraction,
     sigterm_as_interrupt,
 )
-from lmrc.errors import LmrcError
+from lmrc.config import with_flags
+from lmrc.eval.report import format_table
 from lmrc.paths import check_paths, check_writable_folder, named
+from lmrc.stage1.config import CandidateSettings, Stage1Config, load_stage1_config
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stage1", help="stage 1: train the pair classifier and propose candidate pairs")
     s1 = p.add_subparsers(dest="stage1_command", metavar="SUBCOMMAND", required=True)
-
-    t = s1.add_parser(
+    train = add_command(
+        s1,
         "train",
+        cmd_train,
         help="train a stage-1 model (resumable; writes best/, last/, metrics.jsonl, train.log)",
         description="Train the ATLOP-style pair classifier with the configured head. The output folder gets the "
         "resolved config, train.log, metrics.jsonl (one line per evaluation on data.tune), best/ (the checkpoint "
         "selected by train.select_metric) and last/ (the state --resume continues from, written every epoch, "
         "every train.save_every_steps steps and on Ctrl-C / SIGTERM).",
     )
-    add_config_args(t)
-    add_run_args(t)
-    t.set_defaults(func=cmd_train)
-
-    pr = s1.add_parser(
-        "predict",
-        help="score every entity pair and write the candidates file",
-        description="Score every ordered entity pair of the input documents and keep the pairs whose score is "
-        "above the threshold (default: the head's own rule, 0.5 for bce, margin 0 for the others). With gold "
-        "labels (--gold, or a labelled input) it prints candidate precision / recall / F1 (a pair is positive "
-        "when it holds a relation), the reduction ratio (candidates / all pairs) and, for multi-label heads, "
-        "relation P / R / F1 / Ign F1.",
+    add_config_args(train)
+    add_run_args(train)
+    _add_predict_args(
+        add_command(
+            s1,
+            "predict",
+            cmd_predict,
+            help="score every entity pair and write the candidates file",
+            description="Score every ordered entity pair of the input documents and keep the pairs whose score "
+            "is above the threshold (default: the head's own rule, 0.5 for bce, margin 0 for the others). With "
+            "gold labels (--gold, or a labelled input) it prints candidate precision / recall / F1 (a pair is "
+            "positive when it holds a relation), the reduction ratio (candidates / all pairs) and, for "
+            "multi-label heads, relation P / R / F1 / Ign F1.",
+        )
     )
-    pr.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (or a training folder)")
-    pr.add_argument("--input", required=True, type=Path, help="DocRED-format documents (labels optional)")
-    pr.add_argument("--output", required=True, type=Path, help="candidates file to write")
-    pr.add_argument(
+    crossfit = add_command(
+        s1,
+        "crossfit",
+        cmd_crossfit,
+        help="K-fold candidates for the training file, each from the model that did not see it",
+        description="Train K models, model k without fold k of data.train (in <output_dir>/fold<k>, resumable), "
+        "and write the candidates of every training document from the model that did not train on it, so that "
+        "stage 2 learns from realistic candidates without leakage.",
+    )
+    add_config_args(crossfit)
+    crossfit.add_argument("--folds", type=fold_count, default=5, help="number of folds K (default 5)")
+    crossfit.add_argument("--output", required=True, type=Path, help="candidates file to write")
+    crossfit.add_argument("--output-dir", help="folder of the fold models (default: the config's output_dir)")
+    add_candidate_args(crossfit, tune=False)
+    add_batch_size_arg(crossfit)
+    add_overwrite_arg(crossfit, "an existing candidates file (the fold models are reused, as with --resume)")
+
+
+def _add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (or a training folder)")
+    p.add_argument("--input", required=True, type=Path, help="DocRED-format documents (labels optional)")
+    p.add_argument("--output", required=True, type=Path, help="candidates file to write")
+    p.add_argument(
         "--relations",
         type=Path,
         metavar="RESULT",
         help="also write the head's relation predictions in the official result format (multi-label heads)",
     )
-    _add_threshold_args(pr)
-    pr.add_argument(
+    add_candidate_args(p)
+    p.add_argument(
+        "--save-calibration",
+        type=Path,
+        metavar="FILE",
+        help="also write the recall-target calibration to FILE (the checkpoint folder is never written)",
+    )
+    p.add_argument(
         "--gold", type=Path, help="labelled documents for the report (default: the input, if labelled)"
     )
-    pr.add_argument(
+    p.add_argument(
         "--train", type=Path, help="training documents for Ign F1 (default: the checkpoint's data.train)"
     )
-    pr.add_argument(
-        "--batch-size", type=positive_int, default=8, help="documents per forward pass (default 8)"
-    )
-    add_overwrite_arg(pr)
-    pr.add_argument(
+    add_batch_size_arg(p)
+    add_overwrite_arg(p)
+    p.add_argument(
         "--head-param",
         dest="head_params",
         action="append",
@@ -75,59 +104,9 @@ def register(sub) -> None:
         metavar="KEY=VALUE",
         help="prediction-time head parameter, e.g. threshold_mode=raw (amtl), alpha=0.6 (mdre), top_k=4 (atl)",
     )
-    pr.set_defaults(func=cmd_predict)
-
-    c = s1.add_parser(
-        "crossfit",
-        help="K-fold candidates for the training file, each from the model that did not see it",
-        description="Train K models, model k without fold k of data.train (in <output_dir>/fold<k>, resumable), "
-        "and write the candidates of every training document from the model that did not train on it, so that "
-        "stage 2 learns from realistic candidates without leakage.",
-    )
-    add_config_args(c)
-    c.add_argument("--folds", type=fold_count, default=5, help="number of folds K (default 5)")
-    c.add_argument("--output", required=True, type=Path, help="candidates file to write")
-    c.add_argument("--output-dir", help="folder of the fold models (default: the config's output_dir)")
-    _add_threshold_args(c, tune=False)
-    c.add_argument(
-        "--batch-size", type=positive_int, default=8, help="documents per forward pass (default 8)"
-    )
-    add_overwrite_arg(c, "an existing candidates file (the fold models are reused, as with --resume)")
-    c.set_defaults(func=cmd_crossfit)
 
 
-def _add_threshold_args(p: argparse.ArgumentParser, tune: bool = True) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=finite_float, help="keep pairs whose score is above this value")
-    g.add_argument(
-        "--recall-target",
-        type=recall_fraction,
-        metavar="R",
-        help="the highest threshold whose pair recall on the tuning file is >= R"
-        + (" (--tune FILE, or a saved --calibration FILE)" if tune else " (data.tune of the config)"),
-    )
-    g.add_argument(
-        "--max-per-doc", type=positive_int, metavar="K", help="keep the K best-scored pairs of every document"
-    )
-    if tune:
-        p.add_argument("--tune", type=Path, help="labelled tuning file for --recall-target")
-        p.add_argument(
-            "--calibration",
-            type=Path,
-            metavar="FILE",
-            help="a calibration saved earlier with --save-calibration",
-        )
-        p.add_argument(
-            "--save-calibration",
-            type=Path,
-            metavar="FILE",
-            help="also write the recall-target calibration to FILE (the checkpoint folder is never written)",
-        )
-
-
-def _load_config(args, output_dir: str | None):
-    from lmrc.stage1.config import load_stage1_config
-
+def _load_config(args: argparse.Namespace, output_dir: str | None) -> Stage1Config:
     path = args.config
     if path is None and getattr(args, "resume", False) and output_dir:
         path = str(Path(output_dir) / "config.yaml")
@@ -137,8 +116,8 @@ def _load_config(args, output_dir: str | None):
     return cfg
 
 
-def cmd_train(args) -> int:
-    from lmrc.stage1.train import train
+def cmd_train(args: argparse.Namespace) -> int:
+    from lmrc.stage1.train import train  # torch: see lmrc.commands
 
     cfg = _load_config(args, args.output_dir)
     out = Path(cfg.output_dir)
@@ -162,7 +141,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _print_report(report, metrics, relation_names) -> None:
+def _print_report(report, metrics) -> None:
     if report is not None:
         print(
             f"candidates: {report.candidates:,} of {report.pairs:,} pairs (reduction ratio {report.reduction:.4f}) "
@@ -173,26 +152,12 @@ def _print_report(report, metrics, relation_names) -> None:
             f"F1 {100 * report.f1:.2f}  ({report.correct:,} of {report.positive_pairs:,} positive pairs kept)"
         )
     if metrics is not None:
-        from lmrc.eval.report import format_table
-
         print()
-        print(format_table(metrics, relation_names))
+        print(format_table(metrics, None))
 
 
-def _head_params(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LmrcError(f"--head-param {item}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def cmd_predict(args) -> int:
-    from lmrc.stage1.predict import predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lmrc.stage1.predict import predict  # torch: see lmrc.commands
 
     check_paths(
         named("--checkpoint", args.checkpoint)
@@ -210,31 +175,25 @@ def cmd_predict(args) -> int:
         args.checkpoint,
         args.input,
         args.output,
+        with_flags(CandidateSettings(), candidate_flags(args)),
         relations_output=args.relations,
-        threshold=args.threshold,
-        recall_target=args.recall_target,
-        tune_path=args.tune,
-        calibration_path=args.calibration,
         save_calibration_path=args.save_calibration,
-        max_per_doc=args.max_per_doc,
         gold_path=args.gold,
         train_path=args.train,
-        batch_size=args.batch_size,
-        head_params=_head_params(args.head_params),
     )
-    h = result.candidates.header
+    header = result.candidates.header
     n = sum(len(d.pairs) for d in result.candidates.documents)
-    thr = "none" if h.threshold is None else f"{h.threshold:.6g}"
+    threshold = "none" if header.threshold is None else f"{header.threshold:.6g}"
     print(f"{args.output}: {n:,} candidate pairs in {len(result.candidates.documents):,} documents")
-    print(f"head {h.head}, threshold {thr} ({h.calibration.get('method')})")
+    print(f"head {header.head}, threshold {threshold} ({header.calibration.get('method')})")
     if args.relations:
         print(f"{args.relations}: {len(result.relation_predictions or []):,} relation predictions")
-    _print_report(result.report, result.relation_metrics, None)
+    _print_report(result.report, result.relation_metrics)
     return 0
 
 
-def cmd_crossfit(args) -> int:
-    from lmrc.stage1.crossfit import crossfit
+def cmd_crossfit(args: argparse.Namespace) -> int:
+    from lmrc.stage1.crossfit import crossfit  # torch: see lmrc.commands
 
     cfg = _load_config(args, args.output_dir)
     check_paths(
@@ -243,19 +202,13 @@ def cmd_crossfit(args) -> int:
         overwrite=args.overwrite,
     )
     check_writable_folder("--output-dir", cfg.output_dir)
+    rule = with_flags(CandidateSettings(), candidate_flags(args))
     with sigterm_as_interrupt(), log_to_file(Path(cfg.output_dir) / "crossfit.log"):
-        result = crossfit(
-            cfg,
-            args.folds,
-            args.output,
-            threshold=args.threshold,
-            recall_target=args.recall_target,
-            max_per_doc=args.max_per_doc,
-            batch_size=args.batch_size,
-        )
+        result = crossfit(cfg, args.folds, args.output, rule)
     n = sum(len(d.pairs) for d in result.candidates.documents)
     print(
-        f"{args.output}: {n:,} candidate pairs in {len(result.candidates.documents):,} documents from {args.folds} fold models"
+        f"{args.output}: {n:,} candidate pairs in {len(result.candidates.documents):,} documents from "
+        f"{args.folds} fold models"
     )
-    _print_report(result.report, None, None)
+    _print_report(result.report, None)
     return 0

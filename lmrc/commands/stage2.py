@@ -8,22 +8,29 @@ import os
 from pathlib import Path
 
 from lmrc.commands.common import (
+    add_command,
     add_config_args,
     add_overwrite_arg,
     add_run_args,
+    add_set_arg,
     log_to_file,
+    predict_outputs,
     sigterm_as_interrupt,
 )
+from lmrc.config import apply_overrides, with_flags
 from lmrc.errors import LmrcError
+from lmrc.io import sidecar
 from lmrc.paths import check_paths, check_progress, check_writable_folder, named
+from lmrc.stage2.config import Stage2Config, load_stage2_config
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stage2", help="stage 2: fine-tune the LLM (LoRA) and classify entity pairs")
     s2 = p.add_subparsers(dest="stage2_command", metavar="SUBCOMMAND", required=True)
-
-    t = s2.add_parser(
+    train = add_command(
+        s2,
         "train",
+        cmd_train,
         help="LoRA fine-tuning (resumable; writes the adapter, metrics.jsonl, last/)",
         description="Fine-tune LoRA adapters on the training documents: mode rc (gold relation pairs, LMRC) or "
         "direct (all pairs, None for pairs without relation). The output folder gets the adapter (safetensors), "
@@ -31,83 +38,77 @@ def register(sub) -> None:
         "and last/ (the state --resume continues from, written every train.save_every_steps steps, at the end, "
         "and on Ctrl-C / SIGTERM). Multi-GPU: `accelerate launch -m lmrc stage2 train ...`.",
     )
-    add_config_args(t)
-    add_run_args(t)
-    t.set_defaults(func=cmd_train)
-
-    pr = s2.add_parser(
-        "predict",
-        help="classify entity pairs with a trained adapter; write the official result file",
-        description="Render the prompts of each document (stage-1 candidates, its gold relation pairs, or all "
-        "pairs for a direct-mode adapter), generate, parse and align the answers, and write the official result "
-        "file. This is `lmrc predict` with the adapter alone: finished batches of generation.docs_per_chunk "
-        "documents are appended to <output>.progress.jsonl, so --resume continues an interrupted run; "
-        "<output>.summary.json (the format of lmrc predict) counts prompts, tokens, drop reasons and out-of-set "
-        "relations.",
+    add_config_args(train)
+    add_run_args(train)
+    _add_predict_args(
+        add_command(
+            s2,
+            "predict",
+            cmd_predict,
+            help="classify entity pairs with a trained adapter; write the official result file",
+            description="Render the prompts of each document (stage-1 candidates, its gold relation pairs, or all "
+            "pairs for a direct-mode adapter), generate, parse and align the answers, and write the official "
+            "result file. This is `lmrc predict` with the adapter alone: finished batches of "
+            "generation.docs_per_chunk documents are appended to <output>.progress.jsonl, so --resume continues "
+            "an interrupted run; <output>.summary.json (the format of lmrc predict) counts prompts, tokens, drop "
+            "reasons and out-of-set relations.",
+        )
     )
-    pr.add_argument("--adapter", required=True, type=Path, help="folder written by `lmrc stage2 train`")
-    pr.add_argument("--input", required=True, type=Path, help="DocRED-format documents")
-    source = pr.add_mutually_exclusive_group()
+    export = add_command(
+        s2,
+        "export",
+        cmd_export,
+        help="merge the adapter into the base model and save a plain model folder for serving",
+        description="Fold the LoRA adapter into the base weights (merge_and_unload) and save safetensors weights "
+        "and the tokenizer to a new folder, loadable by transformers or vLLM without peft.",
+    )
+    export.add_argument("--adapter", required=True, type=Path, help="folder written by `lmrc stage2 train`")
+    export.add_argument("--out", required=True, type=Path, help="new folder to write")
+    export.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="weights dtype (default: the adapter config's dtype)",
+    )
+
+
+def _add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, type=Path, help="folder written by `lmrc stage2 train`")
+    p.add_argument("--input", required=True, type=Path, help="DocRED-format documents")
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--candidates", type=Path, help="stage-1 candidates file (rc adapters)")
     source.add_argument(
         "--gold-pairs",
         action="store_true",
         help="ask about each document's gold relation pairs (rc adapters; the LMRC ablation's RC-stage setting)",
     )
-    pr.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
-    pr.add_argument("--resume", action="store_true", help="skip the documents already in the progress file")
-    add_overwrite_arg(pr, "an existing result file and discard an earlier run's progress")
-    pr.add_argument(
+    p.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
+    p.add_argument("--resume", action="store_true", help="skip the documents already in the progress file")
+    add_overwrite_arg(p, "an existing result file and discard an earlier run's progress")
+    p.add_argument(
         "--debug-out",
         type=Path,
         metavar="FILE",
         help="JSONL, one line per document: raw outputs, parsed triples, alignment and drop reasons",
     )
-    pr.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting of the adapter's config, e.g. --set generation.batch_size=4 "
+    add_set_arg(
+        p,
+        "override a setting of the adapter's config, e.g. --set generation.batch_size=4 "
         "--set align.relation_mapping=sbert (repeatable)",
     )
-    pr.set_defaults(func=cmd_predict)
-
-    e = s2.add_parser(
-        "export",
-        help="merge the adapter into the base model and save a plain model folder for serving",
-        description="Fold the LoRA adapter into the base weights (merge_and_unload) and save safetensors weights "
-        "and the tokenizer to a new folder, loadable by transformers or vLLM without peft.",
-    )
-    e.add_argument("--adapter", required=True, type=Path, help="folder written by `lmrc stage2 train`")
-    e.add_argument("--out", required=True, type=Path, help="new folder to write")
-    e.add_argument(
-        "--dtype",
-        choices=("bfloat16", "float16", "float32"),
-        help="weights dtype (default: the adapter config's dtype)",
-    )
-    e.set_defaults(func=cmd_export)
 
 
-def _load_train_config(args: argparse.Namespace):
-    from lmrc.stage2.config import load_stage2_config
-    from lmrc.stage2.modeling import CONFIG_FILE
-
+def _load_train_config(args: argparse.Namespace) -> Stage2Config:
     config = args.config
     if config is None and args.resume:
         out = Path(args.output_dir) if args.output_dir else None
-        if out is None or not (out / CONFIG_FILE).is_file():
+        if out is None or not (out / "config.yaml").is_file():
             raise LmrcError("--resume without --config needs --output-dir holding the run's config.yaml")
-        config = out / CONFIG_FILE
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    return load_stage2_config(config, overrides)
+        config = out / "config.yaml"
+    return with_flags(load_stage2_config(config, args.overrides), {"output_dir": args.output_dir})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmrc.stage2.train import METRICS_FILE, train
+    from lmrc.stage2.train import METRICS_FILE, train  # torch: see lmrc.commands
 
     cfg = _load_train_config(args)
     check_writable_folder("--output-dir", cfg.output_dir)
@@ -130,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """A pipeline run with the adapter alone: one driver, progress file and summary format for both commands."""
-    from lmrc.io import sidecar
+    # torch-based library modules: see lmrc.commands
     from lmrc.predict.config import stage2_predict_config
     from lmrc.predict.run import run_pipeline
 
@@ -144,13 +145,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         named("--output", output) + named("--debug-out", args.debug_out),
         overwrite=args.overwrite,
         resume=args.resume,
-        companions=[
-            *named("the summary", sidecar(output, ".summary.json")),
-            *named("the strict-names result", sidecar(output, ".strict.json")),
-            *named("the progress file", sidecar(output, ".progress.jsonl")),
-        ],
+        companions=predict_outputs(output),
     )
-    cfg = stage2_predict_config(args.adapter, args.candidates, args.gold_pairs, args.overrides)
+    overrides = apply_overrides({}, args.overrides)
+    cfg = stage2_predict_config(args.adapter, args.candidates, args.gold_pairs, overrides)
     with sigterm_as_interrupt():  # finished batches are already in the progress file; --resume continues
         summary = run_pipeline(cfg, args.input, args.output, resume=args.resume, debug_out=args.debug_out)
     llm = summary["llm"]
@@ -172,7 +170,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lmrc.stage2.modeling import export_merged
+    from lmrc.stage2.modeling import export_merged  # torch: see lmrc.commands
 
     check_writable_folder("--out", args.out)
     out = export_merged(args.adapter, args.out, dtype=args.dtype)

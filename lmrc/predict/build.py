@@ -8,6 +8,7 @@ fingerprint: the settings a resumed run or a shard must share.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import file_sha256
 from lmrc.predict.config import PredictConfig
+from lmrc.stage1.predict import Proposer
+from lmrc.stage2.predict import Stage2Runner
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +38,9 @@ class Pipeline:
 
     mode: str
     relations: RelationSet
-    proposer: Any | None  # lmrc.stage1.predict.Proposer
+    proposer: Proposer | None
     candidates: list[DocumentCandidates | None] | None  # from a candidates file, per document
-    runner: Any | None  # lmrc.stage2.predict.Stage2Runner
+    runner: Stage2Runner | None
     fingerprint: dict[str, Any]
     refine: bool = False  # fusion refine: stage 1 settles its confident pairs, see lmrc.predict.config
     upper: float | None = None  # refine: pairs scored above it keep stage 1's relations, no LLM call
@@ -49,50 +52,33 @@ class Pipeline:
 
 
 def build_pipeline(
-    cfg: PredictConfig,
-    docs_path: Path,
-    *,
-    generator: Any = None,
-    device: Any = None,
+    cfg: PredictConfig, docs_path: Path, *, generator: Any = None
 ) -> tuple[Pipeline, list[Document]]:
     """Load and check the models, the documents and the candidates source; nothing is written."""
-    s1, s2 = cfg.stage1, cfg.stage2
-    runner = _load_runner(cfg, generator, device)
-    has_stage1 = s1.checkpoint is not None or s1.candidates is not None or s1.gold_pairs
+    stage1 = cfg.stage1
+    runner = _load_runner(cfg, generator)
+    has_stage1 = stage1.checkpoint is not None or stage1.candidates is not None or stage1.gold_pairs
     adapter_mode = runner.mode if runner is not None else None
     mode = _infer_mode(cfg, adapter_mode, has_stage1)
     _check_mode(mode, cfg, adapter_mode, has_stage1)
     _check_stage1_options(cfg, runner)
-    proposer = _load_proposer(cfg, mode, device)
-    upper, refine_cal = _refine_threshold(cfg, mode, proposer)
-    add_margin = None
-    if refine_cal is not None and cfg.refine.additions == "calibrated":
-        gate = refine_cal["additions"]
-        add_margin = gate["add_margin"] if gate["add_margin"] is not None else float("-inf")
+    proposer = _load_proposer(cfg, mode)
+    upper, refine_calibration = _refine_threshold(cfg, mode, proposer)
 
-    relations = _shared_relations(proposer, runner, s1.checkpoint, s2.adapter)
+    relations = _shared_relations(proposer, runner, stage1.checkpoint, cfg.stage2.adapter)
     docs = restrict_pairs(load_documents(docs_path, relations), _pair_types(proposer, runner), docs_path)
-    if s1.gold_pairs:
+    if stage1.gold_pairs:
         require_labels(docs, docs_path, "needed by --gold-pairs")
     candidates = None
-    if s1.candidates is not None and mode == "classifier-llm":
+    if stage1.candidates is not None and mode == "classifier-llm":
         candidates = match_candidates(
-            load_candidates(s1.candidates), docs, s1.candidates, docs_path, relation_ids=relations.ids
+            load_candidates(stage1.candidates), docs, stage1.candidates, docs_path, relation_ids=relations.ids
         )
-
-    fingerprint: dict[str, Any] = {
-        "input": str(docs_path.resolve()),
-        "input_sha256": file_sha256(docs_path),
-        "documents": len(docs),
-        "mode": mode,
-        "docs_per_batch": cfg.docs_per_batch,
-        "stage1": _stage1_fingerprint(cfg, mode, proposer, candidates is not None),
-        "stage2": _stage2_fingerprint(cfg, runner),
-    }
+    fingerprint = _fingerprint(cfg, docs_path, docs, mode, proposer, candidates is not None, runner)
     if cfg.fusion != "none":
         fingerprint["fusion"] = {
             "mode": cfg.fusion,
-            "calibration": refine_cal,
+            "calibration": refine_calibration,
             "keep_margin": cfg.refine.keep_margin,
             "additions": cfg.refine.additions,
         }
@@ -106,10 +92,18 @@ def build_pipeline(
         refine=cfg.fusion == "refine",
         upper=upper,
         keep_margin=cfg.refine.keep_margin,
-        add_margin=add_margin,
-        gold_pairs=s1.gold_pairs,
+        add_margin=_addition_margin(cfg, refine_calibration),
+        gold_pairs=stage1.gold_pairs,
     )
     return pipeline, docs
+
+
+def _addition_margin(cfg: PredictConfig, refine_calibration: dict | None) -> float | None:
+    """refine.additions calibrated: the stage-1 margin the LLM's other relations need (-inf: none pass)."""
+    if refine_calibration is None or cfg.refine.additions != "calibrated":
+        return None
+    margin = refine_calibration["additions"]["add_margin"]
+    return margin if margin is not None else float("-inf")
 
 
 # ------------------------------------------------------------------------------------------------ the mode
@@ -169,16 +163,16 @@ def _check_mode(mode: str, cfg: PredictConfig, adapter_mode: str | None, has_sta
         raise LmrcError("--mode direct asks the LLM about all pairs: drop --stage1/--candidates/--gold-pairs")
 
 
-def _check_stage1_options(cfg: PredictConfig, runner: Any) -> None:
+def _check_stage1_options(cfg: PredictConfig, runner: Stage2Runner | None) -> None:
     """Options that apply to one source of pairs only."""
-    s1 = cfg.stage1
-    if s1.tune is not None and s1.recall_target is None and cfg.fusion != "refine":
+    stage1 = cfg.stage1
+    if stage1.tune is not None and stage1.recall_target is None and cfg.fusion != "refine":
         raise LmrcError("--tune (stage1.tune) is used by --recall-target or fusion refine")
-    given = (s1.candidates is not None or s1.gold_pairs) and s1.checkpoint is None
-    if given and any(v is not None for v in (s1.threshold, s1.recall_target, s1.max_per_doc)):
-        source = "--gold-pairs" if s1.gold_pairs else "a candidates file"
+    given = (stage1.candidates is not None or stage1.gold_pairs) and stage1.checkpoint is None
+    if given and any(v is not None for v in (stage1.threshold, stage1.recall_target, stage1.max_per_doc)):
+        source = "--gold-pairs" if stage1.gold_pairs else "a candidates file"
         raise LmrcError(f"{source} is used as it is: the threshold options apply to --stage1 CHECKPOINT")
-    if s1.gold_pairs and runner is not None and runner.cfg.hints:
+    if stage1.gold_pairs and runner is not None and runner.cfg.hints:
         raise LmrcError(
             f"{cfg.stage2.adapter}: the adapter was trained with stage-1 hints, which gold pairs do not have: "
             "give --candidates FILE (or --stage1 CHECKPOINT)"
@@ -188,40 +182,30 @@ def _check_stage1_options(cfg: PredictConfig, runner: Any) -> None:
 # ------------------------------------------------------------------------------------------------ the models
 
 
-def _load_runner(cfg: PredictConfig, generator: Any, device: Any) -> Any:
+def _load_runner(cfg: PredictConfig, generator: Any) -> Stage2Runner | None:
     if cfg.stage2.adapter is None:
         return None
-    from lmrc.stage2.predict import Stage2Runner
-
-    return Stage2Runner(cfg.stage2.adapter, cfg.stage2.override_list(), generator=generator, device=device)
+    return Stage2Runner(cfg.stage2.adapter, cfg.stage2.overrides, generator=generator)
 
 
-def _load_proposer(cfg: PredictConfig, mode: str, device: Any) -> Any:
-    s1 = cfg.stage1
-    if s1.checkpoint is None:
+def _load_proposer(cfg: PredictConfig, mode: str) -> Proposer | None:
+    stage1 = cfg.stage1
+    if stage1.checkpoint is None:
         return None
-    from lmrc.stage1.predict import Proposer
-
-    proposer = Proposer(
-        s1.checkpoint,
-        threshold=s1.threshold,
-        recall_target=s1.recall_target,
-        tune_path=s1.tune if s1.recall_target is not None else None,
-        calibration_path=s1.calibration,
-        max_per_doc=s1.max_per_doc,
-        batch_size=s1.batch_size,
-        device=device,
-        head_params=s1.head_params or None,
-    )
+    # The tuning file also serves fusion refine; the candidate rule reads it only for a recall target.
+    rule = stage1 if stage1.recall_target is not None else dataclasses.replace(stage1, tune=None)
+    proposer = Proposer(stage1.checkpoint, rule)
     if mode == "stage1-only" and not proposer.per_relation:
         raise LmrcError(
-            f"{s1.checkpoint}: the {proposer.checkpoint.loss_name!r} head predicts no relations, only candidate "
-            "pairs; stage1-only needs a multi-label head (atl, atgl, amtl, atsl, mdre)"
+            f"{stage1.checkpoint}: the {proposer.checkpoint.loss_name!r} head predicts no relations, only "
+            "candidate pairs; stage1-only needs a multi-label head (atl, atgl, amtl, atsl, mdre)"
         )
     return proposer
 
 
-def _refine_threshold(cfg: PredictConfig, mode: str, proposer: Any) -> tuple[float | None, dict | None]:
+def _refine_threshold(
+    cfg: PredictConfig, mode: str, proposer: Proposer | None
+) -> tuple[float | None, dict | None]:
     """Refine's upper threshold and how it was chosen (None, None without fusion refine)."""
     if cfg.fusion != "refine":
         return None, None
@@ -296,44 +280,70 @@ def _weights_sha(folder: Path, names: Sequence[str]) -> str | None:
     return None
 
 
-def _stage1_fingerprint(cfg: PredictConfig, mode: str, proposer: Any, from_file: bool) -> dict | None:
+def _fingerprint(
+    cfg: PredictConfig,
+    docs_path: Path,
+    docs: list[Document],
+    mode: str,
+    proposer: Proposer | None,
+    from_file: bool,
+    runner: Stage2Runner | None,
+) -> dict[str, Any]:
+    """The settings a resumed run or a shard must share with the run it continues."""
+    return {
+        "input": str(docs_path.resolve()),
+        "input_sha256": file_sha256(docs_path),
+        "documents": len(docs),
+        "mode": mode,
+        "docs_per_batch": cfg.docs_per_batch,
+        "stage1": _stage1_fingerprint(cfg, mode, proposer, from_file),
+        "stage2": _stage2_fingerprint(cfg, runner),
+    }
+
+
+def _stage1_fingerprint(
+    cfg: PredictConfig, mode: str, proposer: Proposer | None, from_file: bool
+) -> dict | None:
     """Where the pairs come from: the checkpoint and its threshold, the candidates file, or the gold pairs."""
-    s1 = cfg.stage1
+    stage1 = cfg.stage1
     if proposer is not None and mode != "direct":
         choice = proposer.choice
         return {
             "checkpoint": str(Path(proposer.checkpoint.path).resolve()),
             "weights_sha256": _weights_sha(Path(proposer.checkpoint.path), ("model.safetensors",)),
             "head": proposer.checkpoint.loss_name,
-            "head_params": dict(s1.head_params),
+            "head_params": dict(stage1.head_params),
             "threshold": choice.threshold,
             "max_per_doc": choice.max_per_doc,
             "threshold_method": choice.calibration.get("method"),
-            "batch_size": s1.batch_size,
+            "batch_size": stage1.batch_size,
         }
     if from_file:
-        assert s1.candidates is not None
-        return {"candidates": str(Path(s1.candidates).resolve()), "sha256": file_sha256(s1.candidates)}
-    if s1.gold_pairs:
+        assert stage1.candidates is not None
+        return {
+            "candidates": str(Path(stage1.candidates).resolve()),
+            "sha256": file_sha256(stage1.candidates),
+        }
+    if stage1.gold_pairs:
         return {"gold_pairs": True}
     return None
 
 
-def _stage2_fingerprint(cfg: PredictConfig, runner: Any) -> dict | None:
+def _stage2_fingerprint(cfg: PredictConfig, runner: Stage2Runner | None) -> dict | None:
     """The adapter and every stage-2 setting that can change an answer."""
     if runner is None:
         return None
     adapter = Path(cfg.stage2.adapter or "")
-    s2 = runner.cfg
+    settings = runner.cfg
     return {
         "adapter": str(adapter.resolve()),
         "weights_sha256": _weights_sha(adapter, ("adapter_model.safetensors",)),
-        "model": s2.model,
-        "mode": s2.mode,
-        "max_seq_len": s2.max_seq_len,
-        "max_pairs": s2.max_pairs,
-        "answer_tokens_per_pair": s2.answer_tokens_per_pair,
-        "dtype": s2.dtype,
-        "generation": {k: v for k, v in to_dict(s2.generation).items() if k not in _STAGE2_NEUTRAL},
-        "align": to_dict(s2.align),
+        "model": settings.model,
+        "mode": settings.mode,
+        "max_seq_len": settings.max_seq_len,
+        "max_pairs": settings.max_pairs,
+        "answer_tokens_per_pair": settings.answer_tokens_per_pair,
+        "dtype": settings.dtype,
+        "generation": {k: v for k, v in to_dict(settings.generation).items() if k not in _STAGE2_NEUTRAL},
+        "align": to_dict(settings.align),
     }

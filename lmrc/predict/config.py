@@ -1,19 +1,22 @@
 """Pipeline configuration (`lmrc predict`): which models, which mode, how candidates are chosen, batch size.
 
 The command-line flags (`--stage1`, `--stage2`, `--mode`, `--threshold`, ...) set the same keys as a YAML
-`--config` or `--set key=value`; flags win. Stage-2 settings of the adapter's own config (generation, alignment)
+`--config` or `--set key=value`; flags win. Stage 1's candidate rule is lmrc.stage1.config.CandidateSettings. Stage-2 settings of the adapter's own config (generation, alignment)
 are overridden under `stage2.overrides`, e.g. `--set stage2.overrides.align.relation_mapping=sbert`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmrc.config import replace_nested
 from lmrc.errors import LmrcError
+from lmrc.stage1.config import CandidateSettings
+from lmrc.stage2.config import Stage2Config
+from lmrc.stage2.modeling import load_adapter_config
 
 # classifier-llm: stage-1 candidates -> an rc adapter (LMRC); direct: a direct adapter over all pairs (the
 # baseline); stage1-only: the multi-label head's own relations.
@@ -21,48 +24,33 @@ MODES = ("classifier-llm", "direct", "stage1-only")
 
 
 @dataclass
-class Stage1Settings:
+class Stage1Settings(CandidateSettings):
+    """Where the pairs the LLM is asked about come from: a stage-1 checkpoint run with the candidate rule (the
+    fields of CandidateSettings, `stage1.threshold` and so on), a candidates file, or the gold pairs."""
+
     checkpoint: str | None = None  # stage-1 checkpoint folder (or training folder)
     candidates: str | None = None  # a candidates file written earlier, instead of running a checkpoint
     # Instead of stage 1: ask the LLM about each document's gold relation pairs (needs labels; the LMRC
     # ablation's "RC stage" setting, `lmrc stage2 predict --gold-pairs`).
     gold_pairs: bool = False
-    # Candidate threshold: at most one of these; none = the head's own rule.
-    threshold: float | None = None
-    recall_target: float | None = None  # calibrated on `tune` (a labelled file), or read from `calibration`
-    tune: str | None = None
-    calibration: str | None = (
-        None  # a calibration file saved earlier (`lmrc stage1 predict --save-calibration`)
-    )
-    max_per_doc: int | None = None
-    batch_size: int = 8  # documents per encoder forward pass
-    head_params: dict[str, Any] = field(default_factory=dict)  # prediction-time head parameters
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("stage1.batch_size must be at least 1")
+        super().__post_init__()
         if (self.checkpoint is not None) + (self.candidates is not None) + self.gold_pairs > 1:
             raise ValueError("give one of stage1.checkpoint, stage1.candidates and stage1.gold_pairs")
 
 
 @dataclass
 class Stage2Settings:
+    """The adapter, and the settings of its own config to change for this run (`overrides`, a part of the
+    adapter's config.yaml: `{generation: {batch_size: 4}}`); settings fixed by training cannot change."""
+
     adapter: str | None = None  # folder written by `lmrc stage2 train` (rc or direct)
-    overrides: dict[str, Any] = field(default_factory=dict)  # settings of the adapter's config to change
+    overrides: dict[str, Any] = field(default_factory=dict)
 
-    def override_list(self) -> list[str]:
-        """`{generation: {batch_size: 4}}` -> `["generation.batch_size=4"]` (values as JSON, which YAML reads)."""
-        out: list[str] = []
-
-        def walk(node: dict, prefix: str) -> None:
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    walk(value, f"{prefix}{key}.")
-                else:
-                    out.append(f"{prefix}{key}={json.dumps(value)}")
-
-        walk(self.overrides, "")
-        return out
+    def __post_init__(self) -> None:
+        # Checked and typed now, against the stage-2 config's fields: a misspelt key fails before a model loads.
+        replace_nested(Stage2Config(), self.overrides, "stage2.overrides")
 
 
 FUSIONS = ("none", "refine")
@@ -121,21 +109,19 @@ def stage2_predict_config(
     adapter: str | os.PathLike,
     candidates: str | os.PathLike | None = None,
     gold_pairs: bool = False,
-    overrides: Sequence[str] = (),
+    overrides: Mapping[str, Any] | None = None,
 ) -> PredictConfig:
     """`lmrc stage2 predict` as a pipeline run: the adapter alone, its pairs from a candidates file, the gold
-    relation pairs or (a direct adapter) all pairs; `overrides` (`key=value`) change the adapter's settings, and
-    batches hold the adapter's `generation.docs_per_chunk` documents."""
-    from lmrc.config import apply_overrides
-    from lmrc.stage2.modeling import load_adapter_config
-
+    relation pairs or (a direct adapter) all pairs; `overrides` change the adapter's settings (a nested mapping,
+    as Stage2Settings.overrides), and batches hold the adapter's `generation.docs_per_chunk` documents."""
     if candidates is not None and gold_pairs:
         raise LmrcError("choose one of --candidates and --gold-pairs")
-    adapter_cfg = load_adapter_config(adapter, list(overrides))
+    overrides = dict(overrides or {})
+    adapter_cfg = replace_nested(load_adapter_config(adapter), overrides, "--set")
     return PredictConfig(
         stage1=Stage1Settings(
             candidates=str(candidates) if candidates is not None else None, gold_pairs=gold_pairs
         ),
-        stage2=Stage2Settings(adapter=str(adapter), overrides=apply_overrides({}, list(overrides))),
+        stage2=Stage2Settings(adapter=str(adapter), overrides=overrides),
         docs_per_batch=adapter_cfg.generation.docs_per_chunk,
     )

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmrc.config import expand_path
 from lmrc.data.candidates import FORMAT as CANDIDATES_FORMAT
 from lmrc.data.candidates import VERSION as CANDIDATES_VERSION
 from lmrc.data.candidates import CandidatePair, CandidatesHeader
 from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
-from lmrc.eval.metrics import PackedPredictions
+from lmrc.eval.metrics import PackedPredictions, TrainReference, evaluate
 from lmrc.io import JsonStreamWriter, sidecar
 from lmrc.predict.build import Pipeline
 
@@ -219,8 +220,6 @@ def _pairs_source(pipeline: Pipeline) -> str:
 
 
 def _scores(pipeline: Pipeline, docs: Sequence[Document], tally: Tally, train_path: Path | None) -> dict:
-    from lmrc.eval.metrics import TrainReference, evaluate
-
     ref = None
     if train_path is not None:
         ref = TrainReference.from_documents(load_documents(train_path, pipeline.relations))
@@ -235,8 +234,6 @@ def _scores(pipeline: Pipeline, docs: Sequence[Document], tally: Tally, train_pa
 
 def train_path(train: str | None, pipeline: Pipeline) -> Path | None:
     """Training documents for Ign F1: `train`, else the stage-1 or stage-2 training file when it exists."""
-    from lmrc.config import expand_path
-
     if train is not None:
         return expand_path(train, "train")
     getters: list[Any] = []

@@ -38,6 +38,7 @@ from lmrc.data.candidates import CandidatePair, DocumentCandidates
 from lmrc.data.docred import Document
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions
+from lmrc.hardware import gpu_memory
 from lmrc.io import append_jsonl, atomic_write_json, open_progress, sidecar
 from lmrc.predict.build import Pipeline, build_pipeline
 from lmrc.predict.config import PredictConfig
@@ -253,8 +254,6 @@ def _peak_memory() -> dict[str, float]:
     """Peak memory after a batch: this process's RSS; with CUDA, what torch allocated over every local device,
     and the memory in use on those devices by every process, which is where a vLLM engine's shows (it
     pre-allocates its share at start, so in-use after a batch is its peak)."""
-    from lmrc.hardware import gpu_memory
-
     peaks = {"peak_rss_gib": peak_rss_gib()}
     gpus = gpu_memory()
     if gpus:
@@ -287,7 +286,6 @@ def run_pipeline(
     save_candidates: str | os.PathLike | None = None,
     debug_out: str | os.PathLike | None = None,
     generator: Any = None,
-    device: Any = None,
     show_progress: bool | None = None,
     stop_after_batches: int | None = None,
 ) -> dict:
@@ -296,7 +294,7 @@ def run_pipeline(
     `stop_after_batches` pauses after that many batches of this call (tests, time-boxed jobs; then `resume`).
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    pipeline, docs = build_pipeline(cfg, input_path, generator=generator, device=device)
+    pipeline, docs = build_pipeline(cfg, input_path, generator=generator)
     if save_candidates is not None and pipeline.mode == "direct":
         raise LmrcError("--save-candidates: the direct mode has no stage-1 candidates")
     shard = shard or Shard(0, 1)

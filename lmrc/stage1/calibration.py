@@ -20,7 +20,8 @@ import torch
 
 from lmrc.data.docred import load_labelled, restrict_pairs
 from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, file_sha256
+from lmrc.io import atomic_write_json, file_sha256, read_json
+from lmrc.stage1.config import CandidateSettings
 from lmrc.stage1.inference import CandidateReport, file_features, gold_pair_flags, infer_logits, pair_scores
 
 log = logging.getLogger(__name__)
@@ -80,67 +81,40 @@ class ThresholdChoice:
 
 
 def choose_threshold(
-    checkpoint,
-    *,
-    threshold: float | None = None,
-    recall_target: float | None = None,
-    tune_path: str | os.PathLike | None = None,
-    calibration_path: str | os.PathLike | None = None,
-    max_per_doc: int | None = None,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
+    checkpoint, rule: CandidateSettings, device: str | torch.device = "cpu"
 ) -> ThresholdChoice:
-    """Resolve the threshold options (at most one of threshold / recall_target / max_per_doc).
-
-    A recall target is calibrated on `tune_path`, or read from `calibration_path` (a file saved by an earlier
-    calibration); the checkpoint folder is never written.
-    """
-    given = [
-        name
-        for name, v in (
-            ("threshold", threshold),
-            ("recall target", recall_target),
-            ("max per doc", max_per_doc),
-        )
-        if v is not None
-    ]
-    if len(given) > 1:
-        raise LmrcError(
-            f"choose one of --threshold, --recall-target, --max-per-doc (got {' and '.join(given)})"
-        )
-    if tune_path is not None and recall_target is None:
+    """Resolve the candidate rule's threshold for a loaded checkpoint: an explicit value, the K best pairs, a
+    recall target (calibrated on `rule.tune`, or read from `rule.calibration`), else the head's own rule. The
+    checkpoint folder is never written."""
+    if rule.tune is not None and rule.recall_target is None:
         raise LmrcError("--tune is only used with --recall-target")
-    if calibration_path is not None and recall_target is None:
-        raise LmrcError("--calibration is only used with --recall-target")
-    if calibration_path is not None and tune_path is not None:
-        raise LmrcError("choose one of --tune (calibrate now) and --calibration (a saved calibration)")
-    loss = checkpoint.loss
-    if threshold is not None:
-        if not math.isfinite(threshold):
-            raise LmrcError(f"--threshold must be a finite number, got {threshold}")
-        return ThresholdChoice(float(threshold), None, {"method": "manual"})
-    if max_per_doc is not None:
-        if max_per_doc < 1:
-            raise LmrcError(f"--max-per-doc must be at least 1, got {max_per_doc}")
-        return ThresholdChoice(None, max_per_doc, {"method": "max_per_doc", "k": max_per_doc})
-    if recall_target is not None:
-        if calibration_path is not None:
-            cal = load_calibration(calibration_path, checkpoint, recall_target)
-            return ThresholdChoice(float(cal["threshold"]), None, cal)
-        if tune_path is None:
-            cal = checkpoint.calibration  # calibration.json written into checkpoints by lmrc 0.1
-            if cal and cal.get("method") == "recall_target" and cal.get("target") == recall_target:
-                log.info(
-                    "using the calibration stored in %s (recall target %s)", checkpoint.path, recall_target
-                )
-                return ThresholdChoice(float(cal["threshold"]), None, cal)
-            raise LmrcError(
-                f"recall target {recall_target}: pass --tune FILE (a labelled tuning file) to calibrate, or "
-                "--calibration FILE (saved earlier with --save-calibration)"
-            )
-        cal = calibrate_on_file(checkpoint, tune_path, recall_target, batch_size=batch_size, device=device)
-        return ThresholdChoice(float(cal["threshold"]), None, cal)
-    return ThresholdChoice(float(loss.score_threshold), None, {"method": "default"})
+    if rule.threshold is not None:
+        return ThresholdChoice(float(rule.threshold), None, {"method": "manual"})
+    if rule.max_per_doc is not None:
+        return ThresholdChoice(None, rule.max_per_doc, {"method": "max_per_doc", "k": rule.max_per_doc})
+    if rule.recall_target is not None:
+        calibration = _recall_calibration(checkpoint, rule, device)
+        return ThresholdChoice(float(calibration["threshold"]), None, calibration)
+    return ThresholdChoice(float(checkpoint.loss.score_threshold), None, {"method": "default"})
+
+
+def _recall_calibration(checkpoint, rule: CandidateSettings, device: str | torch.device) -> dict[str, Any]:
+    """The recall target's calibration: from a saved file, calibrated now on the tuning file, or (checkpoints of
+    lmrc 0.1) the one stored in the checkpoint folder."""
+    target = rule.recall_target
+    assert target is not None
+    if rule.calibration is not None:
+        return load_calibration(rule.calibration, checkpoint, target)
+    if rule.tune is not None:
+        return calibrate_on_file(checkpoint, rule.tune, target, rule.batch_size, device)
+    stored = checkpoint.calibration
+    if stored and stored.get("method") == "recall_target" and stored.get("target") == target:
+        log.info("using the calibration stored in %s (recall target %s)", checkpoint.path, target)
+        return stored
+    raise LmrcError(
+        f"recall target {target}: pass --tune FILE (a labelled tuning file) to calibrate, or "
+        "--calibration FILE (saved earlier with --save-calibration)"
+    )
 
 
 def calibrate_on_file(
@@ -264,8 +238,6 @@ def save_calibration(calibration: dict[str, Any], path: str | os.PathLike, check
 
 def load_calibration(path: str | os.PathLike, checkpoint, target: float) -> dict[str, Any]:
     """A saved calibration, refused when it belongs to other weights, another head or another target."""
-    from lmrc.io import read_json
-
     cal = read_json(path)
     if not isinstance(cal, dict) or cal.get("format") != CALIBRATION_FORMAT:
         raise LmrcError(f'{path}: not an lmrc calibration file (expected "format": "{CALIBRATION_FORMAT}")')

@@ -12,6 +12,7 @@ be read on a machine where the variable is not set.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,47 @@ class TrainConfig:
 
 
 @dataclass
+class CandidateSettings:
+    """Stage 1's candidate rule: which scored pairs become candidates, and how the pairs are scored.
+
+    At most one of `threshold`, `recall_target` and `max_per_doc`; none of them is the head's own rule (0.5 for
+    bce as in LMRC, margin 0 for the multi-label heads). The recall target is our addition, not the papers': the
+    highest threshold whose pair recall on the labelled `tune` file reaches it, or the one saved in a
+    `calibration` file (`lmrc stage1 predict --save-calibration`). `lmrc stage1 predict`, `lmrc stage1
+    crossfit` and `lmrc predict` (its `stage1` section) all read these settings.
+    """
+
+    threshold: float | None = None
+    recall_target: float | None = None
+    tune: str | None = None  # labelled tuning file (recall target; in `lmrc predict` also fusion refine)
+    calibration: str | None = None  # a calibration file saved earlier, instead of calibrating on `tune`
+    max_per_doc: int | None = None  # the K best-scored pairs of every document, no threshold
+    batch_size: int = 8  # documents per encoder forward pass
+    device: str | None = None  # None: cuda when available, else cpu
+    head_params: dict[str, Any] = field(default_factory=dict)  # prediction-time head parameters
+
+    def __post_init__(self) -> None:
+        given = [
+            name for name in ("threshold", "recall_target", "max_per_doc") if getattr(self, name) is not None
+        ]
+        if len(given) > 1:
+            flags = " and ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise ValueError(f"choose one of --threshold, --recall-target, --max-per-doc (got {flags})")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"--threshold must be a finite number, got {self.threshold}")
+        if self.recall_target is not None and not 0.0 < self.recall_target <= 1.0:
+            raise ValueError(f"--recall-target must be in (0, 1], got {self.recall_target}")
+        if self.max_per_doc is not None and self.max_per_doc < 1:
+            raise ValueError(f"--max-per-doc must be at least 1, got {self.max_per_doc}")
+        if self.calibration is not None and self.recall_target is None:
+            raise ValueError("--calibration is only used with --recall-target")
+        if self.calibration is not None and self.tune is not None:
+            raise ValueError("choose one of --tune (calibrate now) and --calibration (a saved calibration)")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+
+@dataclass
 class Stage1Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -193,6 +235,7 @@ def load_stage1_config(
 
 
 def check_loss_name(name: str, where: str) -> None:
+    # Imported here, not at the top: the losses import torch, and this module is read by `lmrc --help`'s commands.
     from lmrc.stage1.losses import LOSSES
 
     if name not in LOSSES:

@@ -26,9 +26,11 @@ from lmrc.data.candidates import (
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
-from lmrc.eval.metrics import PackedPredictions
-from lmrc.hardware import scoring_heap
+from lmrc.eval.metrics import PackedPredictions, evaluate
+from lmrc.heap import scoring_heap
 from lmrc.io import file_sha256
+from lmrc.model_store import default_cache_dir
+from lmrc.stage1.features import collate, featurize_all, length_grouped_batches
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ def infer_logits(
 
     Documents are batched by length; those without pairs (one entity) are not run through the encoder.
     """
-    from lmrc.stage1.features import collate, length_grouped_batches
-
     model.eval()
     out: list[Tensor | None] = [None] * len(features)
     runnable = [i for i, f in enumerate(features) if f.hts]
@@ -162,8 +162,6 @@ def tune_metrics(
 ) -> dict[str, float]:
     """Selection metrics on a labelled tuning set: loss, pair P/R/F1 at the head's own rule, and (multi-label
     heads) relation P/R/F1/Ign F1 by the official scorer."""
-    from lmrc.eval.metrics import evaluate
-
     labels = [
         torch.tensor(f.labels, dtype=torch.float) if f.labels else torch.zeros((0, f.n_label_columns))
         for f in features
@@ -242,9 +240,6 @@ def select_candidates(
 
 def file_features(checkpoint, docs: Sequence[Document], source: Path):
     """Features of a whole file, through the feature cache (keyed by the file's content)."""
-    from lmrc.model_store import default_cache_dir
-    from lmrc.stage1.features import featurize_all
-
     cache = default_cache_dir() / "features"
     return featurize_all(
         docs,

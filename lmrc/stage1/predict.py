@@ -25,7 +25,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +38,7 @@ from lmrc.data.candidates import (
 from lmrc.data.docred import Document, load_documents, load_labelled, restrict_pairs
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
-from lmrc.eval.metrics import PackedPredictions
+from lmrc.eval.metrics import Metrics, PackedPredictions, evaluate
 from lmrc.io import atomic_write_json, file_sha256
 from lmrc.stage1.calibration import (
     calibrate_additions,
@@ -47,6 +46,9 @@ from lmrc.stage1.calibration import (
     choose_threshold,
     save_calibration,
 )
+from lmrc.stage1.checkpoint import load_checkpoint
+from lmrc.stage1.config import CandidateSettings
+from lmrc.stage1.features import featurize, tokenizer_info
 from lmrc.stage1.inference import (
     CANDIDATE_TOP_K,
     CandidateReport,
@@ -66,58 +68,46 @@ class PredictResult:
     candidates: Candidates
     threshold: float | None
     report: CandidateReport | None  # with gold documents
-    relation_metrics: Any  # lmrc.eval.metrics.Metrics, for multi-label heads with gold documents
+    relation_metrics: Metrics | None  # multi-label heads with gold documents
     relation_predictions: list[dict] | None
+
+
+def pick_device(rule: CandidateSettings) -> str:
+    return rule.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def predict(
     checkpoint_dir: str | os.PathLike,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
+    rule: CandidateSettings | None = None,
     *,
     relations_output: str | os.PathLike | None = None,
-    threshold: float | None = None,
-    recall_target: float | None = None,
-    tune_path: str | os.PathLike | None = None,
-    calibration_path: str | os.PathLike | None = None,
     save_calibration_path: str | os.PathLike | None = None,
-    max_per_doc: int | None = None,
     gold_path: str | os.PathLike | None = None,
     train_path: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    head_params: dict[str, Any] | None = None,
 ) -> PredictResult:
     """Score `input_path`'s documents with a checkpoint and write the candidates file (and the relation result).
 
     The candidate report needs gold labels: `gold_path`, or the input itself when it is labelled. Ign F1 needs
     the training documents: `train_path`, else the checkpoint config's `data.train` when that file exists.
+    `rule`: the candidate rule (default: the head's own threshold).
     """
-    from lmrc.stage1.checkpoint import load_checkpoint
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ck = load_checkpoint(checkpoint_dir, device=device, head_params=head_params)
+    rule = rule or CandidateSettings()
+    device = pick_device(rule)
+    ck = load_checkpoint(checkpoint_dir, device=device, head_params=rule.head_params)
     if relations_output is not None and not ck.loss.per_relation:
         raise LmrcError(
             f"--relations: the {ck.loss_name!r} head predicts no relations (only candidate pairs)"
         )
-    choice = choose_threshold(
-        ck,
-        threshold=threshold,
-        recall_target=recall_target,
-        tune_path=tune_path,
-        calibration_path=calibration_path,
-        max_per_doc=max_per_doc,
-        batch_size=batch_size,
-        device=device,
-    )
+    choice = choose_threshold(ck, rule, device)
     if save_calibration_path is not None:
         if choice.calibration.get("method") != "recall_target":
             raise LmrcError("--save-calibration: only a recall-target calibration (--recall-target) is saved")
         save_calibration(choice.calibration, save_calibration_path, ck)
     input_path = Path(input_path)
     docs = restrict_pairs(load_documents(input_path, ck.relations), ck.config.data.pair_types, input_path)
-    logits = infer_logits(ck.model, file_features(ck, docs, input_path), batch_size, device)
+    logits = infer_logits(ck.model, file_features(ck, docs, input_path), rule.batch_size, device)
     doc_cands = select_candidates(docs, logits, ck.loss, ck.relations, choice.threshold, choice.max_per_doc)
     header = CandidatesHeader(
         model=str(ck.path),
@@ -133,22 +123,23 @@ def predict(
         rel_preds = relation_predictions(docs, logits, ck.loss, ck.relations)
         if relations_output is not None:
             atomic_write_json(relations_output, rel_preds)
-
-    gold = None
-    if gold_path is not None:
-        gold = restrict_pairs(
-            load_labelled(Path(gold_path), ck.relations, role="gold"), ck.config.data.pair_types
-        )
-    elif all(d.labelled for d in docs):
-        gold = docs
+    gold = _gold_documents(ck, docs, gold_path)
     report = metrics = None
     if gold is not None:
         report = candidate_report(doc_cands, gold)
         if rel_preds is not None:
-            from lmrc.eval.metrics import evaluate
-
             metrics = evaluate(rel_preds, gold, _train_docs(ck, train_path))
     return PredictResult(candidates, choice.threshold, report, metrics, rel_preds)
+
+
+def _gold_documents(
+    checkpoint, docs: list[Document], gold_path: str | os.PathLike | None
+) -> list[Document] | None:
+    """The labelled documents of the report: `gold_path`, else the input when it is labelled, else none."""
+    if gold_path is not None:
+        gold = load_labelled(Path(gold_path), checkpoint.relations, role="gold")
+        return restrict_pairs(gold, checkpoint.config.data.pair_types)
+    return docs if all(d.labelled for d in docs) else None
 
 
 def _train_docs(checkpoint, train_path: str | os.PathLike | None) -> list[Document] | None:
@@ -176,35 +167,12 @@ class Proposer:
     whole file.
     """
 
-    def __init__(
-        self,
-        checkpoint_dir: str | os.PathLike,
-        *,
-        threshold: float | None = None,
-        recall_target: float | None = None,
-        tune_path: str | os.PathLike | None = None,
-        calibration_path: str | os.PathLike | None = None,
-        max_per_doc: int | None = None,
-        batch_size: int = 8,
-        device: str | torch.device | None = None,
-        head_params: dict[str, Any] | None = None,
-    ) -> None:
-        from lmrc.stage1.checkpoint import load_checkpoint
-        from lmrc.stage1.features import tokenizer_info
-
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.checkpoint = load_checkpoint(checkpoint_dir, device=self.device, head_params=head_params)
-        self.batch_size = batch_size
-        self.choice = choose_threshold(
-            self.checkpoint,
-            threshold=threshold,
-            recall_target=recall_target,
-            tune_path=tune_path,
-            calibration_path=calibration_path,
-            max_per_doc=max_per_doc,
-            batch_size=batch_size,
-            device=self.device,
-        )
+    def __init__(self, checkpoint_dir: str | os.PathLike, rule: CandidateSettings | None = None) -> None:
+        rule = rule or CandidateSettings()
+        self.device = pick_device(rule)
+        self.checkpoint = load_checkpoint(checkpoint_dir, device=self.device, head_params=rule.head_params)
+        self.batch_size = rule.batch_size
+        self.choice = choose_threshold(self.checkpoint, rule, self.device)
         self._info = tokenizer_info(self.checkpoint.tokenizer, self.checkpoint.config.model.word_prefix_space)
 
     @property
@@ -271,8 +239,6 @@ class Proposer:
         return calibrate_additions(rows, hits, n_pred, n_gold)
 
     def logits(self, docs: Sequence[Document]) -> list[Tensor]:
-        from lmrc.stage1.features import featurize
-
         ck = self.checkpoint
         feats = [featurize(d, ck.tokenizer, None, ck.max_length, self._info) for d in docs]
         return infer_logits(ck.model, feats, self.batch_size, self.device)

@@ -13,18 +13,27 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmrc.config import to_dict
+from lmrc.config import expand_path, replace_nested, to_dict
+from lmrc.data.candidates import hint_names
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
+from lmrc.model_store import default_cache_dir
 from lmrc.stage2.align import AlignResult, RelationMapper, align_output, entity_choices, get_scorer
 from lmrc.stage2.config import Stage2Config
-from lmrc.stage2.generate import Generator, answer_budget, create_generator
-from lmrc.stage2.modeling import RELATIONS_FILE, TEMPLATE_FILE, load_adapter_config, load_tokenizer
+from lmrc.stage2.generate import Generation, Generator, answer_budget, create_generator
+from lmrc.stage2.grammar import AnswerSizer, answer_grammar, relation_rule, utf8_bytes
+from lmrc.stage2.modeling import (
+    RELATIONS_FILE,
+    TEMPLATE_FILE,
+    load_adapter_config,
+    load_tokenizer,
+    resolve_model_path,
+)
 from lmrc.stage2.parse import parse_triples
 from lmrc.stage2.prompts import (
     Prompt,
@@ -60,18 +69,29 @@ def adapter_template(adapter_dir: Path, cfg: Stage2Config) -> PromptTemplate:
     own = adapter_dir / TEMPLATE_FILE
     path = own if own.is_file() else None
     if path is None and cfg.template:
-        from lmrc.config import expand_path
-
         path = expand_path(cfg.template, "template")
     return load_template(cfg.mode, path, allow_none=cfg.allow_none, hints=cfg.hints > 0)
+
+
+def predict_settings(adapter_dir: Path, overrides: Mapping[str, Any]) -> Stage2Config:
+    """The adapter's config with this run's `overrides` (through dataclasses.replace), refused where they change a
+    setting fixed by training."""
+    trained = load_adapter_config(adapter_dir)
+    cfg = replace_nested(trained, overrides, "--set")
+    for key in _FIXED_BY_TRAINING:
+        if getattr(cfg, key) != getattr(trained, key):
+            raise LmrcError(
+                f"--set {key}: the adapter was trained with {key}={to_dict(getattr(trained, key))!r} "
+                f"({adapter_dir}/config.yaml), not {to_dict(getattr(cfg, key))!r}; it cannot change at "
+                "predict time (train another adapter)"
+            )
+    return cfg
 
 
 class _Aligner:
     """Alignment with the configured relation mapping, plus strict alignment when mapping with SBERT."""
 
     def __init__(self, cfg: Stage2Config, relations: RelationSet) -> None:
-        from lmrc.model_store import default_cache_dir
-
         get_scorer(cfg.align.scorer)  # fail early on a bad scorer name
         self.cfg = cfg.align
         self.relations = relations
@@ -107,21 +127,14 @@ class Stage2Runner:
     def __init__(
         self,
         adapter_dir: str | os.PathLike,
-        overrides: Sequence[str] = (),
+        overrides: Mapping[str, Any] | None = None,
         generator: Generator | None = None,
         device: Any = None,
     ) -> None:
+        """`overrides`: settings of the adapter's config to change for this run (a nested mapping, as
+        lmrc.predict.config.Stage2Settings.overrides); those fixed by training cannot change."""
         self.adapter_dir = Path(adapter_dir)
-        cfg = load_adapter_config(self.adapter_dir, list(overrides))
-        trained = load_adapter_config(self.adapter_dir)
-        for key in _FIXED_BY_TRAINING:
-            if getattr(cfg, key) != getattr(trained, key):
-                raise LmrcError(
-                    f"--set {key}: the adapter was trained with {key}={to_dict(getattr(trained, key))!r} "
-                    f"({self.adapter_dir}/config.yaml), not {to_dict(getattr(cfg, key))!r}; it cannot change at "
-                    "predict time (train another adapter)"
-                )
-        self.cfg = cfg
+        self.cfg = cfg = predict_settings(self.adapter_dir, overrides or {})
         self.relations = adapter_relations(self.adapter_dir, cfg)
         self.template = adapter_template(self.adapter_dir, cfg)
         self.tokenizer = generator.tokenizer if generator is not None else load_tokenizer(self.adapter_dir)
@@ -134,8 +147,6 @@ class Stage2Runner:
         self.rel_rule = None
         self._answer_tokens = self._answer_bytes = None
         if cfg.generation.constrained:
-            from lmrc.stage2.grammar import AnswerSizer, relation_rule, utf8_bytes
-
             # The relation-set part of every prompt's grammar, rendered once per run.
             self.rel_rule = relation_rule(
                 [self.relations.name(r) for r in self.relations.ids],
@@ -174,8 +185,6 @@ class Stage2Runner:
         """The hints of a document's candidates (None when the adapter was trained without hints)."""
         if not self.cfg.hints or dc is None:
             return None
-        from lmrc.data.candidates import hint_names
-
         return hint_names(dc, self.relations.names, self.cfg.hints)
 
     def choices_for(self, dc) -> dict | None:
@@ -184,8 +193,6 @@ class Stage2Runner:
         n = self.cfg.generation.stage1_choices
         if not (self.cfg.generation.constrained and n) or dc is None:
             return None
-        from lmrc.data.candidates import hint_names
-
         return hint_names(dc, self.relations.names, n)
 
     def run(
@@ -209,8 +216,6 @@ class Stage2Runner:
                 ids = self.encoder.encode_prompt(p.text)
                 bound = None
                 if grammars is not None:
-                    from lmrc.stage2.grammar import answer_grammar
-
                     asked = [(names[h], names[t]) for h, t in p.pairs]
                     allowed = choices_by_doc[k] if choices_by_doc is not None else None
                     narrowed = [allowed.get(pair) for pair in p.pairs] if allowed else None
@@ -282,9 +287,6 @@ def _plan_document(
 
 def _model_context(cfg: Stage2Config) -> int | None:
     """The base model's context window (from its config), to keep prompt + answer inside it."""
-
-    from lmrc.stage2.modeling import resolve_model_path
-
     try:
         path = resolve_model_path(cfg.model) / "config.json"
         return int(json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")) or None
@@ -292,55 +294,27 @@ def _model_context(cfg: Stage2Config) -> int | None:
         return None
 
 
-def _finish_document(doc: Document, index: int, plan, generated, aligner: _Aligner):
+def _finish_document(doc: Document, index: int, plan, generated, aligner: _Aligner) -> tuple[dict, dict]:
+    """A document's progress record (its predictions, counts and drops) and debug record, from the answers to its
+    prompts (`generated`: (prompt number, prompt ids, budget, Generation) rows)."""
     names, prompts = plan
     choices = entity_choices(doc, names)
     predictions: dict[tuple, dict] = {}
     strict: dict[tuple, dict] = {}
     drops: Counter = Counter()
-    counts = Counter()
+    counts: Counter = Counter()
     debug_prompts = []
-    for j, ids, budget, gen in sorted(generated, key=lambda x: x[0]):
-        prompt = prompts[j]
-        res = aligner.align(gen.text, prompt, doc, names, choices)
-        for p in res.predictions:
+    for number, ids, budget, gen in sorted(generated, key=lambda row: row[0]):
+        prompt = prompts[number]
+        aligned = aligner.align(gen.text, prompt, doc, names, choices)
+        for p in aligned.predictions:
             predictions.setdefault((p["h_idx"], p["t_idx"], p["r"]), p)
         if aligner.mapper is not aligner.strict:
             for p in aligner.align(gen.text, prompt, doc, names, choices, mapper=aligner.strict).predictions:
                 strict.setdefault((p["h_idx"], p["t_idx"], p["r"]), p)
-        drops.update(res.drops)
-        answered = {(p["h_idx"], p["t_idx"]) for p in res.predictions}
-        answered |= {(d["h_idx"], d["t_idx"]) for d in res.details if d["h_idx"] is not None}
-        counts.update(
-            prompts=1,
-            pairs=len(prompt.pairs),
-            # pairs left without any line in an answer the token budget cut: their relations may be lost
-            pairs_cut=sum(p not in answered for p in set(prompt.pairs)) if gen.hit_limit else 0,
-            prompt_tokens=len(ids),
-            prefill_tokens=gen.prefill_tokens if gen.prefill_tokens is not None else len(ids),
-            generated_tokens=gen.n_tokens,
-            hit_token_limit=int(gen.hit_limit),
-            stopped_on_repeat=int(gen.stopped_on_repeat),
-            empty_outputs=int(not gen.text.strip()),
-            triples=res.n_triples,
-            none_answers=res.n_none,
-            out_of_set_before_mapping=res.n_out_of_set_before_mapping,
-            out_of_set_after_mapping=res.n_out_of_set_after_mapping,
-        )
-        debug_prompts.append(
-            {
-                "pairs": [list(p) for p in prompt.pairs],
-                "prompt_tokens": len(ids),
-                "max_new_tokens": budget,
-                "raw_output": gen.text,
-                "generated_tokens": gen.n_tokens,
-                "hit_token_limit": gen.hit_limit,
-                "stopped_on_repeat": gen.stopped_on_repeat,
-                "parsed": [list(t) for t in parse_triples(gen.text)],
-                "alignment": res.details,
-                "drops": dict(res.drops),
-            }
-        )
+        drops.update(aligned.drops)
+        counts.update(_prompt_counts(prompt, ids, gen, aligned))
+        debug_prompts.append(_prompt_debug(prompt, ids, budget, gen, aligned))
     record = {
         "title": doc.title,
         "index": index,
@@ -359,3 +333,43 @@ def _finish_document(doc: Document, index: int, plan, generated, aligner: _Align
         "predictions": record["predictions"],
     }
     return record, debug
+
+
+def _prompt_counts(prompt: Prompt, ids: list[int], gen: Generation, aligned: AlignResult) -> dict[str, int]:
+    """What one prompt adds to its document's counts (summed into the run summary's `llm` section)."""
+    answered = {(p["h_idx"], p["t_idx"]) for p in aligned.predictions}
+    answered |= {(d["h_idx"], d["t_idx"]) for d in aligned.details if d["h_idx"] is not None}
+    return {
+        "prompts": 1,
+        "pairs": len(prompt.pairs),
+        # pairs left without any line in an answer the token budget cut: their relations may be lost
+        "pairs_cut": sum(p not in answered for p in set(prompt.pairs)) if gen.hit_limit else 0,
+        "prompt_tokens": len(ids),
+        "prefill_tokens": gen.prefill_tokens if gen.prefill_tokens is not None else len(ids),
+        "generated_tokens": gen.n_tokens,
+        "hit_token_limit": int(gen.hit_limit),
+        "stopped_on_repeat": int(gen.stopped_on_repeat),
+        "empty_outputs": int(not gen.text.strip()),
+        "triples": aligned.n_triples,
+        "none_answers": aligned.n_none,
+        "out_of_set_before_mapping": aligned.n_out_of_set_before_mapping,
+        "out_of_set_after_mapping": aligned.n_out_of_set_after_mapping,
+    }
+
+
+def _prompt_debug(
+    prompt: Prompt, ids: list[int], budget: int, gen: Generation, aligned: AlignResult
+) -> dict[str, Any]:
+    """One prompt's line of the debug record: its raw answer, parsed triples, alignment and drops."""
+    return {
+        "pairs": [list(p) for p in prompt.pairs],
+        "prompt_tokens": len(ids),
+        "max_new_tokens": budget,
+        "raw_output": gen.text,
+        "generated_tokens": gen.n_tokens,
+        "hit_token_limit": gen.hit_limit,
+        "stopped_on_repeat": gen.stopped_on_repeat,
+        "parsed": [list(t) for t in parse_triples(gen.text)],
+        "alignment": aligned.details,
+        "drops": dict(aligned.drops),
+    }

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from lmrc.io import atomic_write_json, read_json
+    from lmrc.stage1.config import CandidateSettings
     from lmrc.stage1.predict import predict
 
     recall_heads = set(args.recall_heads.split(","))
@@ -54,21 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg_head = read_json(run / "best" / "stage1.json").get("loss", {}).get("name", "?")
         metrics_lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         wall, rss = time_record(run.parent / f"{run.name}.time.txt")
-        settings = [("default", {})]
+        settings = [("default", CandidateSettings())]
         if cfg_head in recall_heads or run.name.split("-")[0] in recall_heads:
-            settings.append(("recall 0.95", {"recall_target": 0.95, "tune_path": args.tune}))
+            settings.append(("recall 0.95", CandidateSettings(recall_target=0.95, tune=str(args.tune))))
         if (
             cfg_head == "amtl"
         ):  # AMTL inference: Eq. 2's combined threshold (default) and the authors' raw one
-            settings.append(("raw thresholds", {"head_params": {"threshold_mode": "raw"}}))
-        for label, kw in settings:
+            settings.append(("raw thresholds", CandidateSettings(head_params={"threshold_mode": "raw"})))
+        for label, rule in settings:
             tag = label.replace(" ", "_")
             res = predict(
                 run / "best",
                 args.gold,
                 run / f"report.{tag}.cands.json",
+                rule,
                 relations_output=(run / f"report.{tag}.result.json") if cfg_head != "bce" else None,
-                **kw,
             )
             row = {
                 "run": run.name,
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 "reduction": res.report.reduction,
             }
             # A calibrated candidate threshold changes the candidates only; relations follow the head's own rule.
-            if res.relation_metrics is not None and "recall_target" not in kw:
+            if res.relation_metrics is not None and rule.recall_target is None:
                 s = res.relation_metrics.summary()
                 row.update({k: s[k] for k in ("precision", "recall", "f1", "ign_f1")})
             rows.append(row)

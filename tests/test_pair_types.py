@@ -37,6 +37,7 @@ def test_facts_outside_the_pair_types_are_dropped_with_a_warning(cdr, caplog):
 
 
 def test_stage1_with_pair_types_proposes_and_counts_only_typed_pairs(cdr, data_dir, tmp_path, cache_dir):
+    from lmrc.stage1.config import CandidateSettings
     from lmrc.stage1.predict import predict
     from lmrc.stage1.train import train
 
@@ -46,7 +47,7 @@ def test_stage1_with_pair_types_proposes_and_counts_only_typed_pairs(cdr, data_d
     test_file = write_docs(tmp_path / "test.json", short[4:])
     cfg = tiny_config(save_tiny_bert(tmp_path / "bert"), train_file, None, data_dir / "cdr" / "rel_info.json",
                       tmp_path / "run", "data.pair_types=[[Chemical, Disease]]", "train.epochs=1")  # fmt: skip
-    result = predict(train(cfg).best_dir, test_file, tmp_path / "c.json", max_per_doc=1000)
+    result = predict(train(cfg).best_dir, test_file, tmp_path / "c.json", CandidateSettings(max_per_doc=1000))
     typed = restrict_pairs(short[4:], CHEM_DIS)
     assert result.report.pairs == sum(len(d.pairs()) for d in typed)
     for dc, d in zip(result.candidates.documents, typed):

@@ -58,10 +58,10 @@ def _resolve(args: list[str]) -> str:
         cfg = load_stage2_config(ns.config, ns.overrides)
         return f"stage2 {cfg.mode} {cfg.model} {cfg.train.epochs} {cfg.train.warmup_steps}"
     if args[0] == "predict":
-        from lmrc.commands.pipeline import _predict_config
+        from lmrc.commands.predict import _predict_config
 
         cfg = _predict_config(ns)
-        return f"predict {cfg.stage2.override_list()}"
+        return f"predict {cfg.stage2.overrides}"
     if args[0] == "compare":
         from lmrc.experiments.compare import load_compare_config
 
@@ -79,7 +79,7 @@ def test_run_redocred_trains_both_stages_with_the_papers_settings_then_predicts_
     ]
     for c in commands[:3]:
         assert c[c.index("--num_processes") + 1] == "8"
-    assert resolved[3:5] == ["predict ['generation.backend=\"vllm\"']"] * 2
+    assert resolved[3:5] == ["predict {'generation': {'backend': 'vllm'}}"] * 2
     assert resolved[5:] == ["evaluate", "compare runs/x/rc"]
 
 

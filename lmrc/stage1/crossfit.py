@@ -23,6 +23,7 @@ from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.stage1.calibration import choose_threshold
 from lmrc.stage1.checkpoint import load_checkpoint
+from lmrc.stage1.config import CandidateSettings
 from lmrc.stage1.inference import (
     CandidateReport,
     candidate_report,
@@ -46,19 +47,16 @@ def crossfit(
     config,
     folds: int,
     output_path: str | os.PathLike,
-    *,
-    threshold: float | None = None,
-    recall_target: float | None = None,
-    max_per_doc: int | None = None,
-    batch_size: int = 8,
+    rule: CandidateSettings | None = None,
 ) -> CrossfitResult:
     """Train `folds` models (each without one fold of `config.data.train`) and write the candidates of every
     training document, proposed by the model that did not see it.
 
     Fold k trains in `<output_dir>/fold<k>` and is resumed if interrupted (a finished fold is not retrained).
-    With `recall_target`, each fold model is calibrated on `config.data.tune`.
+    `rule`: the candidate rule; with a recall target, each fold model is calibrated on `config.data.tune`.
     """
-    if recall_target is not None and config.data.tune is None:
+    rule = rule or CandidateSettings()
+    if rule.recall_target is not None and config.data.tune is None:
         raise LmrcError("cross-fitting with a recall target needs data.tune (the calibration file)")
     relations = load_relations(config.data.path("rel_info"))
     train_path = config.data.path("train")
@@ -78,18 +76,11 @@ def crossfit(
         log.info("cross-fitting: fold %d of %d (%d held-out documents)", k + 1, folds, len(held))
         result = train(cfg_k, resume=True)
         ck = load_checkpoint(result.best_dir, device=device)
-        choice = choose_threshold(
-            ck,
-            threshold=threshold,
-            recall_target=recall_target,
-            tune_path=config.data.path("tune") if recall_target is not None else None,
-            max_per_doc=max_per_doc,
-            batch_size=batch_size,
-            device=device,
-        )
+        tune = str(config.data.path("tune")) if rule.recall_target is not None else None
+        choice = choose_threshold(ck, dataclasses.replace(rule, tune=tune), device)
         held_docs = [docs[i] for i in held]
         feats = file_features(ck, docs, train_path)
-        logits = infer_logits(ck.model, [feats[i] for i in held], batch_size, device)
+        logits = infer_logits(ck.model, [feats[i] for i in held], rule.batch_size, device)
         for i, dc in zip(
             held,
             select_candidates(held_docs, logits, ck.loss, ck.relations, choice.threshold, choice.max_per_doc),

@@ -330,9 +330,9 @@ def check_stage1_bf16(work: Path, cuda: bool) -> str:
 def check_stage1_fp16(work: Path, cuda: bool) -> str:
     detail = _stage1_train(work, "stage1-fp16", "fp16" if cuda else "no")
     if cuda:
-        from lmrc.stage1 import checkpoint as ckpt
+        from lmrc.run_folder import read_resume_state
 
-        if ckpt.load_training_state(work / "stage1-fp16" / "last").scaler is None:
+        if read_resume_state(work / "stage1-fp16" / "last").scaler is None:
             raise RuntimeError("no loss-scaler state saved: fp16 trained without a GradScaler")
         detail += ", loss scaler saved"
     return detail

@@ -53,7 +53,7 @@ def _stage1(spec: dict, out: Path, seen: dict) -> dict:
     from lmrc.stage1 import train as train_mod
     from lmrc.stage1.config import load_stage1_config
 
-    original = train_mod._Trainer._micro_step
+    original = train_mod.Stage1Recipe._micro_step
     rank = int(os.environ.get("RANK", "0"))
     signalled = []
 
@@ -66,7 +66,7 @@ def _stage1(spec: dict, out: Path, seen: dict) -> dict:
             os.kill(os.getpid(), signal.SIGTERM)  # only this rank is told to stop, in the middle of a step
         return original(self, inputs, num, den)
 
-    train_mod._Trainer._micro_step = recording
+    train_mod.Stage1Recipe._micro_step = recording
     cfg = load_stage1_config(None, [*spec["overrides"], f"output_dir={out}"])
     result = train_mod.train(
         cfg, resume=spec.get("resume", False), stop_after_steps=spec.get("stop_after_steps")

@@ -27,6 +27,7 @@ from lmrc.errors import LmrcError
 from lmrc.stage1 import train as train_mod
 from lmrc.stage1.config import load_stage1_config
 from lmrc.stage1.losses import build_loss
+from lmrc.stage1.steps import make_optimizer
 from lmrc.stage1.train import train
 
 
@@ -129,7 +130,7 @@ def test_ctrl_c_saves_the_last_step_and_resume_replays_the_rest(files, tmp_path,
     extra = ("train.grad_accum=2", "train.save_every_steps=0", "train.deterministic=true")
     full = train(cfg(files, tmp_path / "a", *extra))
     calls = {"n": 0}
-    original = train_mod._Trainer._micro_step
+    original = train_mod.Stage1Recipe._micro_step
 
     def interrupt_in_step_two(self, inputs, *scale):
         # 3 micro-batches per epoch in groups of 2 and 1: the third call is step 2, mid-epoch
@@ -138,10 +139,10 @@ def test_ctrl_c_saves_the_last_step_and_resume_replays_the_rest(files, tmp_path,
             raise KeyboardInterrupt
         return original(self, inputs, *scale)
 
-    monkeypatch.setattr(train_mod._Trainer, "_micro_step", interrupt_in_step_two)
+    monkeypatch.setattr(train_mod.Stage1Recipe, "_micro_step", interrupt_in_step_two)
     with pytest.raises(KeyboardInterrupt):
         train(cfg(files, tmp_path / "b", *extra))
-    monkeypatch.setattr(train_mod._Trainer, "_micro_step", original)
+    monkeypatch.setattr(train_mod.Stage1Recipe, "_micro_step", original)
     state = json.loads((tmp_path / "b/last/trainer_state.json").read_text())
     assert (state["global_step"], state["batch_pos"], state["done"]) == (1, 2, False)
     rest = train(cfg(files, tmp_path / "b", *extra), resume=True)
@@ -246,6 +247,19 @@ def test_evaluations_by_steps_and_by_epochs_are_not_repeated(files, tmp_path):
     assert [r["step"] for r in result.evaluations] == [2, 3, 4, 6]
 
 
+def test_a_pause_right_after_an_evaluation_does_not_repeat_it_on_resume(files, tmp_path):
+    """Step 3 ends epoch 1 and is evaluated by steps; a run paused there does not evaluate step 3 again at the
+    epoch's end when resumed (the uninterrupted run evaluates it once, and a repeat would count against
+    patience)."""
+    full = train(cfg(files, tmp_path / "a", "train.eval_every_steps=3"))  # 3 steps per epoch, 2 epochs
+    part = train(cfg(files, tmp_path / "b", "train.eval_every_steps=3"), stop_after_steps=3)
+    rest = train(cfg(files, tmp_path / "b", "train.eval_every_steps=3"), resume=True)
+    assert [r["step"] for r in full.evaluations] == [3, 6]
+    assert [r["step"] for r in part.evaluations + rest.evaluations] == [3, 6]
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+
+
 def test_learning_rates_in_exponent_notation_are_numbers():
     # YAML 1.1 reads "3e-5" (no dot) as a string; the config layer accepts it as the number users mean
     config = load_stage1_config(None, ["train.lr_encoder=3e-5", "train.lr_head=1E-4"])
@@ -258,25 +272,24 @@ def test_the_fp16_loss_scaler_state_is_saved_and_restored(tmp_path):
     """fp16 runs on CUDA: the scaler's scale and growth tracker survive --resume (written as scaler.json)."""
     import torch
 
-    from lmrc.stage1 import checkpoint as ckpt
-    from lmrc.training import capture_rng
+    from lmrc.run_folder import ResumeState, capture_rng, read_resume_state, write_resume_state
 
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
     saved = {k: (float(v) if hasattr(v, "item") else v) for k, v in scaler.state_dict().items()}
     assert saved["scale"] == 512.0
 
     def state(scaler_state):
-        return ckpt.TrainingState(trainer={"step": 3}, optimizer={"state": {}, "param_groups": []}, scheduler={},
-                                  rng=[capture_rng()], scaler=scaler_state)  # fmt: skip
+        return ResumeState(position={"step": 3}, optimizer={"state": {}, "param_groups": []}, scheduler={},
+                           rng=[capture_rng()], scaler=scaler_state)  # fmt: skip
 
     (tmp_path / "a").mkdir()
-    ckpt.training_state_writer(state(saved))(tmp_path / "a")
+    write_resume_state(tmp_path / "a", state(saved))
     restored = torch.amp.GradScaler("cpu")
-    restored.load_state_dict(ckpt.load_training_state(tmp_path / "a").scaler)
+    restored.load_state_dict(read_resume_state(tmp_path / "a").scaler)
     assert restored.get_scale() == 512.0 and restored.state_dict() == scaler.state_dict()
     (tmp_path / "b").mkdir()
-    ckpt.training_state_writer(state(None))(tmp_path / "b")
-    assert ckpt.load_training_state(tmp_path / "b").scaler is None
+    write_resume_state(tmp_path / "b", state(None))
+    assert read_resume_state(tmp_path / "b").scaler is None
 
 
 def test_plain_shuffled_batches_as_the_reference_code(files, tmp_path):
@@ -293,13 +306,11 @@ def test_the_optimizer_takes_weight_decay_and_adam_eps_and_the_select_metric_is_
     from types import SimpleNamespace
 
     config = load_stage1_config(None, ["train.weight_decay=0.01", "train.adam_eps=1e-8"])
-    trainer = train_mod._Trainer.__new__(train_mod._Trainer)
-    trainer.config, trainer.pos = config, train_mod._Position(total_steps=10)
-    trainer.model = SimpleNamespace(
+    model = SimpleNamespace(
         encoder_parameters=lambda: [torch.nn.Parameter(torch.zeros(2))],
         head_parameters=lambda: [torch.nn.Parameter(torch.zeros(3))],
     )
-    optimizer, _ = trainer._optimizer()
+    optimizer, _ = make_optimizer(model, config.train, total_steps=10)
     assert optimizer.defaults["weight_decay"] == 0.01 and optimizer.defaults["eps"] == 1e-8
     assert (
         load_stage1_config(None, ["train.select_metric=pair_f1"]).train.resolved_select_metric("atl")

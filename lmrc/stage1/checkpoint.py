@@ -1,4 +1,4 @@
-"""Stage-1 checkpoints: a folder that rebuilds the trained model with no hub access, and the resumable state.
+"""Stage-1 checkpoints: a folder that rebuilds the trained model with no hub access.
 
 A checkpoint folder holds::
 
@@ -9,15 +9,14 @@ A checkpoint folder holds::
     config.yaml          the resolved training config
     calibration.json     optional: the recall-target threshold computed by `lmrc stage1 predict`
 
-The training run's `last/` folder is a checkpoint plus what `--resume` needs: optimizer tensors
-(`optimizer.safetensors` + `optimizer.json`), scheduler state, every process's RNG states and the trainer's
-position (`trainer_state.json`). Folders are written under a temporary name and swapped in, so an interruption
-leaves the previous version intact. Nothing here unpickles: tensors go through safetensors, the rest is JSON.
+The training run's `last/` folder is a checkpoint plus what `--resume` needs (lmrc.run_folder.ResumeState:
+optimizer, scheduler, every process's RNG states, the trainer's position in `trainer_state.json`). Folders are
+written under a temporary name and swapped in, so an interruption leaves the previous version intact. Nothing
+here unpickles: tensors go through safetensors, the rest is JSON.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -26,13 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from lmrc.config import from_dict, read_yaml, save_config, to_dict
+from lmrc import __version__
+from lmrc.config import from_dict, read_yaml, save_config
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, read_json, write_dir_atomically
+from lmrc.io import atomic_write_json, read_json
+from lmrc.run_folder import ResumeState, jsonable, publish, read_resume_state, restore_rng, write_resume_state
 from lmrc.stage1.config import Stage1Config
+from lmrc.stage1.features import SpecialTokens, special_tokens
+from lmrc.stage1.losses import LOSSES, build_loss
+from lmrc.stage1.model import Stage1Model
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,6 @@ WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"
 CONFIG_FILE = "config.yaml"
 CALIBRATION_FILE = "calibration.json"
-STATE_FILE = "trainer_state.json"
 # Encoder config fields that decide the shapes of the weights; checked against stage1.json on load.
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -75,23 +80,47 @@ def encoder_record(encoder_config: Any, name: str) -> dict[str, Any]:
     return record
 
 
+def model_arguments(config: Stage1Config, num_logits: int, tokenizer) -> dict[str, Any]:
+    """Stage1Model arguments besides the encoder, as JSON (stored in stage1.json to rebuild the model)."""
+    name = config.loss.name
+    specials = special_tokens(tokenizer)
+    return {
+        "num_logits": num_logits,
+        "emb_size": config.model.emb_size,
+        "block_size": config.model.block_size,
+        "bilinear": config.model.resolved_bilinear(name),
+        "n_layers_avg": config.model.resolved_layers(name),
+        # MD-RE: three discriminators, each its own classifier on the shared pair representation (Sec. 3.3).
+        "n_classifiers": 3 if name == "mdre" else 1,
+        "window": config.model.window,
+        "specials": {"start": list(specials.start), "end": list(specials.end), "sep": list(specials.sep)},
+        "separate_extractors": config.model.separate_extractors,
+    }
+
+
+def build_model(encoder, kwargs: dict[str, Any]) -> Stage1Model:
+    """Stage1Model from the JSON arguments of `model_arguments` (as stored in stage1.json)."""
+    kwargs = dict(kwargs)
+    sp = kwargs.pop("specials", None)
+    specials = None if sp is None else SpecialTokens(tuple(sp["start"]), tuple(sp["end"]), tuple(sp["sep"]))
+    return Stage1Model(encoder, specials=specials, **kwargs)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
     tokenizer: Any,
     config: Stage1Config,
     relations: RelationSet,
-    loss_name: str,
     loss_params: dict[str, Any],
     model_kwargs: dict[str, Any],
-    max_length: int | None = None,
     selection: dict[str, Any] | None = None,
-    extra_files: dict[str, Any] | None = None,
+    state: ResumeState | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically (a temporary folder swapped in).
+    """Write a complete checkpoint folder atomically (a temporary folder swapped in); with `state`, the folder
+    also holds what `--resume` needs (the training run's `last/`).
 
-    `model_kwargs` are the Stage1Model constructor arguments besides the encoder; `extra_files` maps file
-    names to callables `fn(folder)` that add files (the training state of `last/`) before the swap.
+    `model_kwargs` are the Stage1Model constructor arguments besides the encoder (see `model_arguments`).
     """
     path = Path(path)
     encoder = model.encoder
@@ -100,8 +129,8 @@ def save_checkpoint(
         "version": VERSION,
         "encoder": encoder_record(encoder.config, config.model.encoder),
         "model": dict(model_kwargs),
-        "features": {"max_length": max_length},
-        "loss": {"name": loss_name, "params": _jsonable(loss_params, "loss.params")},
+        "features": {"max_length": config.model.max_length},
+        "loss": {"name": config.loss.name, "params": jsonable(loss_params, "loss.params")},
         "relations": {"ids": list(relations.ids), "names": dict(relations.names)},
         "selection": selection or {},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -109,16 +138,16 @@ def save_checkpoint(
     }
 
     def write(folder: Path) -> None:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
         encoder.config.save_pretrained(folder / ENCODER_DIR)
         tokenizer.save_pretrained(folder / ENCODER_DIR)
         save_config(config, folder / CONFIG_FILE)
         atomic_write_json(folder / META_FILE, meta, indent=1)
-        for fn in (extra_files or {}).values():
-            fn(folder)
+        if state is not None:
+            write_resume_state(folder, state)
 
-    write_dir_atomically(path, write)
+    publish(path, write)
     return path
 
 
@@ -146,13 +175,7 @@ def load_checkpoint(
     """
     path = resolve_checkpoint_dir(path)
     meta_path = path / META_FILE
-    meta = read_json(meta_path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LmrcError(f'{meta_path}: not an lmrc stage-1 checkpoint (expected "format": "{FORMAT}")')
-    if meta.get("version") != VERSION:
-        raise LmrcError(
-            f"{meta_path}: unsupported checkpoint version {meta.get('version')!r} (this lmrc reads {VERSION})"
-        )
+    meta = _read_meta(meta_path)
     try:
         loss_name = meta["loss"]["name"]
         loss_params = dict(meta["loss"]["params"])
@@ -163,27 +186,17 @@ def load_checkpoint(
     except (KeyError, TypeError) as exc:
         raise LmrcError(f"{meta_path}: missing or malformed field {exc}") from None
     loss = _head_loss(meta_path, loss_name, loss_params, head_params)
-
     encoder_dir = path / ENCODER_DIR
-    encoder_config = _load_encoder_config(encoder_dir)
-    for key in _SHAPE_FIELDS:
-        if recorded.get(key) is not None and getattr(encoder_config, key, None) != recorded[key]:
-            raise LmrcError(
-                f"{encoder_dir / 'config.json'}: encoder config does not match the checkpoint's weights "
-                f"({key} = {getattr(encoder_config, key, None)!r}, the model was trained with {recorded[key]!r})"
-            )
-    encoder = _build_encoder(encoder_config)
+    encoder_config = _load_encoder_config(encoder_dir, recorded)
     tokenizer = _load_tokenizer(encoder_dir)
     try:
-        model = build_model(encoder, model_kwargs)
+        model = build_model(_build_encoder(encoder_config), model_kwargs)
     except TypeError as exc:
         raise LmrcError(f"{meta_path}: model: {exc}") from None
     _load_weights(model, path / WEIGHTS_FILE, encoder_dir)
     model.to(device).eval()
-
     cfg_path = path / CONFIG_FILE
     config = from_dict(Stage1Config, read_yaml(cfg_path), str(cfg_path))
-    calibration = read_calibration(path)
     return Checkpoint(
         path=path,
         model=model,
@@ -194,15 +207,24 @@ def load_checkpoint(
         relations=relations,
         config=config,
         meta=meta,
-        calibration=calibration,
+        calibration=read_calibration(path),
     )
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LmrcError(f'{meta_path}: not an lmrc stage-1 checkpoint (expected "format": "{FORMAT}")')
+    if meta.get("version") != VERSION:
+        raise LmrcError(
+            f"{meta_path}: unsupported checkpoint version {meta.get('version')!r} (this lmrc reads {VERSION})"
+        )
+    return meta
 
 
 def _head_loss(meta_path: Path, loss_name: str, loss_params: dict[str, Any], head_params: dict | None):
     """The checkpoint's loss (its head) with the prediction-time `head_params` applied; `loss_params` is
     updated in place, so the checkpoint records what was used."""
-    from lmrc.stage1.losses import LOSSES, build_loss
-
     if loss_name not in LOSSES:
         raise LmrcError(
             f"{meta_path}: loss.name: unknown loss {loss_name!r} (known: {', '.join(sorted(LOSSES))})"
@@ -231,15 +253,23 @@ def _load_weights(model, weights_path: Path, encoder_dir: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def build_model(encoder, kwargs: dict[str, Any]):
-    """Stage1Model from the JSON arguments of `lmrc.stage1.train.model_kwargs` (as stored in stage1.json)."""
-    from lmrc.stage1.features import SpecialTokens
-    from lmrc.stage1.model import Stage1Model
-
-    kwargs = dict(kwargs)
-    sp = kwargs.pop("specials", None)
-    specials = None if sp is None else SpecialTokens(tuple(sp["start"]), tuple(sp["end"]), tuple(sp["sep"]))
-    return Stage1Model(encoder, specials=specials, **kwargs)
+def restore_training_state(
+    last_dir: Path, model: torch.nn.Module, optimizer, scheduler, scaler, rank: int
+) -> dict[str, Any]:
+    """Load the training run's `last/` into the (unwrapped) model, optimizer, scheduler and fp16 loss scaler
+    (None without fp16), restore this process's RNG states, and return the saved position."""
+    state = read_resume_state(last_dir)
+    model.load_state_dict(load_file(str(last_dir / WEIGHTS_FILE)), strict=True)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    if scaler is not None and state.scaler is not None:
+        scaler.load_state_dict(state.scaler)
+    elif scaler is not None:
+        log.warning("%s: no loss-scaler state saved (an older run); the fp16 scale restarts", last_dir)
+    if rank >= len(state.rng):
+        raise LmrcError(f"{last_dir}: saved with {len(state.rng)} processes, cannot resume on more")
+    restore_rng(state.rng[rank])
+    return state.position
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -264,97 +294,29 @@ def read_calibration(path: Path) -> dict[str, Any] | None:
     return cal
 
 
-def write_calibration(path: Path, calibration: dict[str, Any]) -> None:
-    try:
-        atomic_write_json(Path(path) / CALIBRATION_FILE, calibration, indent=1)
-    except OSError as exc:
-        raise LmrcError(f"{Path(path) / CALIBRATION_FILE}: cannot write the calibration: {exc}") from None
-
-
-# ------------------------------------------------------------------------------------------ training state
-
-
-@dataclass
-class TrainingState:
-    """What `--resume` restores besides the weights (see train.py for the meaning of the counters)."""
-
-    trainer: dict[str, Any]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    rng: list[dict[str, Any]]  # one per process
-    # fp16 on CUDA: the loss scaler's scale and growth tracker (a fresh scaler would restart at 2**16 and skip
-    # steps on overflow until it has shrunk again, so the resumed run would differ). None without fp16.
-    scaler: dict[str, Any] | None = None
-
-
-def training_state_writer(state: TrainingState):
-    """A `save_checkpoint(extra_files=...)` callable that writes the resumable state into the folder."""
-
-    def write(folder: Path) -> None:
-        tensors, opt_json = _split_optimizer_state(state.optimizer)
-        save_file(tensors, str(folder / "optimizer.safetensors"))
-        atomic_write_json(folder / "optimizer.json", opt_json)
-        atomic_write_json(folder / "scheduler.json", _jsonable(state.scheduler, "scheduler"))
-        rng_tensors, rng_json = {}, []
-        for rank, rng in enumerate(state.rng):
-            rng_tensors[f"{rank}.torch"] = rng["torch"]
-            for i, cuda_state in enumerate(rng.get("cuda", [])):
-                rng_tensors[f"{rank}.cuda.{i}"] = cuda_state
-            rng_json.append(
-                {"python": rng["python"], "numpy": rng["numpy"], "n_cuda": len(rng.get("cuda", []))}
-            )
-        save_file(rng_tensors, str(folder / "rng.safetensors"))
-        atomic_write_json(folder / "rng.json", rng_json)
-        if state.scaler is not None:
-            atomic_write_json(folder / "scaler.json", _jsonable(state.scaler, "scaler"))
-        atomic_write_json(folder / STATE_FILE, state.trainer, indent=1)
-
-    return write
-
-
-def load_training_state(path: Path) -> TrainingState:
-    path = Path(path)
-    for name in (STATE_FILE, "optimizer.json", "optimizer.safetensors", "scheduler.json", "rng.json"):
-        if not (path / name).is_file():
-            raise LmrcError(f"{path / name}: missing; {path} is not a resumable training state")
-    trainer = read_json(path / STATE_FILE)
-    optimizer = _join_optimizer_state(
-        load_file(str(path / "optimizer.safetensors")), read_json(path / "optimizer.json")
-    )
-    scheduler = read_json(path / "scheduler.json")
-    rng_tensors = load_file(str(path / "rng.safetensors"))
-    rng = []
-    for rank, item in enumerate(read_json(path / "rng.json")):
-        rng.append(
-            {
-                "python": item["python"],
-                "numpy": item["numpy"],
-                "torch": rng_tensors[f"{rank}.torch"],
-                "cuda": [rng_tensors[f"{rank}.cuda.{i}"] for i in range(item["n_cuda"])],
-            }
-        )
-    scaler = read_json(path / "scaler.json") if (path / "scaler.json").is_file() else None
-    return TrainingState(trainer=trainer, optimizer=optimizer, scheduler=scheduler, rng=rng, scaler=scaler)
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _load_encoder_config(encoder_dir: Path):
-    from transformers import AutoConfig
-
-    if not (encoder_dir / "config.json").is_file():
-        raise LmrcError(f"{encoder_dir / 'config.json'}: file not found (the checkpoint's encoder config)")
+def _load_encoder_config(encoder_dir: Path, recorded: dict[str, Any]):
+    """The encoder config in `encoder/`, checked against the shapes stage1.json recorded for the weights."""
+    config_path = encoder_dir / "config.json"
+    if not config_path.is_file():
+        raise LmrcError(f"{config_path}: file not found (the checkpoint's encoder config)")
     try:
-        return AutoConfig.from_pretrained(str(encoder_dir), trust_remote_code=False)
+        encoder_config = AutoConfig.from_pretrained(str(encoder_dir), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise LmrcError(f"{encoder_dir / 'config.json'}: cannot read the encoder config: {exc}") from None
+        raise LmrcError(f"{config_path}: cannot read the encoder config: {exc}") from None
+    for key in _SHAPE_FIELDS:
+        if recorded.get(key) is not None and getattr(encoder_config, key, None) != recorded[key]:
+            raise LmrcError(
+                f"{config_path}: encoder config does not match the checkpoint's weights "
+                f"({key} = {getattr(encoder_config, key, None)!r}, the model was trained with {recorded[key]!r})"
+            )
+    return encoder_config
 
 
 def _build_encoder(encoder_config):
     """The encoder as `lmrc.stage1.encoder.load_encoder` builds it (eager attention, no pooler), untrained."""
-    from transformers import AutoModel
-
     encoder = AutoModel.from_config(encoder_config, attn_implementation="eager", trust_remote_code=False)
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
@@ -362,8 +324,6 @@ def _build_encoder(encoder_config):
 
 
 def _load_tokenizer(encoder_dir: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(encoder_dir), trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -389,51 +349,5 @@ def _check_state_matches(
     raise LmrcError(f"{weights}: weights do not match the encoder config in {enc / 'config.json'} ({detail})")
 
 
-def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch optimizer state_dict -> (tensors for safetensors, the JSON rest)."""
-    tensors: dict[str, torch.Tensor] = {}
-    state_json: dict[str, dict[str, Any]] = {}
-    for pid, entries in sd["state"].items():
-        state_json[str(pid)] = {}
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().to("cpu").contiguous()
-                state_json[str(pid)][key] = {"tensor": f"{pid}.{key}"}
-            else:
-                state_json[str(pid)][key] = {"value": value}
-    return tensors, {
-        "state": state_json,
-        "param_groups": _jsonable(sd["param_groups"], "optimizer.param_groups"),
-    }
-
-
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> dict[str, Any]:
-    state = {}
-    for pid, entries in data["state"].items():
-        state[int(pid)] = {
-            k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in entries.items()
-        }
-    return {"state": state, "param_groups": data["param_groups"]}
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """Lists/dicts/numbers/strings only (tuples become lists); anything else is a programming error."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if dataclasses.is_dataclass(value):
-        return _jsonable(to_dict(value), where)
-    if torch.is_tensor(value) and value.numel() == 1:
-        return value.item()
-    raise TypeError(f"{where}: cannot store {type(value).__name__} as JSON")
-
-
 def _versions() -> dict[str, str]:
-    import transformers
-
-    from lmrc import __version__
-
     return {"lmrc": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -145,7 +145,7 @@ _DRIVER = textwrap.dedent(
     stage, out = sys.argv[1], sys.argv[2]
     if stage == "1":
         from lmrc.stage1.config import load_stage1_config
-        from lmrc.stage1.train import make_accelerator
+        from lmrc.stage1.accelerator import make_accelerator
 
         make_accelerator(load_stage1_config(None, ["train.ddp_timeout=4321"]), "no", cuda=False)
     else:
@@ -229,7 +229,7 @@ def test_vllm_engine_gets_tensor_parallelism_structured_outputs_and_a_memory_fra
     from stage2_helpers import tiny_model_dir
 
     from lmrc import hardware
-    from lmrc.stage2 import generate
+    from lmrc.stage2.generate import vllm_backend as generate
     from lmrc.stage2.config import load_stage2_config
 
     seen = _fake_vllm(monkeypatch)
@@ -267,7 +267,7 @@ def _model_dir(tmp_path: Path, window: int) -> Path:
 
 def test_vllm_reserves_the_prompts_budget_not_the_models_window(monkeypatch, tmp_path):
     from lmrc import hardware
-    from lmrc.stage2 import generate
+    from lmrc.stage2.generate import vllm_backend as generate
 
     seen = _fake_vllm(monkeypatch)
     monkeypatch.setattr(hardware, "device_memory_used", lambda i: None)
@@ -283,7 +283,7 @@ def test_vllm_reserves_the_prompts_budget_not_the_models_window(monkeypatch, tmp
 
 def test_vllm_serves_in_the_dtype_training_used(monkeypatch, tmp_path):
     """vLLM's own "auto" is the model config's dtype, and float16 for a float32 config."""
-    from lmrc.stage2 import generate
+    from lmrc.stage2.generate import vllm_backend as generate
 
     monkeypatch.setattr(generate, "_cuda_native_bf16", lambda: True)
     adapter = tmp_path / "adapter"
@@ -300,7 +300,7 @@ def test_vllm_serves_in_the_dtype_training_used(monkeypatch, tmp_path):
 
 def test_vllm_memory_fraction_fits_every_tensor_parallel_device(monkeypatch):
     from lmrc import hardware
-    from lmrc.stage2 import generate
+    from lmrc.stage2.generate import vllm_backend as generate
 
     gib = 1024**3
     used = {0: 2 * gib, 1: 20 * gib, 2: 30 * gib}  # GPU 1 is half taken by another job; GPU 2 is not used
@@ -315,7 +315,7 @@ def test_vllm_memory_fraction_fits_every_tensor_parallel_device(monkeypatch):
 def test_vllm_before_structured_outputs_is_refused_with_the_floor(monkeypatch):
     import types
 
-    from lmrc.stage2 import generate
+    from lmrc.stage2.generate import vllm_backend as generate
 
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", types.ModuleType("vllm.sampling_params"))
     with pytest.raises(LmrcError, match=r"needs vLLM >= 0\.20"):

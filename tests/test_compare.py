@@ -3,6 +3,7 @@ independently, pictures, reuse of finished parts, and training from configs (the
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from stage2_helpers import tiny_model_dir
 from lmrc.cli import main
 from lmrc.data.docred import load_documents
 from lmrc.eval.metrics import TrainReference, evaluate, load_predictions
+from lmrc.experiments import jobs
 from lmrc.experiments.compare import load_compare_config
 from lmrc.io import read_json
 
@@ -235,15 +237,13 @@ def test_compare_trains_missing_models_from_configs(redocred_dir, cache_dir, tmp
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a rerun finds every adapter finished with its settings without loading a model (their resumable state is
-    # kept), and reuses every row and point
-    import lmrc.stage2.train as stage2_train
-
+    # kept), and reuses every row and point; every adapter training goes through jobs.train_adapter
     assert (out / "models" / "rc" / "last").exists() and (out / "models" / "curve-rc-1000" / "last").exists()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished adapter was trained again")
 
-    monkeypatch.setattr(stage2_train, "train", no_training)
+    monkeypatch.setattr(jobs, "train_adapter", no_training)
     assert main(["compare", "--config", _write(tmp_path / "c.yaml", config), "--output-dir", str(out)]) == 0
     assert read_json(out / "results.json")["rows"] == results["rows"]
 
@@ -316,7 +316,9 @@ def test_learning_curve_snapshots_come_from_the_configs_own_adapter_run(redocred
     """learning_curve.adapters=snapshots: the config's own adapter keeps the smaller budgets on the way (one run,
     no token trained twice) and each point reads its snapshot; a budget above the adapter's is refused."""
     from lmrc.errors import LmrcError
-    from lmrc.experiments.compare import _curve_adapter, _snapshot_overrides, ensure_adapter
+    from lmrc.experiments.curve import curve_adapter
+    from lmrc.experiments.data import DataFiles
+    from lmrc.experiments.models import ensure_adapter, snapshot_overrides
 
     files = data_files(redocred_dir)
     llm = {
@@ -333,19 +335,43 @@ def test_learning_curve_snapshots_come_from_the_configs_own_adapter_run(redocred
         "learning_curve.adapters=snapshots",
     ]
     cfg = load_compare_config(None, [f"rc.config={rc}", *curve])
-    assert _snapshot_overrides("rc", cfg) == ["train.snapshot_tokens=[1000]"]
-    assert _snapshot_overrides("direct", cfg) == []  # not on the curve
-    out, paths = tmp_path / "cmp", {"train": None, "tune": None, "eval": None}
-    point = _curve_adapter("rc", 1000, cfg, out, paths)
-    main_adapter = ensure_adapter("rc", cfg, out, paths)  # finished: reused
+    assert snapshot_overrides("rc", cfg) == ["train.snapshot_tokens=[1000]"]
+    assert snapshot_overrides("direct", cfg) == []  # not on the curve
+    out, files = tmp_path / "cmp", DataFiles(eval=tmp_path / "unused.json")
+    point = curve_adapter("rc", 1000, cfg, out, files)
+    main_adapter = ensure_adapter("rc", cfg, out, files)  # finished: reused
     assert point == main_adapter / "snapshots" / "tokens-1000"
     meta, done = read_json(point / "train_summary.json"), read_json(main_adapter / "train_summary.json")
     assert 1000 <= meta["tokens_trained"] < done["tokens_trained"] and meta["steps"] < done["steps"]
-    assert _curve_adapter("rc", 3000, cfg, out, paths) == main_adapter  # its own budget: the finished adapter
+    assert curve_adapter("rc", 3000, cfg, out, files) == main_adapter  # its own budget: the finished adapter
     assert not (out / "models" / "curve-rc-1000").exists()
     with pytest.raises(LmrcError, match="more than the rc adapter trains"):
-        _snapshot_overrides(
+        snapshot_overrides(
             "rc", load_compare_config(None, [f"rc.config={rc}", *curve[1:], "learning_curve.budgets=[9000]"])
         )
     with pytest.raises(LmrcError, match="adapters"):
         load_compare_config(None, ["learning_curve.adapters=some"])
+
+
+def test_no_experiment_module_starts_lmrc_in_a_subprocess():
+    """compare calls the library as functions (lmrc.experiments.jobs); a child process only through
+    lmrc.experiments.isolate (multiprocessing), never a command line of lmrc or another program."""
+    import lmrc.experiments
+
+    starts_programs = {"system", "popen", "execv", "execvp", "execl", "spawnv", "spawnl", "executable"}
+    for path in sorted(Path(lmrc.experiments.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        bad = {
+            m
+            for m in modules
+            if m == "subprocess" or m.startswith(("lmrc.cli", "lmrc.commands", "lmrc.__main__"))
+        }
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+        attributes = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert not attributes & starts_programs, f"{path.name} uses {sorted(attributes & starts_programs)}"
+        strings = [
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        ]
+        assert not [s for s in strings if "lmrc.cli" in s or s == "-m"], f"{path.name} builds a command line"

@@ -4,6 +4,7 @@ threshold, and the learning curve (F1 against LLM training tokens)."""
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())

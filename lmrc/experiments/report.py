@@ -10,16 +10,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmrc.data.docred import Document
+from lmrc.data.docred import Document, restrict_pairs
 from lmrc.data.relations import RelationSet
+from lmrc.eval.bootstrap import document_counts, paired_bootstrap
+from lmrc.eval.metrics import evaluate, load_predictions
+from lmrc.experiments.config import LLM_MODES
+from lmrc.io import sidecar
+from lmrc.model_store import default_cache_dir
+from lmrc.predict.run import iter_progress
+from lmrc.stage1.inference import gold_pair_flags, pair_scores
+from lmrc.stage1.predict import Proposer
+from lmrc.stage2.align import RelationMapper, align_output, entity_choices
+from lmrc.stage2.modeling import load_adapter_config
+from lmrc.stage2.predict import Stage2Runner
+from lmrc.stage2.prompts import Prompt, entity_names
 
 log = logging.getLogger(__name__)
-
-LLM_MODES = ("direct", "classifier-llm")
 
 
 @dataclass
 class ModeRun:
+    """A finished row: its mode, result file and the run's summary."""
+
     mode: str
     result: Path
     summary: dict[str, Any]
@@ -73,10 +85,6 @@ def score_runs(
     runs: Sequence[ModeRun], docs: Sequence[Document], ref, relations: RelationSet
 ) -> tuple[list[dict], dict[str, Any]]:
     """Rows of the table, and per-relation F1 of every row (for the plot)."""
-    from lmrc.eval.bootstrap import document_counts
-    from lmrc.eval.metrics import evaluate, load_predictions
-    from lmrc.io import sidecar
-
     rows, per_relation, counts = [], {}, {}
     for run in runs:
         variants = [("strict", run.result)]
@@ -100,8 +108,6 @@ NOISE_REFERENCE = "stage1-only"  # the row every other row is compared with, whe
 def add_noise(rows: list[dict], counts: dict) -> None:
     """Each row's 95% bootstrap interval of F1 over the documents, and its paired difference to stage1-only
     (lmrc.eval.bootstrap): whether a gap between rows is more than the draw of documents."""
-    from lmrc.eval.bootstrap import paired_bootstrap
-
     reference = NOISE_REFERENCE if NOISE_REFERENCE in counts else None
     noise = paired_bootstrap(counts, reference)
     for row in rows:
@@ -119,14 +125,6 @@ def theta_curves(
     runs: Sequence[ModeRun], docs: Sequence[Document], ref, relations: RelationSet, thetas: Sequence[float]
 ) -> dict[str, list[float]]:
     """F1 against the SBERT threshold theta (LMRC Fig. 3), re-aligning the saved raw answers (no LLM run)."""
-    from lmrc.eval.metrics import evaluate
-    from lmrc.io import sidecar
-    from lmrc.model_store import default_cache_dir
-    from lmrc.predict.run import iter_progress
-    from lmrc.stage2.align import RelationMapper, align_output, entity_choices
-    from lmrc.stage2.modeling import load_adapter_config
-    from lmrc.stage2.prompts import Prompt, entity_names
-
     by_title = {d.title: d for d in docs}
     curves: dict[str, list[float]] = {}
     for run in runs:
@@ -176,10 +174,6 @@ def candidate_curve(
     stage1: Path, rc: Path | None, docs: Sequence[Document], points: int
 ) -> list[dict[str, float]]:
     """Stage-1 pair recall and LLM prompt tokens per document against the candidate threshold."""
-    from lmrc.data.docred import restrict_pairs
-    from lmrc.stage1.inference import gold_pair_flags, pair_scores
-    from lmrc.stage1.predict import Proposer
-
     proposer = Proposer(stage1)
     docs = restrict_pairs(docs, proposer.checkpoint.config.data.pair_types)
     scores = pair_scores(proposer.checkpoint.loss, proposer.logits(docs))
@@ -188,8 +182,6 @@ def candidate_curve(
         return []
     runner = None
     if rc is not None:
-        from lmrc.stage2.predict import Stage2Runner
-
         runner = Stage2Runner(rc)
     gold = [gold_pair_flags(d) for d in docs]
     n_pos = sum(sum(g) for g in gold)

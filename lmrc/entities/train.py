@@ -1,17 +1,17 @@
 """`lmrc entities train`: the mention tagger (epochs, resumable per epoch), then the coreference scorer.
 
-Training examples come from DocRED-format files turned into text (`detok`) and segmented as text input is, so
-the tagger learns on the tokens it will see. Gold mentions are aligned to those tokens; the tagger's best epoch on
-the tuning file (typed mention F1) is kept. The pair scorer is then fitted on the gold mentions and clusters, with
-the tagger's word vectors, and its linking threshold is chosen on the tuning file for the CoNLL F1.
+Training examples come from DocRED-format files turned into text and segmented as text input is (examples.py).
+The tagger's best epoch on the tuning file (typed mention F1) is kept. The pair scorer is then fitted on the gold
+mentions and clusters, with the tagger's word vectors, and its linking threshold is chosen on the tuning file for
+the CoNLL F1.
 
-State after every epoch is in `<output>/state/` (tagger weights, optimizer, counters); `--resume` continues after
-the last finished epoch and gives the same model as an uninterrupted run.
+State after every epoch is in `<output>/state/` (tagger weights, optimizer, counters in `trainer.json`);
+`--resume` continues after the last finished epoch and gives the same model as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import shutil
@@ -21,123 +21,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from lmrc.config import save_config, to_dict
-from lmrc.data.docred import Document, load_documents
-from lmrc.entities.annotate import TokenMention, align_span, gold_of
+from lmrc.config import save_config
 from lmrc.entities.config import EntitiesConfig
-from lmrc.entities.coref import PairScorer, link, pair_matrix, train_scorer
-from lmrc.entities.mentions import (
-    bio_labels,
-    collate,
-    decode_bio,
-    encode_window,
-    plan_windows,
-    tag_document,
-    window_labels,
-)
+from lmrc.entities.coref import train_scorer
+from lmrc.entities.examples import Example, load_split, make_example, mention_types, training_windows
+from lmrc.entities.mentions import bio_labels, collate
 from lmrc.entities.metrics import EntityScores
-from lmrc.entities.model import EntityModel, mention_infos, typed_clusters
-from lmrc.entities.segment import Segmented, segment
-from lmrc.errors import LmrcError
-from lmrc.io import atomic_write_json, read_json, write_dir_atomically
-from lmrc.training import length_grouped_batches
+from lmrc.entities.model import META_FILE, EntityModel
+from lmrc.entities.tuning import coref_data, mention_f1, predict_entities, tune_threshold
+from lmrc.io import atomic_write_json
+from lmrc.model_store import resolve
+from lmrc.run_folder import (
+    CONFIG_FILE,
+    ResumeState,
+    check_same_config,
+    open_run,
+    publish,
+    read_resume_state,
+    read_saved_config,
+    write_resume_state,
+)
+from lmrc.schedule import length_grouped_batches
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "state"
+POSITION_FILE = "trainer.json"  # the tagger's counters in state/
 BEST_DIR = "best_tagger"
-
-
-@dataclass
-class Example:
-    """A training document as the tagger sees text: segmented, with its gold mentions on those tokens."""
-
-    title: str
-    seg: Segmented
-    mentions: list[TokenMention]  # gold, aligned
-    cluster_ids: list[int]  # gold entity of each mention
-    gold: list[list[tuple[tuple[int, int], str]]]  # gold entities as (char span, type), for scoring
-
-
-def make_example(doc: Document) -> Example:
-    g = gold_of(doc)
-    seg = segment(g.text)
-    mentions, ids = [], []
-    for ei, ent in enumerate(g.entities):
-        for m in ent:
-            al = align_span(seg, m.span)
-            if al is not None:
-                mentions.append(TokenMention(al[0], al[1], al[2], m.type))
-                ids.append(ei)
-    order = sorted(range(len(mentions)), key=lambda i: (mentions[i].sent, mentions[i].start, mentions[i].end))
-    gold = [[(m.span, m.type) for m in ent] for ent in g.entities]
-    return Example(doc.title, seg, [mentions[i] for i in order], [ids[i] for i in order], gold)
-
-
-def _types(docs: list[Document]) -> list[str]:
-    types = sorted({m.type for d in docs for e in d.entities for m in e.mentions if m.type})
-    if not types:
-        raise LmrcError("entities train: the training file has no mention types")
-    return types
-
-
-def _load(path: str, role: str, max_docs: int) -> list[Document]:
-    if not path:
-        raise LmrcError(f"entities train: data.{role} is not set (a DocRED-format file)")
-    docs = load_documents(path)
-    if not docs:
-        raise LmrcError(f"{path}: no documents")
-    return docs[:max_docs] if max_docs > 0 else docs
-
-
-def predict_entities(model: EntityModel, seg: Segmented) -> list[list[tuple[tuple[int, int], str]]]:
-    """The model's entities as (char span, type) mentions."""
-    out = []
-    for ent in model.find(seg):
-        out.append(
-            [((seg.sents[m.sent][m.start].start, seg.sents[m.sent][m.end - 1].end), m.type) for m in ent]
-        )
-    return out
-
-
-def mention_f1(tagger, tokenizer, labels: list[str], max_tokens: int, examples: list[Example]) -> float:
-    tp = n_pred = n_gold = 0
-    for ex in examples:
-        logp, _ = tag_document(tagger, tokenizer, ex.seg.words(), max_tokens)
-        pred = set()
-        for si, row in enumerate(logp):
-            pred.update(decode_bio([labels[int(x.argmax())] for x in row], si))
-        gold = set(ex.mentions)
-        tp += len(pred & gold)
-        n_pred += len(pred)
-        n_gold += len(gold)
-    p, r = tp / max(n_pred, 1), tp / max(n_gold, 1)
-    return 2 * p * r / (p + r) if p + r else 0.0
-
-
-def _coref_data(tagger, tokenizer, max_tokens: int, examples: list[Example]):
-    data = []
-    for ex in examples:
-        _, vecs = tag_document(tagger, tokenizer, ex.seg.words(), max_tokens)
-        data.append((mention_infos(ex.seg, ex.mentions, vecs), ex.cluster_ids))
-    return data
-
-
-def _save_state(folder: Path, tagger, tokenizer, optimizer, counters: dict) -> None:
-    from safetensors.torch import save_file
-
-    from lmrc.stage1.checkpoint import _split_optimizer_state
-
-    def write(tmp: Path) -> None:
-        tagger.save_pretrained(tmp / "tagger", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "tagger")
-        tensors, opt_json = _split_optimizer_state(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "optimizer.json", opt_json)
-        atomic_write_json(tmp / "trainer.json", counters, indent=1)
-
-    write_dir_atomically(folder, write)
+# Config keys that may differ between a run and its `--resume` without changing what is computed.
+RESUMABLE_CHANGES = ("output_dir",)
 
 
 def train(
@@ -153,40 +67,36 @@ def train(
     `stop_after_epochs` > 0 stops after that many epochs of this call, with the state saved (tests, time-boxed
     jobs; then `resume`)."""
     out = Path(output_dir or cfg.output_dir)
-    _check_run_folder(cfg, out, resume)
+    cfg = dataclasses.replace(cfg, output_dir=str(out))  # the saved config names the folder it is in
+    markers = [out / STATE_DIR, out / META_FILE, out / CONFIG_FILE]
+    resuming = open_run(out, resume, state_file=out / STATE_DIR / POSITION_FILE, markers=markers,
+                        what="an entity-model run")  # fmt: skip
+    if resuming:
+        check_same_config(read_saved_config(EntitiesConfig, out), cfg, out / CONFIG_FILE, RESUMABLE_CHANGES)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / CONFIG_FILE)
     t0 = time.perf_counter()
-    train_docs = _load(cfg.data.train, "train", cfg.data.max_docs)
-    tune_docs = _load(cfg.data.tune, "tune", cfg.data.max_docs)
-    labels = bio_labels(_types(train_docs))
+    train_docs = load_split(cfg.data.train, "train", cfg.data.max_docs)
+    tune_docs = load_split(cfg.data.tune, "tune", cfg.data.max_docs)
+    labels = bio_labels(mention_types(train_docs))
     train_ex = [make_example(d) for d in train_docs]
     tune_ex = [make_example(d) for d in tune_docs]
     log.info(
         "entities train: %d training and %d tuning documents, labels %s", len(train_ex), len(tune_ex), labels
     )
-    run = _TaggerRun.start(cfg, out, labels, train_ex, resume)
+    run = TaggerRun.setup(cfg, out, labels, train_ex, resuming)
     for k, epoch in enumerate(range(run.counters["epoch"] + 1, cfg.train.epochs + 1)):
         if stop_after_epochs and k >= stop_after_epochs:
             raise KeyboardInterrupt
         run.train_epoch(epoch, tune_ex)
-    return _finish(cfg, out, run, labels, train_ex, tune_ex, t0)
-
-
-def _check_run_folder(cfg: EntitiesConfig, out: Path, resume: bool) -> None:
-    """A new run needs a folder without one; --resume needs the same config as the interrupted run."""
-    if not resume and any((out / name).exists() for name in (STATE_DIR, "entities.json", "config.yaml")):
-        raise LmrcError(
-            f"{out}: holds an entity-model run (continue it with --resume, or choose another folder)"
-        )
-    if resume and (out / "config.yaml").is_file():
-        saved = read_json_yaml(out / "config.yaml")
-        if saved != json.loads(json.dumps(to_dict(cfg))):
-            raise LmrcError(f"{out}: --resume with a different config than {out / 'config.yaml'}")
+    if resuming and (out / META_FILE).is_file() and not (out / BEST_DIR).exists():
+        log.info("%s: training had already finished", out)
+        return out
+    return fit_coreference(cfg, out, run, labels, train_ex, tune_ex, t0)
 
 
 @dataclass
-class _TaggerRun:
+class TaggerRun:
     """The mention tagger being trained: model, tokenizer, its training windows, optimizer and counters (epoch,
     step, best tuning F1, history), saved after every epoch so that --resume continues after the last one."""
 
@@ -197,21 +107,15 @@ class _TaggerRun:
     labels: list[str]
     window_cap: int
     rows: list
-    optimizer: Any
+    optimizer: torch.optim.Optimizer
     counters: dict
 
     @classmethod
-    def start(
-        cls, cfg: EntitiesConfig, out: Path, labels: list[str], train_ex: list, resume: bool
-    ) -> _TaggerRun:
-        from safetensors.torch import load_file
-        from transformers import AutoModelForTokenClassification, AutoTokenizer
-
-        from lmrc.model_store import resolve
-        from lmrc.stage1.checkpoint import _join_optimizer_state
-
+    def setup(
+        cls, cfg: EntitiesConfig, out: Path, labels: list[str], train_ex: list, resuming: bool
+    ) -> TaggerRun:
+        """The encoder with a fresh tagging head (or the saved tagger, optimizer and counters when resuming)."""
         tc, state_dir = cfg.train, out / STATE_DIR
-        resuming = resume and (state_dir / "trainer.json").is_file()
         start_from = state_dir / "tagger" if resuming else resolve(cfg.model.encoder)
         tokenizer = AutoTokenizer.from_pretrained(start_from, trust_remote_code=False)
         torch.manual_seed(tc.seed)
@@ -220,7 +124,7 @@ class _TaggerRun:
             label2id={lab: i for i, lab in enumerate(labels)}, trust_remote_code=False,
         )  # fmt: skip
         window_cap = min(tc.max_tokens, int(getattr(tagger.config, "max_position_embeddings", tc.max_tokens)))
-        rows = _training_windows(train_ex, tokenizer, window_cap, labels)
+        rows = training_windows(train_ex, tokenizer, window_cap, labels)
         no_decay = ("bias", "LayerNorm")
         decay = [p for n, p in tagger.named_parameters() if not any(k in n for k in no_decay)]
         other = [p for n, p in tagger.named_parameters() if any(k in n for k in no_decay)]
@@ -230,13 +134,9 @@ class _TaggerRun:
         )
         counters = {"epoch": 0, "step": 0, "best_f1": -1.0, "best_epoch": 0, "history": []}
         if resuming:
-            counters = read_json(state_dir / "trainer.json")
-            optimizer.load_state_dict(
-                _join_optimizer_state(
-                    load_file(str(state_dir / "optimizer.safetensors")),
-                    read_json(state_dir / "optimizer.json"),
-                )
-            )
+            state = read_resume_state(state_dir, POSITION_FILE, parts=())
+            counters = state.position
+            optimizer.load_state_dict(state.optimizer)
             log.info("%s: resuming after epoch %d", out, counters["epoch"])
         return cls(cfg, out, tagger, tokenizer, labels, window_cap, rows, optimizer, counters)
 
@@ -249,7 +149,7 @@ class _TaggerRun:
             return tc.lr * step / max(warmup, 1)
         return tc.lr * max(0.0, (total - step) / max(total - warmup, 1))
 
-    def train_epoch(self, epoch: int, tune_ex: list) -> None:
+    def train_epoch(self, epoch: int, tune_ex: list[Example]) -> None:
         """One epoch over the length-grouped windows, then the tuning mention F1, the best tagger and the state."""
         tc, counters, tagger = self.cfg.train, self.counters, self.tagger
         tagger.train()
@@ -272,54 +172,47 @@ class _TaggerRun:
                 log.info("epoch %d step %d/%d loss %.4f", epoch, bi + 1, len(batches), loss_sum / (bi + 1))
         tagger.eval()
         f1 = mention_f1(tagger, self.tokenizer, self.labels, self.window_cap, tune_ex)
+        seconds = time.perf_counter() - e0
         mean_loss = loss_sum / max(len(batches), 1)
         counters["history"].append({"epoch": epoch, "loss": mean_loss, "tune_mention_f1": f1,
-                                    "seconds": round(time.perf_counter() - e0, 1)})  # fmt: skip
-        log.info("epoch %d: loss %.4f, tune mention F1 %.4f (%.0f s)", epoch, mean_loss, f1,
-                 time.perf_counter() - e0)  # fmt: skip
+                                    "seconds": round(seconds, 1)})  # fmt: skip
+        log.info("epoch %d: loss %.4f, tune mention F1 %.4f (%.0f s)", epoch, mean_loss, f1, seconds)
         if f1 > counters["best_f1"]:
             counters["best_f1"], counters["best_epoch"] = f1, epoch
-            write_dir_atomically(self.out / BEST_DIR, lambda tmp: (tagger.save_pretrained(tmp, safe_serialization=True),
-                                                                    self.tokenizer.save_pretrained(tmp)))  # fmt: skip
+            publish(self.out / BEST_DIR, self._save_tagger)
         counters["epoch"] = epoch
-        _save_state(self.out / STATE_DIR, tagger, self.tokenizer, self.optimizer, counters)
+        self.save_state()
+
+    def _save_tagger(self, folder: Path) -> None:
+        self.tagger.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+
+    def save_state(self) -> None:
+        """`state/`: the tagger, its optimizer and the counters, swapped in whole."""
+        state = ResumeState(position=self.counters, optimizer=self.optimizer.state_dict())
+        publish(
+            self.out / STATE_DIR,
+            lambda tmp: self._save_tagger(tmp / "tagger"),
+            lambda tmp: write_resume_state(tmp, state, POSITION_FILE),
+        )
 
 
-def _training_windows(train_ex: list, tokenizer: Any, window_cap: int, labels: list[str]) -> list:
-    """(token ids, first word-piece of each word, BIO label ids) for every encoder-size window of every document."""
-    label_ids = {lab: i for i, lab in enumerate(labels)}
-    rows = []
-    for ex in train_ex:
-        words = ex.seg.words()
-        for w in plan_windows(words, tokenizer, window_cap):
-            ids, first = encode_window(tokenizer, words, w, window_cap)
-            rows.append((ids, first, window_labels(w, ex.mentions, label_ids)))
-    return rows
-
-
-def _finish(
+def fit_coreference(
     cfg: EntitiesConfig,
     out: Path,
-    run: _TaggerRun,
+    run: TaggerRun,
     labels: list[str],
     train_ex: list,
     tune_ex: list,
     t0: float,
 ) -> Path:
     """The coreference scorer on the best tagger, its threshold on the tuning file, and the checkpoint folder."""
-    from transformers import AutoModelForTokenClassification
-
     best = AutoModelForTokenClassification.from_pretrained(out / BEST_DIR, trust_remote_code=False)
     best.eval()
     tokenizer, window_cap = run.tokenizer, run.window_cap
     log.info("coreference: pair features of %d training documents", len(train_ex))
-    scorer = train_scorer(
-        _coref_data(best, tokenizer, window_cap, train_ex),
-        cfg.coref.hidden,
-        cfg.coref.steps,
-        cfg.coref.lr,
-        cfg.train.seed,
-    )
+    data = coref_data(best, tokenizer, window_cap, train_ex)
+    scorer = train_scorer(data, cfg.coref.hidden, cfg.coref.steps, cfg.coref.lr, cfg.train.seed)
     threshold, tune_scores = tune_threshold(
         scorer, best, tokenizer, window_cap, tune_ex, cfg.coref.thresholds
     )
@@ -342,38 +235,3 @@ def _finish(
     atomic_write_json(out / "train_summary.json", summary, indent=1)
     shutil.rmtree(out / BEST_DIR, ignore_errors=True)
     return out
-
-
-def read_json_yaml(path: Path) -> dict:
-    from lmrc.config import read_yaml
-
-    return json.loads(json.dumps(read_yaml(path)))
-
-
-def tune_threshold(scorer: PairScorer, tagger, tokenizer, max_tokens, examples: list[Example], grid):
-    """The linking threshold with the best CoNLL F1 on the tuning documents' gold mentions."""
-    data = _coref_data(tagger, tokenizer, max_tokens, examples)
-    feats = []
-    for infos, _ in data:
-        x, pairs = pair_matrix(infos)
-        with torch.no_grad():
-            feats.append((pairs, torch.sigmoid(scorer(x)).tolist() if pairs else []))
-    best = (-1.0, 0.5, {})
-    for thr in grid:
-        s = EntityScores.empty()
-        for ex, (infos, _), (pairs, probs) in zip(examples, data, feats):
-            groups = link(len(infos), pairs, probs, thr)
-            ents = typed_clusters(ex.mentions, groups)
-            pred = [[(_span(ex.seg, m), m.type) for m in e] for e in ents]
-            gold = [[(_span(ex.seg, m), m.type) for m, c in zip(ex.mentions, ex.cluster_ids) if c == k]
-                    for k in sorted(set(ex.cluster_ids))]  # fmt: skip
-            s.add(gold, pred)
-        rep = s.report()
-        if rep["conll_f1"] > best[0]:
-            best = (rep["conll_f1"], float(thr), rep)
-    log.info("coreference threshold %.2f: tune CoNLL F1 %.4f on gold mentions", best[1], best[0])
-    return best[1], best[2]
-
-
-def _span(seg: Segmented, m: TokenMention) -> tuple[int, int]:
-    return seg.sents[m.sent][m.start].start, seg.sents[m.sent][m.end - 1].end

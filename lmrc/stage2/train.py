@@ -10,6 +10,7 @@ one process or many (`accelerate launch` / `torchrun`: DDP, FSDP, DeepSpeed ZeRO
 - lmrc.stage2.trainer: the Trainer subclass, its loss, batches and arguments;
 - lmrc.stage2.run_callback: metrics.jsonl, `last/` (the state `--resume` continues), snapshots, interrupts;
 - lmrc.stage2.adapter_folder: the adapter folder predict reads (and the snapshots');
+- lmrc.stage2.summary: train_summary.json;
 - lmrc.run_folder: starting or resuming a run folder, the config fingerprint, Ctrl-C / SIGTERM.
 
 Only rank 0 writes files other than the engine's own shards. `--resume` continues with the same losses (up to
@@ -193,7 +194,7 @@ def _arguments_and_model(
     places it (DDP) or shards it. In this order: under DeepSpeed ZeRO-3 the arguments make from_pretrained load
     the weights partitioned."""
     precision = apply_precision(cfg, procs.device, engine)
-    main, cuda = procs.is_main_process, procs.device.type == "cuda"
+    main, cuda = procs.is_main_process, torch.cuda.is_available()
     out = Path(cfg.output_dir)
     args = training_arguments(cfg, out, plan.total_steps, plan.warmup, precision, main=main, cuda=cuda)
     set_seed(cfg.train.seed)
@@ -228,6 +229,7 @@ def _start_records(
 
 
 def _saved_step(state_dir: Path, plan: StepPlan) -> int:
+    """The step the saved state in `state_dir` was written at."""
     progress = read_json(state_dir / STATE_FILE)
     step = int(progress["step"])
     log.info("resuming from %s at step %d of %d", state_dir, step, plan.total_steps)

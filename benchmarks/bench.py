@@ -218,7 +218,8 @@ def part_stage1_infer(reps: int, quick: bool) -> dict:
 
 def _rc_prompts(n: int, max_len: int):
     from lmrc.stage2.modeling import load_tokenizer, resolve_model_path
-    from lmrc.stage2.prompts import PromptEncoder, load_template, plan_prompts
+    from lmrc.stage2.prompts import PromptEncoder, plan_prompts
+    from lmrc.stage2.templates import load_template
 
     rel, docs = _docs(n)
     path = resolve_model_path("smollm2-135m")
@@ -276,7 +277,8 @@ def part_stage2_per_doc(reps: int, quick: bool) -> dict:
     from lmrc.stage2.config import GenerationConfig
     from lmrc.stage2.generate import HFGenerator, answer_budget
     from lmrc.stage2.modeling import load_tokenizer, resolve_dtype, resolve_model_path
-    from lmrc.stage2.prompts import PromptEncoder, load_template, plan_prompts
+    from lmrc.stage2.prompts import PromptEncoder, plan_prompts
+    from lmrc.stage2.templates import load_template
 
     rel, docs = _docs(50)
     docs = sorted(docs, key=lambda d: len(d.pairs()))[: 1 if quick else 2]
@@ -329,7 +331,8 @@ def part_stage2_lora(reps: int, quick: bool, checkpointing: bool = False) -> dic
     from lmrc.stage2.config import load_stage2_config
     from lmrc.stage2.examples import ExampleBuilder, ExampleStats
     from lmrc.stage2.modeling import load_base_model, load_tokenizer, resolve_model_path, wrap_lora
-    from lmrc.stage2.prompts import PromptEncoder, load_template
+    from lmrc.stage2.prompts import PromptEncoder
+    from lmrc.stage2.templates import load_template
     from lmrc.stage2.trainer import answer_loss_sum, collate
 
     rel, docs = _docs(4)

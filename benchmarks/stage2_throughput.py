@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmrc.stage2.config import load_stage2_config
     from lmrc.stage2.examples import ExampleBuilder, ExampleStats
     from lmrc.stage2.modeling import load_tokenizer, resolve_model_path
-    from lmrc.stage2.prompts import PromptEncoder, load_template
+    from lmrc.stage2.prompts import PromptEncoder
+    from lmrc.stage2.templates import load_template
 
     if args.threads:
         torch.set_num_threads(args.threads)

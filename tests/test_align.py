@@ -8,7 +8,8 @@ from lmrc.data.docred import Document, Entity, Mention
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.stage2.align import RelationMapper, align_entity, align_output
-from lmrc.stage2.prompts import Prompt, entity_names, load_template, plan_prompts, render_answer
+from lmrc.stage2.prompts import Prompt, entity_names, plan_prompts, render_answer
+from lmrc.stage2.templates import load_template
 
 RELS = RelationSet(ids=("P17", "P36"), names={"P17": "country", "P36": "capital"})
 

@@ -13,16 +13,13 @@ from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.stage2.prompts import (
     Prompt,
-    PromptTemplate,
-    default_prompts_dir,
     entity_names,
-    load_template,
-    parse_template,
     plan_prompts,
     render_answer,
     render_prefix,
     render_suffix,
 )
+from lmrc.stage2.templates import PromptTemplate, default_prompts_dir, load_template, parse_template
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"

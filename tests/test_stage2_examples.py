@@ -7,7 +7,8 @@ from stage2_helpers import smollm2_tokenizer
 
 from lmrc.data.docred import parse_documents
 from lmrc.stage2.examples import IGNORE_INDEX, ExampleBuilder, training_pairs
-from lmrc.stage2.prompts import PromptEncoder, entity_names, load_template, render_prefix, render_suffix
+from lmrc.stage2.prompts import PromptEncoder, entity_names, render_prefix, render_suffix
+from lmrc.stage2.templates import load_template
 
 
 @pytest.fixture(scope="module")

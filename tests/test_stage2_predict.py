@@ -473,7 +473,8 @@ def test_a_shared_prefix_is_prefilled_once_and_the_answers_do_not_change(redocre
     is prefilled once per document, and greedy answers equal those of plain left-padded batches."""
     from lmrc.data.docred import load_documents
     from lmrc.data.relations import load_relations
-    from lmrc.stage2.prompts import PromptEncoder, load_template, plan_prompts
+    from lmrc.stage2.prompts import PromptEncoder, plan_prompts
+    from lmrc.stage2.templates import load_template
 
     rel = load_relations(redocred_dir / "rel_info.json")
     docs = sorted(load_documents(redocred_dir / "dev_50.json", rel), key=lambda d: len(d.pairs()))[:2]

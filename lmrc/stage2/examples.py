@@ -23,11 +23,11 @@ from lmrc.data.relations import RelationSet
 from lmrc.stage2.prompts import (
     Prompt,
     PromptEncoder,
-    PromptTemplate,
     entity_names,
     plan_prompts,
     render_answer,
 )
+from lmrc.stage2.templates import PromptTemplate
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,10 @@ from lmrc.stage2.parse import parse_triples
 from lmrc.stage2.prompts import (
     Prompt,
     PromptEncoder,
-    PromptTemplate,
     entity_names,
-    load_template,
     plan_prompts,
 )
+from lmrc.stage2.templates import PromptTemplate, load_template
 
 log = logging.getLogger(__name__)
 

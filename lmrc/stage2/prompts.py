@@ -1,195 +1,36 @@
-"""Prompt templates for stage 2: load a template, render a document's prompts, render training answers.
+"""Stage 2's prompts: a document rendered into its prompts with a template (lmrc.stage2.templates), split so that
+each fits the model's context with room for its answer, the training answers, and the token ids of a prompt.
 
-A template is a plain-text file (`prompts/rc.txt`, `prompts/direct.txt`) in the Alpaca-style frame of the LMRC
-paper (Tables 11 and 12). The code fills named slots and writes no prose of its own:
-
-- `{relations}`  the relation set, one relation name (from `rel_info`) per line
-- `{text}`       the document text (words joined by spaces; truncated when it alone does not fit the context)
-- `{title}`      the document title (unused by the shipped templates)
-- `{n_pairs}`    the number of entity pairs in this prompt
-- `{pairs}`      the pairs, one `(head| -| tail)` per line
-- `{{` and `}}`  a literal brace
-
-A line that starts with `{if none}` is kept only when the template allows `None` answers, one that starts with
-`{if not none}` only when it does not (rc mode adds a None option with `rc_allow_none`; direct mode always has it).
-A line that starts with `{if hints}` is kept only when the pairs carry stage-1 hints (`hints` > 0): such a pair is
-written `(head| hints: relation; relation| tail)` instead of `(head| -| tail)`.
-
-Slots are substituted in a single regex pass, so braces or slot-like text inside a document are never expanded.
-The template splits at the start of the line holding the first per-prompt slot (`{n_pairs}` or `{pairs}`): the
-part before it is the document's shared prefix (reusable across that document's prompts), the rest the suffix.
-Training and inference use the same rendering; training appends `render_answer(...)` and EOS.
+A prompt is the document's shared prefix (instruction, relation set, text: reusable across that document's
+prompts) and a suffix that asks about some of its entity pairs. Entities are named by their first mention, made
+unique within the document (`entity_names`). Training and inference use the same rendering; training appends
+`render_answer(...)` and EOS.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
+from lmrc.stage2.templates import PromptTemplate, fill_slots
 
 log = logging.getLogger(__name__)
 
-MODES = ("rc", "direct")
-PREFIX_SLOTS = ("title", "relations", "text")
-SUFFIX_SLOTS = ("n_pairs", "pairs")
-REQUIRED_SLOTS = ("text", "pairs")
 NONE_ANSWER = "None"  # the answer for a pair without relations (LMRC: "we use None to represent NA")
 # The relation field of an input pair, as in the paper's '(head entity| -| tail entity)'.
 PAIR_PLACEHOLDER = "-"
 HINT_PREFIX = "hints: "  # the relation field of an input pair that carries stage 1's best relations
 
-_SLOT = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")
-_STRAY = re.compile(r"[{}]")
-_IF_NONE = "{if none}"
-_IF_NOT_NONE = "{if not none}"
-_IF_HINTS = "{if hints}"
-
 
 def triple_line(head: str, relation: str, tail: str) -> str:
     """The one line format shared by the input pairs and the answers (parse.py reads it back)."""
     return f"({head}| {relation}| {tail})"
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """A resolved template: `text` holds slots only (conditional lines already applied)."""
-
-    mode: str  # "rc" or "direct"
-    text: str
-    allow_none: bool
-    hints: bool = False  # the pairs carry stage-1 hints (the template's `{if hints}` lines are kept)
-    source: str = field(default="<string>", compare=False)  # file name, for error messages
-    prefix_text: str = field(init=False, repr=False, compare=False)  # the document's shared part
-    suffix_text: str = field(init=False, repr=False, compare=False)  # the per-prompt part
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise LmrcError(
-                f"{self.source}: unknown prompt mode {self.mode!r} (expected one of {', '.join(MODES)})"
-            )
-        if self.mode == "direct" and not self.allow_none:
-            raise LmrcError(f"{self.source}: direct mode always answers None for pairs without relations")
-        prefix, suffix = _split(self.text, self.source)
-        object.__setattr__(self, "prefix_text", prefix)
-        object.__setattr__(self, "suffix_text", suffix)
-
-
-def _where(source: str, text: str, pos: int) -> str:
-    return f"{source}: line {text.count(chr(10), 0, pos) + 1}"
-
-
-def _split(text: str, source: str) -> tuple[str, str]:
-    """Validate the slots and split the template before the line of its first per-prompt slot."""
-    slots: list[tuple[str, int]] = []
-    pos = 0
-    for m in [*_SLOT.finditer(text), None]:
-        gap = text[pos : m.start() if m else len(text)]
-        stray = _STRAY.search(gap)
-        if stray:
-            raise LmrcError(
-                f"{_where(source, text, pos + stray.start())}: stray brace (write {{{{ or }}}} for a literal brace)"
-            )
-        if m is None:
-            break
-        pos = m.end()
-        name = m.group(1)
-        if name is None:
-            continue
-        if name not in PREFIX_SLOTS + SUFFIX_SLOTS:
-            known = ", ".join("{" + s + "}" for s in PREFIX_SLOTS + SUFFIX_SLOTS)
-            raise LmrcError(f"{_where(source, text, m.start())}: unknown slot {{{name}}} (known: {known})")
-        slots.append((name, m.start()))
-    for name in REQUIRED_SLOTS:
-        if name not in {n for n, _ in slots}:
-            raise LmrcError(f"{source}: the template has no {{{name}}} slot")
-    first_suffix = min(at for name, at in slots if name in SUFFIX_SLOTS)
-    cut = text.rfind("\n", 0, first_suffix) + 1
-    for name, at in slots:
-        if name in PREFIX_SLOTS and at >= cut:
-            raise LmrcError(
-                f"{_where(source, text, at)}: {{{name}}} must come before the line of the entity pairs "
-                "(it belongs to the document's shared prefix)"
-            )
-    return text[:cut], text[cut:]
-
-
-def _resolve_conditionals(raw: str, allow_none: bool, hints: bool = False) -> str:
-    lines = []
-    for line in raw.splitlines(keepends=True):
-        if line.startswith(_IF_HINTS):
-            if hints:
-                lines.append(line[len(_IF_HINTS) :])
-        elif line.startswith(_IF_NOT_NONE):
-            if not allow_none:
-                lines.append(line[len(_IF_NOT_NONE) :])
-        elif line.startswith(_IF_NONE):
-            if allow_none:
-                lines.append(line[len(_IF_NONE) :])
-        else:
-            lines.append(line)
-    return "".join(lines)
-
-
-def default_prompts_dir() -> Path:
-    """The shipped templates: `lmrc/prompts/` in an installed wheel, else `prompts/` at the repository root.
-
-    pyproject.toml maps the top-level `prompts/` folder into the wheel as `lmrc/prompts`, so there is one copy in
-    the source tree; a source checkout or an editable install reads the top-level folder directly.
-    """
-    package = Path(__file__).resolve().parents[1]
-    for folder in (package / "prompts", package.parent / "prompts"):
-        if (folder / "rc.txt").is_file():
-            return folder
-    raise LmrcError(f"prompt templates not found in {package / 'prompts'} or {package.parent / 'prompts'}")
-
-
-def load_template(
-    mode: str, path: str | os.PathLike | None = None, allow_none: bool | None = None, hints: bool = False
-) -> PromptTemplate:
-    """Load `prompts/<mode>.txt` (or `path`); `allow_none` defaults to False for rc and True for direct."""
-    if mode not in MODES:
-        raise LmrcError(f"unknown prompt mode {mode!r} (expected one of {', '.join(MODES)})")
-    file = Path(path) if path is not None else default_prompts_dir() / f"{mode}.txt"
-    try:
-        raw = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmrcError(f"{file}: prompt template not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmrcError(f"{file}: cannot read prompt template: {exc}") from None
-    return parse_template(mode, raw, allow_none, source=str(file), hints=hints)
-
-
-def parse_template(
-    mode: str, raw: str, allow_none: bool | None = None, source: str = "<string>", hints: bool = False
-) -> PromptTemplate:
-    """A template from its raw text (e.g. the copy saved next to an adapter); see `load_template`."""
-    if allow_none is None:
-        allow_none = mode == "direct"
-    text = _resolve_conditionals(raw.replace("\r\n", "\n"), allow_none, hints)
-    if not text.endswith("\n"):
-        text += "\n"
-    return PromptTemplate(mode=mode, text=text, allow_none=allow_none, hints=hints, source=source)
-
-
-def _fill(text: str, values: dict[str, str]) -> str:
-    """Single-pass substitution: inserted values are never scanned again."""
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        if name is None:
-            return m.group(0)[0]  # "{{" -> "{", "}}" -> "}"
-        return values[name]
-
-    return _SLOT.sub(sub, text)
 
 
 def _clean_name(name: str) -> str:
@@ -282,7 +123,7 @@ def render_prefix(
         "relations": _relation_lines(relations),
         "text": " ".join(words),
     }
-    return _fill(template.prefix_text, values), truncated
+    return fill_slots(template.prefix_text, values), truncated
 
 
 Hints = Mapping[tuple[int, int], Sequence[str]]  # pair -> stage 1's best relation names, best first
@@ -305,7 +146,7 @@ def render_suffix(
     hints: Hints | None = None,
 ) -> str:
     """The per-prompt part: number of pairs, the pairs as `(head| -| tail)`, and the response header."""
-    return _fill(
+    return fill_slots(
         template.suffix_text, {"n_pairs": str(len(pairs)), "pairs": render_pairs(pairs, names, hints)}
     )
 
@@ -345,6 +186,35 @@ class Prompt:
         return self.prefix + self.suffix
 
 
+@dataclass(frozen=True)
+class _Room:
+    """What one prompt of a document may hold: its text plus the room reserved for its answer within
+    `max_context`, and (constrained answers) an answer no longer than `answer_cap`."""
+
+    template: PromptTemplate
+    names: Sequence[str]
+    hints: Hints | None
+    count_tokens: Callable[[str], int]
+    max_context: int
+    answer_room: Callable[[Sequence[tuple[int, int]]], int]
+    answer_cap: int | None
+
+    def suffix(self, chunk: Sequence[tuple[int, int]]) -> str:
+        return render_suffix(self.template, chunk, self.names, self.hints)
+
+    def fits(self, prefix_tokens: int, chunk: Sequence[tuple[int, int]]) -> bool:
+        """The prefix (counted apart) and the chunk's suffix, with the chunk's answer, fit; one pair always may
+        exceed the answer cap."""
+        used = prefix_tokens + self.count_tokens(self.suffix(chunk))
+        capped = self.answer_cap is not None and len(chunk) > 1 and self.answer_room(chunk) > self.answer_cap
+        return used + self.answer_room(chunk) <= self.max_context and not capped
+
+    def fits_joined(self, prefix: str, chunk: Sequence[tuple[int, int]]) -> bool:
+        """The same on the joined text: the seam between prefix and suffix may cost a token."""
+        total = self.count_tokens(prefix + self.suffix(chunk))
+        return total + self.answer_room(chunk) <= self.max_context
+
+
 def plan_prompts(
     doc: Document,
     relations: RelationSet,
@@ -367,8 +237,8 @@ def plan_prompts(
     `answer_cap` (the generation's hard cap on new tokens), so no planned answer is cut. This is
     `max_context` - the paper's k "maximum number of entity pairs that can be accommodated in each input", capped
     at 18 as the authors' code does for direct fine-tuning (`max_pairs=None`: no cap, only the context limits a
-    prompt, as LMRC's rc stage with one input per document). If the prefix leaves no room for even one pair, the document text is
-    truncated (logged, and flagged on every prompt of the document). No pairs: no prompts.
+    prompt, as LMRC's rc stage with one input per document). If the prefix leaves no room for even one pair, the
+    document text is truncated (logged, and flagged on every prompt of the document). No pairs: no prompts.
     """
     if not pairs:
         return []
@@ -378,32 +248,31 @@ def plan_prompts(
         raise LmrcError(f"max_pairs must be at least 1, got {max_pairs}")
     names = list(names) if names is not None else entity_names(doc)
     pairs = [(int(h), int(t)) for h, t in pairs]
-    room = answer_tokens or (lambda chunk: answer_tokens_per_pair * len(chunk))
-
-    def fits(prefix_tokens: int, chunk: Sequence[tuple[int, int]]) -> bool:
-        used = prefix_tokens + count_tokens(render_suffix(template, chunk, names, hints))
-        capped = (
-            answer_cap is not None and len(chunk) > 1 and room(chunk) > answer_cap
-        )  # one pair always fits
-        return used + room(chunk) <= max_context and not capped
-
+    room = _Room(
+        template,
+        names,
+        hints,
+        count_tokens,
+        max_context,
+        answer_tokens or (lambda chunk: answer_tokens_per_pair * len(chunk)),
+        answer_cap,
+    )
     prefix, truncated = render_prefix(template, doc, relations)
     prefix_tokens = count_tokens(prefix)
-    if not fits(prefix_tokens, pairs[:1]):
-        prefix, prefix_tokens = _truncated_prefix(
-            doc,
-            relations,
-            template,
-            names,
-            pairs[0],
-            count_tokens,
-            max_context,
-            room(pairs[:1]),
-            hints,
-        )
+    if not room.fits(prefix_tokens, pairs[:1]):
+        prefix, prefix_tokens = _truncated_prefix(doc, relations, room, pairs[0])
         truncated = True
+    return [
+        Prompt(doc.title, prefix, room.suffix(chunk), tuple(chunk), truncated)
+        for chunk in _chunks(pairs, max_pairs, room, prefix, prefix_tokens)
+    ]
 
-    prompts: list[Prompt] = []
+
+def _chunks(
+    pairs: Sequence[tuple[int, int]], max_pairs: int, room: _Room, prefix: str, prefix_tokens: int
+) -> list[list[tuple[int, int]]]:
+    """The pairs cut, in order, into the largest chunks that fit after `prefix`."""
+    chunks = []
     i = 0
     while i < len(pairs):
         chunk = [pairs[i]]
@@ -411,39 +280,25 @@ def plan_prompts(
         while (
             i + len(chunk) < len(pairs)
             and len(chunk) < max_pairs
-            and fits(prefix_tokens, [*chunk, pairs[i + len(chunk)]])
+            and room.fits(prefix_tokens, [*chunk, pairs[i + len(chunk)]])
         ):
             chunk.append(pairs[i + len(chunk)])
         # The prefix and suffix were counted apart; check the joined text and shrink if the seam cost a token.
-        while len(chunk) > 1 and not _fits_joined(
-            prefix, template, chunk, names, count_tokens, max_context, room(chunk), hints
-        ):
+        while len(chunk) > 1 and not room.fits_joined(prefix, chunk):
             chunk.pop()
-        suffix = render_suffix(template, chunk, names, hints)
-        prompts.append(Prompt(doc.title, prefix, suffix, tuple(chunk), truncated))
+        chunks.append(chunk)
         i += len(chunk)
-    return prompts
-
-
-def _fits_joined(prefix, template, chunk, names, count_tokens, max_context, answer_room, hints=None) -> bool:
-    total = count_tokens(prefix + render_suffix(template, chunk, names, hints))
-    return total + answer_room <= max_context
+    return chunks
 
 
 def _truncated_prefix(
-    doc: Document,
-    relations: RelationSet,
-    template: PromptTemplate,
-    names: Sequence[str],
-    first_pair: tuple[int, int],
-    count_tokens: Callable[[str], int],
-    max_context: int,
-    answer_room: int,
-    hints: Hints | None = None,
+    doc: Document, relations: RelationSet, room: _Room, first_pair: tuple[int, int]
 ) -> tuple[str, int]:
-    """Cut the document text so that the prefix plus one pair and its answer (`answer_room` tokens) fit."""
-    suffix = render_suffix(template, [first_pair], names, hints)
-    fixed = _fill(
+    """Cut the document text so that the prefix plus one pair and its answer fit; the prefix and its tokens."""
+    template, count_tokens, max_context = room.template, room.count_tokens, room.max_context
+    answer_room = room.answer_room([first_pair])
+    suffix = room.suffix([first_pair])
+    fixed = fill_slots(
         template.prefix_text,
         {"title": _clean_name(doc.title), "relations": _relation_lines(relations), "text": ""},
     )
@@ -472,8 +327,6 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
         if use_chat_template and not getattr(tokenizer, "chat_template", None):
-            from lmrc.errors import LmrcError
-
             raise LmrcError(
                 f"use_chat_template: the tokenizer of {tokenizer.name_or_path} has no chat template "
                 "(set use_chat_template: false for the plain Alpaca frame)"

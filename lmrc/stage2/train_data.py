@@ -16,7 +16,8 @@ from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.examples import ExampleBuilder, ExampleStats, TrainExample
-from lmrc.stage2.prompts import PromptEncoder, PromptTemplate, default_prompts_dir, load_template
+from lmrc.stage2.prompts import PromptEncoder
+from lmrc.stage2.templates import PromptTemplate, default_prompts_dir, load_template
 
 log = logging.getLogger(__name__)
 

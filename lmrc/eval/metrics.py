@@ -33,20 +33,18 @@ Additions that are not in the official script, with the conventions used:
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from lmrc.data.docred import (
-    Document,
-)
+from lmrc.data.docred import Document
 from lmrc.errors import LmrcError
+from lmrc.eval.packed import PackedPredictions
 from lmrc.io import read_json
 
 log = logging.getLogger(__name__)
@@ -139,67 +137,6 @@ class Metrics:
         out = asdict(self)
         out["frequent_relations"] = None if self.frequent_relations is None else list(self.frequent_relations)
         return {"summary": self.summary(), **out}
-
-
-# ------------------------------------------------------------------------------------ packed predictions
-
-
-@dataclass(frozen=True)
-class PackedPredictions:
-    """One document's official-format predictions as an int32 array [n, 3] of (h_idx, t_idx, index into
-    `relations`), in their order: 12 bytes a prediction where a list of dicts costs ~400.
-
-    Why: a noisy stage-1 head (an early checkpoint, a low threshold) predicts hundreds of thousands of triples on
-    one long document, up to pairs x relations (18 million for 433 entities); as dicts they would need more memory
-    than the model. `records()` gives the dicts one at a time, in order, for the result file; `evaluate` scores
-    the array as it is.
-    """
-
-    title: str
-    relations: tuple[str, ...]
-    triples: np.ndarray = field(repr=False)
-
-    def __len__(self) -> int:
-        return len(self.triples)
-
-    @classmethod
-    def from_columns(cls, title: str, h: np.ndarray, t: np.ndarray, r: np.ndarray, ids: Sequence[str]):
-        """From (h, t, relation column) arrays, where `ids[column]` names the relation; only the relations used
-        are kept, in the order of `ids`."""
-        used, index = np.unique(np.asarray(r, dtype=np.int64), return_inverse=True)
-        triples = np.empty((len(index), 3), dtype=np.int32)
-        triples[:, 0], triples[:, 1], triples[:, 2] = h, t, index.reshape(-1)
-        return cls(title, tuple(ids[c] for c in used.tolist()), triples)
-
-    def records(self, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
-        """The predictions as official-format dicts, in order (a block of rows converted at a time)."""
-        for s in range(0, len(self.triples), block):
-            for h, t, k in self.triples[s : s + block].tolist():
-                yield {"title": self.title, "h_idx": h, "t_idx": t, "r": self.relations[k]}
-
-    def to_raw(self) -> dict[str, Any]:
-        """JSON form (progress files): the relations used and the array, little-endian int32 in base64."""
-        data = np.ascontiguousarray(self.triples, dtype="<i4").tobytes()
-        return {"relations": list(self.relations), "triples": base64.b64encode(data).decode("ascii")}
-
-    @classmethod
-    def from_raw(cls, title: str, raw: Any, where: str) -> PackedPredictions:
-        """Read `to_raw`'s form back, refusing a malformed one with a message naming `where`."""
-        if not isinstance(raw, dict) or not isinstance(raw.get("triples"), str):
-            raise LmrcError(f"{where}: expected an object with 'relations' and base64 'triples'")
-        relations = raw.get("relations")
-        if not isinstance(relations, list) or not all(isinstance(r, str) for r in relations):
-            raise LmrcError(f"{where}.relations: expected a list of relation ids")
-        try:
-            data = base64.b64decode(raw["triples"], validate=True)
-        except ValueError:
-            raise LmrcError(f"{where}.triples: not base64") from None
-        if len(data) % 12:
-            raise LmrcError(f"{where}.triples: {len(data)} bytes, not whole (h, t, r) int32 rows")
-        triples = np.frombuffer(data, dtype="<i4").astype(np.int32).reshape(-1, 3)
-        if len(triples) and (triples[:, 2].min() < 0 or triples[:, 2].max() >= len(relations)):
-            raise LmrcError(f"{where}.triples: a relation index outside its {len(relations)} relations")
-        return cls(title, tuple(relations), triples)
 
 
 # ------------------------------------------------------------------------------------------ train reference
@@ -363,35 +300,16 @@ def evaluate(
     ref = (
         train if train is None or isinstance(train, TrainReference) else TrainReference.from_documents(train)
     )
-    listed_titles = {p["title"] for p in predictions}
-    if any(pp.title in listed_titles for pp in packed):  # de-duplication across both forms: as dicts
-        predictions = [*predictions, *(x for pp in packed if pp.title in listed_titles for x in pp.records())]
-        packed = [pp for pp in packed if pp.title not in listed_titles]
+    predictions, packed = _unpack_listed_titles(predictions, packed)
     n_given = len(predictions) + sum(len(pp) for pp in packed)
 
     gold_evidence, n_gold_evidence, gold_by_rel, gold_by_loc = _gold_counts(gold)
-
     unique: dict[Key, Mapping[str, Any]] = {}
     for p in predictions:
         unique.setdefault((p["title"], p["h_idx"], p["t_idx"], p["r"]), p)
 
     m = _Matches(unique=len(unique))
-    for key, p in unique.items():
-        title, h, t, r = key
-        m.pred_by_rel[r] += 1
-        doc = docs.get(title)
-        if doc is None:
-            m.unknown_title += 1
-            continue
-        evidence = set(p.get("evidence", ()))
-        m.pred_evidence += len(evidence)
-        loc = pair_locality(doc, h, t)
-        m.invalid_pair += loc is None
-        m.pred_by_loc[loc] += 1
-        if key not in gold_evidence:
-            continue
-        m.add_correct(doc, h, t, r, loc, ref)
-        m.correct_evidence += len(gold_evidence[key] & evidence)
+    _match_records(unique, docs, gold_evidence, ref, m)
     for pp in packed:
         _match_packed(pp, docs.get(pp.title), gold_evidence, ref, m)
 
@@ -404,7 +322,6 @@ def evaluate(
     per_relation = {
         rid: Score.from_counts(m.correct_by_rel[rid], m.pred_by_rel[rid], gold_by_rel[rid]) for rid in rels
     }
-
     frequent, long_tail, frequent_ids = _frequent_and_long_tail(per_relation, ref, n_frequent)
 
     return Metrics(
@@ -427,6 +344,44 @@ def evaluate(
         ),
         train_used=ref is not None,
     )
+
+
+def _unpack_listed_titles(
+    predictions: Sequence[Mapping[str, Any]], packed: Sequence[PackedPredictions]
+) -> tuple[Sequence[Mapping[str, Any]], Sequence[PackedPredictions]]:
+    """Packed predictions of a document that also has dict predictions, turned into dicts: duplicates across both
+    forms are then removed as among dicts."""
+    listed_titles = {p["title"] for p in predictions}
+    if not any(pp.title in listed_titles for pp in packed):
+        return predictions, packed
+    predictions = [*predictions, *(x for pp in packed if pp.title in listed_titles for x in pp.records())]
+    return predictions, [pp for pp in packed if pp.title not in listed_titles]
+
+
+def _match_records(
+    unique: Mapping[Key, Mapping[str, Any]],
+    docs: Mapping[str, Document],
+    gold_evidence: Mapping[Key, frozenset[int]],
+    ref: TrainReference | None,
+    m: _Matches,
+) -> None:
+    """The unique dict predictions into `m`: counted by relation and locality, matched against the gold facts."""
+    for key, p in unique.items():
+        title, h, t, r = key
+        m.pred_by_rel[r] += 1
+        doc = docs.get(title)
+        if doc is None:
+            m.unknown_title += 1
+            continue
+        evidence = set(p.get("evidence", ()))
+        m.pred_evidence += len(evidence)
+        loc = pair_locality(doc, h, t)
+        m.invalid_pair += loc is None
+        m.pred_by_loc[loc] += 1
+        if key not in gold_evidence:
+            continue
+        m.add_correct(doc, h, t, r, loc, ref)
+        m.correct_evidence += len(gold_evidence[key] & evidence)
 
 
 def _match_packed(

@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,13 +97,16 @@ def run_isolated(what: str, fn: Callable[..., T], *args: Any) -> T:
     sys.stderr.flush()
     child.start()
     send.close()
-    with _signals_go_to(child):
+    with _signals_go_to(child) as forwarded:
         try:
             outcome = receive.recv()
         except EOFError:  # the child died before it could answer
             outcome = None
         child.join()
     receive.close()
+    if outcome is None and child.exitcode is not None and -child.exitcode in forwarded:
+        _remove(crash_log)  # stopped as asked before it could set up its own handler (while importing)
+        raise KeyboardInterrupt
     return _result(what, outcome, child.exitcode, crash_log)
 
 
@@ -137,23 +140,28 @@ def _crash_report(sig: int, crash_log: Path) -> str:
 
 
 @contextlib.contextmanager
-def _signals_go_to(child: multiprocessing.process.BaseProcess):
+def _signals_go_to(child: multiprocessing.process.BaseProcess) -> Iterator[set[int]]:
     """While the child runs: ignore Ctrl-C here (the child gets it from the terminal too, and stops cleanly) and
-    pass SIGTERM and SIGHUP on to the child (a scheduler's stop, the watching `lmrc` parent's)."""
+    pass SIGTERM and SIGHUP on to the child (a scheduler's stop, the watching `lmrc` parent's); yields the
+    signals passed on."""
+    forwarded: set[int] = set()
 
     def forward(sig: int, _frame: Any) -> None:
+        forwarded.add(sig)
         if child.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, sig)
 
-    wanted = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: forward, signal.SIGHUP: forward}
+    wanted = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: forward}
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        wanted[signal.SIGHUP] = forward
     try:
         previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
     except ValueError:  # not the main thread: signals stay as they are
-        yield
+        yield forwarded
         return
     try:
-        yield
+        yield forwarded
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -23,6 +23,7 @@ from lmrc.config import load_config
 from lmrc.data.candidates import load_candidates
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, sidecar
+from lmrc.predict import run as predict_run
 from lmrc.predict.config import PredictConfig
 from lmrc.predict.merge import merge
 from lmrc.predict.run import Shard, run_pipeline
@@ -507,15 +508,12 @@ def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_h
 def test_predict_peak_memory_counts_every_gpu_and_what_other_processes_use(monkeypatch):
     """GPU memory in the predict summary: torch's peak over all local devices, and the device memory in use by
     every process (a vLLM engine's), from lmrc.hardware.gpu_memory (mocked: no GPU here)."""
-    import lmrc.hardware
-    from lmrc.predict import run
-
     fake = [
         {"device": 0, "peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0, "device_used_gib": 30.0},
         {"device": 1, "peak_allocated_gib": 0.5, "peak_reserved_gib": 1.0, "device_used_gib": 20.0},
     ]
-    monkeypatch.setattr(lmrc.hardware, "gpu_memory", lambda: fake)
-    peaks = run._peak_memory()
+    monkeypatch.setattr(predict_run, "gpu_memory", lambda: fake)
+    peaks = predict_run._peak_memory()
     assert peaks["peak_cuda_gib"] == 2.0 and peaks["gpu_in_use_gib"] == 50.0 and peaks["peak_rss_gib"] > 0
-    monkeypatch.setattr(lmrc.hardware, "gpu_memory", lambda: [])
-    assert set(run._peak_memory()) == {"peak_rss_gib"}
+    monkeypatch.setattr(predict_run, "gpu_memory", lambda: [])
+    assert set(predict_run._peak_memory()) == {"peak_rss_gib"}

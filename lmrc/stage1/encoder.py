@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import AutoModel, AutoTokenizer
 
 from lmrc.errors import LmrcError
+from lmrc.model_store import resolve
 from lmrc.stage1.features import SpecialTokens
 
 log = logging.getLogger(__name__)
@@ -102,9 +104,8 @@ def plan_segments(
     return out
 
 
-SEGMENTS_PER_CALL = (
-    8  # windows through the encoder at once: bounds every layer's attention kept alive in inference
-)
+# Windows through the encoder at once: bounds every layer's attention kept alive in inference.
+SEGMENTS_PER_CALL = 8
 
 
 def encode(
@@ -130,59 +131,90 @@ def encode(
     """
     window = window or usable_window(encoder)
     lengths = attention_mask.sum(1).tolist()
-    ids_rows = input_ids.tolist()
     segments = [
         seg
-        for b, (row, n) in enumerate(zip(ids_rows, lengths))
+        for b, (row, n) in enumerate(zip(input_ids.tolist(), lengths))
         for seg in plan_segments(row[:n], b, window, specials)
     ]
     pad = encoder.config.pad_token_id
     pad = 0 if pad is None else pad
     device = input_ids.device
-    B, L = input_ids.shape
-    row_pos = None
-    if rows is not None:  # [B, R] positions, -1 where a document has fewer rows
-        most = max((len(r) for r in rows), default=0)
-        row_pos = torch.full((B, most), -1, dtype=torch.long)
-        for b, r in enumerate(rows):
-            row_pos[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-    out_h = out_a = count = None
-    n_windows = [0] * B
+    sums = _WindowSums(*input_ids.shape, _row_positions(rows, input_ids.shape[0]))
     for g0 in range(0, len(segments), SEGMENTS_PER_CALL):
         group = segments[g0 : g0 + SEGMENTS_PER_CALL]
-        width = max(len(seg.ids) for seg in group)
-        seg_ids = torch.full((len(group), width), pad, dtype=torch.long)
-        seg_mask = torch.zeros((len(group), width), dtype=torch.long)
-        for i, seg in enumerate(group):
-            seg_ids[i, : len(seg.ids)] = torch.tensor(seg.ids, dtype=torch.long)
-            seg_mask[i, : len(seg.ids)] = 1
+        seg_ids, seg_mask = _padded(group, pad)
         hidden, attention = _run(encoder, seg_ids.to(device), seg_mask.to(device), n_layers_avg)
-        if out_h is None:
-            heads = attention.size(1)
-            out_h = hidden.new_zeros((B, L, hidden.size(-1)))
-            n_rows = L if row_pos is None else row_pos.size(1)
-            out_a = attention.new_zeros((B, heads, n_rows, L))
-            count = hidden.new_zeros((B, L, 1))
         for i, seg in enumerate(group):
-            k0, k1, d0 = seg.keep_start, seg.keep_end, seg.doc_start
-            d1 = d0 + (k1 - k0)
-            out_h[seg.doc, d0:d1] += hidden[i, k0:k1]
-            if row_pos is None:
-                out_a[seg.doc, :, d0:d1, d0:d1] += attention[i, :, k0:k1, k0:k1]
-            else:  # only the needed rows that this window keeps
-                pos = row_pos[seg.doc]
-                r = torch.nonzero((pos >= d0) & (pos < d1)).flatten()
-                if r.numel():
-                    src = (pos[r] - d0 + k0).to(device)
-                    out_a[seg.doc, :, r.to(device), d0:d1] += attention[i][:, src, k0:k1]
-            count[seg.doc, d0:d1] += 1
-            n_windows[seg.doc] += 1
+            sums.add(seg, hidden[i], attention[i])
         del hidden, attention
-    out_h = out_h / count.clamp(min=1)
-    multi = torch.tensor([w > 1 for w in n_windows], device=out_a.device).view(B, 1, 1, 1)
-    if bool(multi.any()):
-        out_a = torch.where(multi, out_a / (out_a.sum(-1, keepdim=True) + 1e-10), out_a)
-    return out_h, out_a
+    return sums.result()
+
+
+def _row_positions(rows: Sequence[Sequence[int]] | None, n_docs: int) -> Tensor | None:
+    """[B, R] the token positions whose attention rows are needed, -1 where a document has fewer rows."""
+    if rows is None:
+        return None
+    most = max((len(r) for r in rows), default=0)
+    row_pos = torch.full((n_docs, most), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        row_pos[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    return row_pos
+
+
+def _padded(group: Sequence[Segment], pad: int) -> tuple[Tensor, Tensor]:
+    """Input ids and attention mask of a group of windows, right-padded."""
+    width = max(len(seg.ids) for seg in group)
+    seg_ids = torch.full((len(group), width), pad, dtype=torch.long)
+    seg_mask = torch.zeros((len(group), width), dtype=torch.long)
+    for i, seg in enumerate(group):
+        seg_ids[i, : len(seg.ids)] = torch.tensor(seg.ids, dtype=torch.long)
+        seg_mask[i, : len(seg.ids)] = 1
+    return seg_ids, seg_mask
+
+
+class _WindowSums:
+    """The documents' hidden states and attention (rows), summed over the windows that keep each position."""
+
+    def __init__(self, n_docs: int, length: int, row_pos: Tensor | None) -> None:
+        self.n_docs, self.length, self.row_pos = n_docs, length, row_pos
+        self.hidden: Tensor | None = None  # [B, L, d], allocated with the first window's dtype and device
+        self.attention: Tensor | None = None  # [B, heads, L or R, L]
+        self.count: Tensor | None = None  # [B, L, 1] windows that kept each position
+        self.n_windows = [0] * n_docs
+
+    def add(self, seg: Segment, hidden: Tensor, attention: Tensor) -> None:
+        """One window's kept part ([keep_start, keep_end) of its tokens), at its place in the document."""
+        if self.hidden is None:
+            n_rows = self.length if self.row_pos is None else self.row_pos.size(1)
+            self.hidden = hidden.new_zeros((self.n_docs, self.length, hidden.size(-1)))
+            self.attention = attention.new_zeros((self.n_docs, attention.size(0), n_rows, self.length))
+            self.count = hidden.new_zeros((self.n_docs, self.length, 1))
+        k0, k1, d0 = seg.keep_start, seg.keep_end, seg.doc_start
+        d1 = d0 + (k1 - k0)
+        self.hidden[seg.doc, d0:d1] += hidden[k0:k1]
+        if self.row_pos is None:
+            self.attention[seg.doc, :, d0:d1, d0:d1] += attention[:, k0:k1, k0:k1]
+        else:  # only the needed rows that this window keeps
+            pos = self.row_pos[seg.doc]
+            r = torch.nonzero((pos >= d0) & (pos < d1)).flatten()
+            if r.numel():
+                device = attention.device
+                src = (pos[r] - d0 + k0).to(device)
+                self.attention[seg.doc, :, r.to(device), d0:d1] += attention[:, src, k0:k1]
+        self.count[seg.doc, d0:d1] += 1
+        self.n_windows[seg.doc] += 1
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """Hidden states averaged over windows; the attention rows of a document seen in several windows
+        re-normalised to 1."""
+        hidden = self.hidden / self.count.clamp(min=1)
+        attention = self.attention
+        multi = torch.tensor([w > 1 for w in self.n_windows], device=attention.device).view(
+            self.n_docs, 1, 1, 1
+        )
+        if bool(multi.any()):
+            attention = torch.where(multi, attention / (attention.sum(-1, keepdim=True) + 1e-10), attention)
+        return hidden, attention
 
 
 def _run(encoder, ids: Tensor, mask: Tensor, n_layers_avg: int) -> tuple[Tensor, Tensor]:
@@ -223,10 +255,6 @@ def load_encoder(name_or_path: str | os.PathLike, **kwargs):
     The pooler is removed: pair classification never uses the pooled [CLS] vector, and parameters without
     gradients waste optimizer state and trip DistributedDataParallel.
     """
-    from transformers import AutoModel, AutoTokenizer
-
-    from lmrc.model_store import resolve
-
     path = resolve(str(name_or_path))
     kwargs.setdefault("attn_implementation", "eager")
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmrc import gguf as gguf_module
+from lmrc import gguf_convert
 from lmrc import model_store as models
 from lmrc.cli import main
 from lmrc.errors import LmrcError
@@ -50,7 +50,7 @@ def fake_smollm2(tmp_path, monkeypatch):
         (out_dir / "model.safetensors").write_bytes(b"weights")
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    monkeypatch.setattr(gguf_module, "convert_gguf", fake_convert)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
     return gguf, calls
 
 
@@ -105,7 +105,7 @@ def test_failed_conversion_leaves_no_folder_behind(fake_smollm2, tmp_path, monke
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(gguf_module, "convert_gguf", broken)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         models.resolve("smollm2-135m", tmp_path)
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == []

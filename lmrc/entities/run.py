@@ -10,6 +10,7 @@ built documents give the readable `<output stem>.triples.jsonl`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,6 +22,10 @@ from lmrc.entities.model import META_FILE, load_annotator
 from lmrc.entities.reader import read_texts
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, atomic_write_text, file_sha256, read_json, sidecar
+from lmrc.predict.config import PredictConfig
+from lmrc.predict.run import Shard, batch_ranges, run_pipeline
+from lmrc.stage1.checkpoint import META_FILE as STAGE1_META
+from lmrc.stage1.checkpoint import resolve_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +99,8 @@ def prepare(input_path: Path, entities: str, output: Path, resume: bool) -> tupl
     return docs_file, meta
 
 
-def relation_names(cfg: Any) -> dict[str, str]:
+def relation_names(cfg: PredictConfig) -> dict[str, str]:
     """Relation id -> name from the models of the run (stage-1 checkpoint, else the adapter)."""
-    from lmrc.stage1.checkpoint import META_FILE as STAGE1_META
-    from lmrc.stage1.checkpoint import resolve_checkpoint_dir
-
     try:
         if cfg.stage1.checkpoint:
             meta = read_json(resolve_checkpoint_dir(cfg.stage1.checkpoint) / STAGE1_META)
@@ -153,8 +155,6 @@ def write_triples(
     result: Path, docs_file: Path, titles: Sequence[str] | None, names: dict[str, str], out: Path
 ) -> int:
     """`out`: one JSON line per document (those named in `titles`, else all), in document order."""
-    import json
-
     preds = read_json(result)
     by_title: dict[str, list[dict]] = {}
     for p in preds:
@@ -170,22 +170,18 @@ def write_triples(
     return sum(len(v) for v in by_title.values())
 
 
-def shard_titles(docs_file: Path, docs_per_batch: int, shard: Any) -> list[str] | None:
+def shard_titles(docs_file: Path, docs_per_batch: int, shard: Shard | None) -> list[str] | None:
     """Titles of the shard's documents (the pipeline's shards are whole batches in document order)."""
     if shard is None:
         return None
-    from lmrc.predict.run import batch_ranges
-
     titles = [d["title"] for d in read_json(docs_file)]
     batches = batch_ranges(len(titles), docs_per_batch)
     return [titles[i] for b in shard.batches(len(batches)) for i in batches[b]]
 
 
-def predict_text(cfg: Any, input_path: str | os.PathLike, output: str | os.PathLike, entities: str, *,
-                 resume: bool = False, shard: Any = None, save_candidates: Any = None, **kwargs: Any) -> dict:  # fmt: skip
+def predict_text(cfg: PredictConfig, input_path: str | os.PathLike, output: str | os.PathLike, entities: str, *,
+                 resume: bool = False, shard: Shard | None = None, save_candidates: Any = None, **kwargs: Any) -> dict:  # fmt: skip
     """Text in, relations out: build (or reuse) the documents, run the pipeline on them, write the triples."""
-    from lmrc.predict.run import run_pipeline
-
     input_path, output = Path(input_path), Path(output)
     docs_file, meta = prepare(input_path, entities, output, resume)
     summary = run_pipeline(

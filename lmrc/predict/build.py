@@ -64,9 +64,11 @@ def build_pipeline(
     _check_stage1_options(cfg, runner)
     proposer = _load_proposer(cfg, mode)
     upper, refine_calibration = _refine_threshold(cfg, mode, proposer)
+    add_margin = _addition_margin(cfg, refine_calibration)
 
     relations = _shared_relations(proposer, runner, stage1.checkpoint, cfg.stage2.adapter)
-    docs = restrict_pairs(load_documents(docs_path, relations), _pair_types(proposer, runner), docs_path)
+    pair_types = _pair_types(proposer, runner)
+    docs = restrict_pairs(load_documents(docs_path, relations), pair_types, docs_path)
     if stage1.gold_pairs:
         require_labels(docs, docs_path, "needed by --gold-pairs")
     candidates = None
@@ -92,7 +94,7 @@ def build_pipeline(
         refine=cfg.fusion == "refine",
         upper=upper,
         keep_margin=cfg.refine.keep_margin,
-        add_margin=_addition_margin(cfg, refine_calibration),
+        add_margin=add_margin,
         gold_pairs=stage1.gold_pairs,
     )
     return pipeline, docs

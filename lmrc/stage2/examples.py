@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
@@ -72,6 +73,13 @@ class ExampleStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def count_kept(self, example: TrainExample, gold: Mapping[tuple[int, int], Any]) -> None:
+        """Add a kept example's pairs and tokens."""
+        self.pairs += len(example.pairs)
+        self.none_pairs += sum(1 for p in example.pairs if p not in gold)
+        self.answer_tokens += example.n_answer_tokens
+        self.prompt_tokens += len(example) - example.n_answer_tokens
 
 
 def training_pairs(
@@ -204,19 +212,9 @@ class ExampleBuilder:
         for doc in docs:
             stats.documents += 1
             gold = doc.relations_by_pair()
-            extra = None
-            if candidates is not None:
-                if doc.title in candidates:
-                    extra = candidates[doc.title]
-                else:
-                    stats.documents_missing_candidates += 1
-            pairs = training_pairs(doc, mode, extra)
+            pairs = _document_pairs(doc, mode, candidates, gold, stats)
             if not pairs:
-                stats.documents_without_pairs += 1
                 continue
-            if extra is not None:
-                stats.false_positive_pairs += sum(1 for p in pairs if p not in gold)
-            kept = []
             doc_hints = hints.get(doc.title) if hints is not None else None
             for ex in self.document_examples(doc, pairs, stats, doc_hints):
                 if mode == "direct" and not any(p in gold for p in ex.pairs):
@@ -224,14 +222,14 @@ class ExampleBuilder:
                     if na_chunk_fraction < 1.0 and rng.random() >= na_chunk_fraction:
                         stats.na_chunks_dropped += 1
                         continue
-                kept.append(ex)
-            for ex in kept:
-                stats.pairs += len(ex.pairs)
-                stats.none_pairs += sum(1 for p in ex.pairs if p not in gold)
-                stats.answer_tokens += ex.n_answer_tokens
-                stats.prompt_tokens += len(ex) - ex.n_answer_tokens
-            examples.extend(kept)
+                stats.count_kept(ex, gold)
+                examples.append(ex)
         stats.examples = len(examples)
+        self._log_losses(stats, na_chunk_fraction)
+        return examples, stats
+
+    def _log_losses(self, stats: ExampleStats, na_chunk_fraction: float) -> None:
+        """Warn about what building the examples cut or dropped."""
         if stats.truncated_documents:
             log.warning(
                 "%d training documents were truncated to fit max_seq_len=%d",
@@ -251,4 +249,25 @@ class ExampleBuilder:
                 stats.na_chunks - stats.na_chunks_dropped,
                 stats.na_chunks,
             )
-        return examples, stats
+
+
+def _document_pairs(
+    doc: Document,
+    mode: str,
+    candidates: dict[str, Sequence[tuple[int, int]]] | None,
+    gold: dict[tuple[int, int], list[str]],
+    stats: ExampleStats,
+) -> list[tuple[int, int]]:
+    """The pairs a training document asks about (with its stage-1 candidates, when given), counted in `stats`."""
+    extra = None
+    if candidates is not None:
+        if doc.title in candidates:
+            extra = candidates[doc.title]
+        else:
+            stats.documents_missing_candidates += 1
+    pairs = training_pairs(doc, mode, extra)
+    if not pairs:
+        stats.documents_without_pairs += 1
+    elif extra is not None:
+        stats.false_positive_pairs += sum(1 for p in pairs if p not in gold)
+    return pairs

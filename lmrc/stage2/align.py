@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save
 from thefuzz import fuzz, process, utils
 
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_bytes
+from lmrc.model_store import resolve
 from lmrc.stage2.parse import parse_with_stats
 from lmrc.stage2.prompts import Prompt
 
@@ -202,9 +204,7 @@ class RelationMapper:
     def _load(self) -> None:
         if self._model is not None:
             return
-        from sentence_transformers import SentenceTransformer
-
-        from lmrc.model_store import resolve
+        from sentence_transformers import SentenceTransformer  # an optional dependency, heavy
 
         self._model_dir = resolve(self.sbert_path)
         try:
@@ -228,8 +228,6 @@ class RelationMapper:
         names = [self.relations.name(rid) for rid in self._ids]
         path = self._cache_path(names)
         if path is not None and path.is_file():
-            from safetensors.numpy import load_file
-
             try:
                 emb = load_file(str(path))["embeddings"]
                 if emb.shape[0] == len(names):
@@ -259,8 +257,6 @@ class RelationMapper:
 
 
 def _atomic_save_embeddings(path: Path, emb: np.ndarray) -> None:
-    from safetensors.numpy import save
-
     atomic_write_bytes(path, save({"embeddings": np.ascontiguousarray(emb)}))
 
 
@@ -315,21 +311,11 @@ def align_output(
         result.n_out_of_set_before_mapping += not in_set
         result.n_out_of_set_after_mapping += rid is None
         h, t, hs, ts = _align_pair(head, tail, asked, asked_entities, everyone, choices, scorer, cutoff)
-        if h is None or t is None:
-            reason = "below_cutoff"
-        elif h == t:
-            reason = "self_loop"
-        elif (h, t) not in asked_set:
-            reason = "pair_not_asked"
-        elif rid is None:
-            reason = "out_of_set_relation"
-        elif (h, t, rid) in seen:
-            reason = "duplicate"
-        else:
-            reason = "kept"
+        reason = _drop_reason(h, t, rid, asked_set, seen)
+        if reason == "kept":
             seen.add((h, t, rid))
             result.predictions.append({"title": prompt.title, "h_idx": h, "t_idx": t, "r": rid})
-        if reason != "kept":
+        else:
             result.drops[reason] += 1
         result.details.append(
             {
@@ -346,6 +332,27 @@ def align_output(
             }
         )
     return result
+
+
+def _drop_reason(
+    h: int | None,
+    t: int | None,
+    rid: str | None,
+    asked: set[tuple[int, int]],
+    seen: set[tuple[int, int, str]],
+) -> str:
+    """Why an aligned triple is dropped, the first reason that applies, or "kept"."""
+    if h is None or t is None:
+        return "below_cutoff"
+    if h == t:
+        return "self_loop"
+    if (h, t) not in asked:
+        return "pair_not_asked"
+    if rid is None:
+        return "out_of_set_relation"
+    if (h, t, rid) in seen:
+        return "duplicate"
+    return "kept"
 
 
 def _align_pair(

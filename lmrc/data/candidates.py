@@ -75,76 +75,98 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
-    def fail(where: str, msg: str) -> LmrcError:
-        return LmrcError(f"{source}: {where}: {msg}")
+def _error(source: str | os.PathLike, where: str, msg: str) -> LmrcError:
+    return LmrcError(f"{source}: {where}: {msg}")
 
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def parse_candidates(raw: Any, source: str | os.PathLike) -> Candidates:
+    """A candidates file's JSON, checked field by field; errors name the file and the place."""
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise fail("top level", f'not an lmrc candidates file (expected "format": "{FORMAT}")')
+        raise _error(source, "top level", f'not an lmrc candidates file (expected "format": "{FORMAT}")')
     if raw.get("version") != VERSION:
-        raise fail("version", f"unsupported version {raw.get('version')!r} (this lmrc reads {VERSION})")
-    h = raw.get("header")
+        raise _error(
+            source, "version", f"unsupported version {raw.get('version')!r} (this lmrc reads {VERSION})"
+        )
+    header = _parse_header(raw.get("header"), source)
+    docs_raw = raw.get("documents")
+    if not isinstance(docs_raw, list):
+        raise _error(source, "documents", "expected a list")
+    docs, titles = [], set()
+    for di, d in enumerate(docs_raw):
+        where = f"documents[{di}]"
+        if not isinstance(d, dict) or not isinstance(d.get("title"), str):
+            raise _error(source, where, "expected an object with a string 'title'")
+        if d["title"] in titles:
+            raise _error(source, f"{where}.title", f"duplicate title {d['title']!r}")
+        titles.add(d["title"])
+        docs.append(_parse_document(d, where, source))
+    return Candidates(header=header, documents=docs)
+
+
+def _parse_header(h: Any, source: str | os.PathLike) -> CandidatesHeader:
     if not isinstance(h, dict) or not isinstance(h.get("model"), str) or not isinstance(h.get("head"), str):
-        raise fail("header", "expected an object with string fields 'model' and 'head'")
+        raise _error(source, "header", "expected an object with string fields 'model' and 'head'")
     thr = h.get("threshold")
     if thr is not None and not _num(thr):
-        raise fail("header.threshold", f"expected a number or null, got {thr!r}")
+        raise _error(source, "header.threshold", f"expected a number or null, got {thr!r}")
     cal = h.get("calibration")
     if cal is not None and not isinstance(cal, dict):
-        raise fail("header.calibration", f"expected an object, got {cal!r}")
+        raise _error(source, "header.calibration", f"expected an object, got {cal!r}")
     if h.get("source") is not None and not isinstance(h["source"], str):
-        raise fail("header.source", f"expected a string or null, got {h['source']!r}")
-    header = CandidatesHeader(
+        raise _error(source, "header.source", f"expected a string or null, got {h['source']!r}")
+    return CandidatesHeader(
         model=h["model"],
         head=h["head"],
         threshold=thr,
         calibration=h.get("calibration") or {"method": "default"},
         source=h.get("source"),
     )
-    docs_raw = raw.get("documents")
-    if not isinstance(docs_raw, list):
-        raise fail("documents", "expected a list")
-    docs, titles = [], set()
-    for di, d in enumerate(docs_raw):
-        where = f"documents[{di}]"
-        if not isinstance(d, dict) or not isinstance(d.get("title"), str):
-            raise fail(where, "expected an object with a string 'title'")
-        if d["title"] in titles:
-            raise fail(f"{where}.title", f"duplicate title {d['title']!r}")
-        titles.add(d["title"])
-        n_ent = d.get("n_entities")
-        if n_ent is not None and not (isinstance(n_ent, int) and not isinstance(n_ent, bool) and n_ent >= 0):
-            raise fail(f"{where}.n_entities", f"expected a non-negative integer, got {n_ent!r}")
-        pairs_raw = d.get("pairs")
-        if not isinstance(pairs_raw, list):
-            raise fail(f"{where}.pairs", "expected a list")
-        pairs, seen_pairs = [], set()
-        for pi, p in enumerate(pairs_raw):
-            pw = f"{where}.pairs[{pi}]"
-            if not isinstance(p, dict):
-                raise fail(pw, "expected an object")
-            for k in ("h", "t"):
-                v = p.get(k)
-                if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-                    raise fail(f"{pw}.{k}", f"expected a non-negative integer, got {v!r}")
-                if n_ent is not None and v >= n_ent:
-                    raise fail(f"{pw}.{k}", f"{v} out of range (document has {n_ent} entities)")
-            if p["h"] == p["t"]:
-                raise fail(pw, f"h and t are the same entity ({p['h']})")
-            if (p["h"], p["t"]) in seen_pairs:
-                raise fail(pw, f"duplicate pair (h={p['h']}, t={p['t']})")
-            seen_pairs.add((p["h"], p["t"]))
-            if not _num(p.get("score")):
-                raise fail(f"{pw}.score", f"expected a finite number, got {p.get('score')!r}")
-            rels = p.get("relations")
-            if rels is not None and not (isinstance(rels, dict) and all(_num(v) for v in rels.values())):
-                raise fail(f"{pw}.relations", "expected an object mapping relation id to a number")
-            top = p.get("top")
-            if top is not None and not (isinstance(top, dict) and all(_num(v) for v in top.values())):
-                raise fail(f"{pw}.top", "expected an object mapping relation id to a number")
-            pairs.append(CandidatePair(h=p["h"], t=p["t"], score=float(p["score"]), relations=rels, top=top))
-        docs.append(DocumentCandidates(title=d["title"], pairs=tuple(pairs), n_entities=n_ent))
-    return Candidates(header=header, documents=docs)
+
+
+def _parse_document(d: dict, where: str, source: str | os.PathLike) -> DocumentCandidates:
+    n_ent = d.get("n_entities")
+    if n_ent is not None and not _is_count(n_ent):
+        raise _error(source, f"{where}.n_entities", f"expected a non-negative integer, got {n_ent!r}")
+    pairs_raw = d.get("pairs")
+    if not isinstance(pairs_raw, list):
+        raise _error(source, f"{where}.pairs", "expected a list")
+    seen_pairs: set[tuple[int, int]] = set()
+    pairs = [
+        _parse_pair(p, f"{where}.pairs[{pi}]", n_ent, seen_pairs, source) for pi, p in enumerate(pairs_raw)
+    ]
+    return DocumentCandidates(title=d["title"], pairs=tuple(pairs), n_entities=n_ent)
+
+
+def _parse_pair(
+    p: Any, pw: str, n_ent: int | None, seen_pairs: set[tuple[int, int]], source: str | os.PathLike
+) -> CandidatePair:
+    """One pair, checked; `seen_pairs` (the document's pairs so far) catches a repeat."""
+    if not isinstance(p, dict):
+        raise _error(source, pw, "expected an object")
+    for k in ("h", "t"):
+        v = p.get(k)
+        if not _is_count(v):
+            raise _error(source, f"{pw}.{k}", f"expected a non-negative integer, got {v!r}")
+        if n_ent is not None and v >= n_ent:
+            raise _error(source, f"{pw}.{k}", f"{v} out of range (document has {n_ent} entities)")
+    if p["h"] == p["t"]:
+        raise _error(source, pw, f"h and t are the same entity ({p['h']})")
+    if (p["h"], p["t"]) in seen_pairs:
+        raise _error(source, pw, f"duplicate pair (h={p['h']}, t={p['t']})")
+    seen_pairs.add((p["h"], p["t"]))
+    if not _num(p.get("score")):
+        raise _error(source, f"{pw}.score", f"expected a finite number, got {p.get('score')!r}")
+    rels = p.get("relations")
+    if rels is not None and not (isinstance(rels, dict) and all(_num(v) for v in rels.values())):
+        raise _error(source, f"{pw}.relations", "expected an object mapping relation id to a number")
+    top = p.get("top")
+    if top is not None and not (isinstance(top, dict) and all(_num(v) for v in top.values())):
+        raise _error(source, f"{pw}.top", "expected an object mapping relation id to a number")
+    return CandidatePair(h=p["h"], t=p["t"], score=float(p["score"]), relations=rels, top=top)
 
 
 def load_candidates(path: str | os.PathLike) -> Candidates:

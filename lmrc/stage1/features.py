@@ -29,6 +29,7 @@ from lmrc.data.docred import Document, document_to_raw
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
+from lmrc.schedule import length_grouped_batches as by_length
 
 log = logging.getLogger(__name__)
 
@@ -167,20 +168,8 @@ def featurize(
         [(offsets[m.sent_id] + m.pos[0], offsets[m.sent_id] + m.pos[1] - 1) for m in ent.mentions]
         for ent in doc.entities
     ]
-    starts = {first for ent in spans for first, _ in ent}
-    ends = {last for ent in spans for _, last in ent}
-
+    body, marker_at = _marked_body(doc, tokenizer, info, spans)
     s = len(specials.start)
-    body: list[int] = []
-    marker_at: dict[int, int] = {}  # word index -> position of its opening marker in input_ids
-    for w, pieces in enumerate(word_pieces(doc.words, tokenizer, info.prefix_space)):
-        if w in starts:
-            marker_at[w] = s + len(body)
-            body.append(info.marker_id)
-        body.extend(pieces)
-        if w in ends:
-            body.append(info.marker_id)
-
     if max_length is not None:
         room = max_length - s - len(specials.end)
         if room < 1:
@@ -188,19 +177,8 @@ def featurize(
                 f"stage1 features: max_length {max_length} leaves no room for text after special tokens"
             )
         body = body[:room]
-    limit = s + len(body)
     input_ids = list(specials.start) + body + list(specials.end)
-
-    entity_pos: list[list[int]] = []
-    truncated = fallback = 0
-    for ent in spans:
-        pos = [marker_at[first] for first, _ in ent if marker_at[first] < limit]
-        truncated += len(ent) - len(pos)
-        if not pos:
-            pos = [0]
-            fallback += 1
-        entity_pos.append(pos)
-
+    entity_pos, truncated, fallback = _entity_positions(spans, marker_at, limit=s + len(body))
     hts = doc.pairs()
     n_cols = 1 + len(relations) if relations is not None else 0
     labels = _multi_hot(doc, hts, relations) if doc.facts is not None and relations is not None else None
@@ -215,6 +193,43 @@ def featurize(
         n_label_columns=n_cols,
         pad_id=info.pad_id,
     )
+
+
+def _marked_body(
+    doc: Document, tokenizer, info: TokenizerInfo, spans: list[list[tuple[int, int]]]
+) -> tuple[list[int], dict[int, int]]:
+    """The document's word pieces with a marker token around every mention (ATLOP's entity marker), and per first
+    word of a mention the position of its opening marker in the input ids (after the start tokens)."""
+    starts = {first for ent in spans for first, _ in ent}
+    ends = {last for ent in spans for _, last in ent}
+    s = len(info.specials.start)
+    body: list[int] = []
+    marker_at: dict[int, int] = {}
+    for w, pieces in enumerate(word_pieces(doc.words, tokenizer, info.prefix_space)):
+        if w in starts:
+            marker_at[w] = s + len(body)
+            body.append(info.marker_id)
+        body.extend(pieces)
+        if w in ends:
+            body.append(info.marker_id)
+    return body, marker_at
+
+
+def _entity_positions(
+    spans: list[list[tuple[int, int]]], marker_at: dict[int, int], limit: int
+) -> tuple[list[list[int]], int, int]:
+    """Per entity the positions of its mentions' opening markers before `limit`; the number of mentions cut, and
+    of entities that lost every mention (they keep position 0, the start token)."""
+    entity_pos: list[list[int]] = []
+    truncated = fallback = 0
+    for ent in spans:
+        pos = [marker_at[first] for first, _ in ent if marker_at[first] < limit]
+        truncated += len(ent) - len(pos)
+        if not pos:
+            pos = [0]
+            fallback += 1
+        entity_pos.append(pos)
+    return entity_pos, truncated, fallback
 
 
 def _multi_hot(doc: Document, hts: list[tuple[int, int]], relations: RelationSet) -> list[list[float]]:
@@ -402,6 +417,4 @@ def length_grouped_batches(
     features: Sequence[DocFeatures], batch_size: int, seed: int, shuffle: bool = True
 ) -> list[list[int]]:
     """Batches of documents of similar length (lmrc.schedule.length_grouped_batches on their token counts)."""
-    from lmrc.schedule import length_grouped_batches as by_length
-
     return by_length([len(f.input_ids) for f in features], batch_size, seed, shuffle)

@@ -15,8 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
 from lmrc.errors import LmrcError
 from lmrc.hardware import cpu_bf16_refused, cpu_supports_bf16, cuda_supports_bf16
+from lmrc.io import write_dir_atomically
+from lmrc.model_store import resolve
 from lmrc.stage2.adapter import check_adapter_weights
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 
@@ -37,16 +44,12 @@ def quiet_peft():
 
 
 def pick_device() -> Any:
-    import torch
-
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_dtype(name: str, device: Any) -> Any:
     """The torch dtype for `name`; "auto" is bf16 where the hardware runs it natively; else float16 on CUDA GPUs
     (V100, T4: training adds a loss scaler) and float32 on CPUs."""
-    import torch
-
     if name == "bfloat16" and device.type == "cpu" and (why := cpu_bf16_refused()):
         log.warning("dtype=bfloat16 turned off on this CPU: %s; float32", why)
         return torch.float32
@@ -58,8 +61,6 @@ def resolve_dtype(name: str, device: Any) -> Any:
 
 
 def resolve_model_path(name: str) -> Path:
-    from lmrc.model_store import resolve
-
     path = resolve(name)
     if path.exists() and not (path / "config.json").is_file():
         raise LmrcError(f"{path}: not a Hugging Face model folder (no config.json) for model {name!r}")
@@ -69,13 +70,9 @@ def resolve_model_path(name: str) -> Path:
 def prefetch_model(name: str) -> None:
     """Download a Hugging Face hub model that is not cached yet (weights as safetensors, configs, tokenizer), so
     that rank 0 fetches it once while the other ranks wait, instead of every rank fetching it."""
-    from lmrc.model_store import resolve
-
     path = resolve(name)
     if path.exists():
         return
-    from huggingface_hub import snapshot_download
-
     log.info("downloading %s", name)
     try:
         snapshot_download(
@@ -87,8 +84,6 @@ def prefetch_model(name: str) -> None:
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer, with a pad token (eos when it has none: padding is always masked, never learned)."""
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -114,19 +109,15 @@ def load_base_model(
     `place=False` leaves the weights where they were loaded: the Trainer moves them (DDP) or shards them (FSDP,
     DeepSpeed), and a full copy on every GPU first would defeat the sharding.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if cfg.load_in_4bit:
         if device.type != "cuda":
             raise LmrcError("load_in_4bit (QLoRA) needs a CUDA GPU; set load_in_4bit: false to train on CPU")
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (optional: only QLoRA needs it)
         except ImportError:
             raise LmrcError("load_in_4bit needs bitsandbytes: pip install 'lmrc[gpu]'") from None
-        from transformers import BitsAndBytesConfig
 
         compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         # QLoRA (Dettmers et al., 2023): NF4 storage, double quantisation, 16-bit compute.
@@ -151,8 +142,6 @@ def load_base_model(
 
 def wrap_lora(model: Any, cfg: Stage2Config) -> Any:
     """Add fresh LoRA adapters (Hu et al., 2022) to the attention projections (or `lora.target_modules`)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model,
@@ -187,8 +176,6 @@ def wrap_lora(model: Any, cfg: Stage2Config) -> Any:
 
 
 def _linear_names(model: Any) -> set[str]:
-    import torch
-
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
@@ -222,8 +209,6 @@ def load_adapter(
     adapter_dir: str | Path, cfg: Stage2Config | None = None, device: Any = None, merge: bool = False
 ) -> LoadedAdapter:
     """Base model + trained LoRA adapter in eval mode; `merge` folds the adapter into the base weights."""
-    from peft import PeftModel
-
     adapter_dir = check_adapter_dir(adapter_dir)
     check_adapter_weights(adapter_dir)  # a damaged file is one line now, not a traceback after the base model
     cfg = cfg or load_adapter_config(adapter_dir)
@@ -247,8 +232,6 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str | Non
 
     The lmrc files (config, template, relation set) are copied too, so the folder can be passed as `model:`.
     """
-    from lmrc.io import write_dir_atomically
-
     adapter_dir = check_adapter_dir(adapter_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -258,8 +241,6 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, dtype: str | Non
     if cfg.load_in_4bit:
         # Merging into 4-bit weights would round the adapter away; merge into 16-bit weights instead.
         cfg.load_in_4bit = False
-    import torch
-
     if resolve_dtype(cfg.dtype, torch.device("cpu")) != torch.float32:
         log.warning(
             "merging into 16-bit weights rounds the adapter's updates; --dtype float32 keeps them exact"

@@ -16,6 +16,11 @@ import pytest
 
 from lmrc.cli import main
 from lmrc.errors import LmrcError
+from lmrc.io import sidecar
+from lmrc.paths import Named, check_paths
+from lmrc.stage2 import modeling
+from lmrc.stage2.adapter import ADAPTER_WEIGHTS, check_safetensors
+from lmrc.stage2.modeling import ADAPTER_CONFIG, CONFIG_FILE
 
 
 def _m(name: str, sent_id: int) -> dict:
@@ -266,8 +271,6 @@ def _save_adapter(folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from lmrc.stage2.modeling import ADAPTER_CONFIG, CONFIG_FILE
-
     folder.mkdir()
     save_file({"a": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.int64)}, folder / "w.st")
     (folder / ADAPTER_CONFIG).write_text("{}")
@@ -276,8 +279,6 @@ def _save_adapter(folder: Path) -> Path:
 
 
 def test_a_truncated_adapter_is_one_line_before_the_base_model_loads(tmp_path, monkeypatch):
-    from lmrc.stage2 import modeling
-    from lmrc.stage2.adapter import ADAPTER_WEIGHTS, check_safetensors
 
     adapter = _save_adapter(tmp_path / "adapter")
     good = (adapter / "w.st").read_bytes()
@@ -398,9 +399,6 @@ def test_stage1_train_reports_a_bad_data_file_before_loading_the_encoder(files, 
 
 def test_an_earlier_runs_summary_is_not_replaced_without_overwrite(tmp_path):
     """The result file is gone but its summary is still there: a new run must not replace it silently."""
-    from lmrc.errors import LmrcError
-    from lmrc.io import sidecar
-    from lmrc.paths import Named, check_paths
 
     out = tmp_path / "result.json"
     summary = sidecar(out, ".summary.json")

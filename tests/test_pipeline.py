@@ -21,14 +21,19 @@ from stage1_run_helpers import single_thread  # noqa: F401  (autouse fixture)
 from lmrc.cli import main
 from lmrc.config import load_config
 from lmrc.data.candidates import load_candidates
+from lmrc.data.docred import load_documents
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, sidecar
 from lmrc.predict import run as predict_run
 from lmrc.predict.config import PredictConfig
 from lmrc.predict.merge import merge
 from lmrc.predict.run import Shard, run_pipeline
+from lmrc.stage1.calibration import calibrate_additions, calibrate_upper
 from lmrc.stage1.config import CandidateSettings
 from lmrc.stage1.predict import predict as stage1_predict
+from lmrc.stage2.generate import create_generator
+from lmrc.stage2.modeling import load_adapter_config
+from lmrc.stage2.predict import Stage2Runner
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +197,6 @@ class _FailingGenerator:
     """The adapter's real generator, interrupted on its n-th call: a kill between stage 1 and stage 2."""
 
     def __init__(self, rc, n):
-        from lmrc.stage2.generate import create_generator
-        from lmrc.stage2.modeling import load_adapter_config
 
         self.inner = create_generator(load_adapter_config(rc, _fast()), Path(rc))
         self.tokenizer = self.inner.tokenizer
@@ -349,7 +352,6 @@ def test_candidates_file_for_another_relation_set_is_refused(ckpt, rc, files, tm
 
 
 def test_calibrate_upper_is_the_lowest_threshold_reaching_the_precision():
-    from lmrc.stage1.calibration import calibrate_upper
 
     # one document, pairs by score: 3.0 right, 2.0 right, 1.0 wrong, 0.5 right, -1.0 (no relation predicted)
     scores = [[3.0, 2.0, 1.0, 0.5, -1.0]]
@@ -363,7 +365,6 @@ def test_calibrate_upper_is_the_lowest_threshold_reaching_the_precision():
 
 
 def test_calibrate_additions_picks_the_near_miss_set_that_raises_f1_most():
-    from lmrc.stage1.calibration import calibrate_additions
 
     # stage 1: 4 right of 8 predicted, 12 gold -> F1 = 8 / 20 = 0.4; adding a set of near misses helps iff its
     # precision is above F1 / 2 = 0.2
@@ -480,7 +481,6 @@ def test_refine_calibrates_its_upper_threshold_on_the_tuning_file(ckpt, rc, file
 def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_hints(
     ckpt, files, redocred_dir, tmp_path
 ):
-    from lmrc.stage2.predict import Stage2Runner
 
     train_cands = tmp_path / "train.cands.json"  # stands in for `lmrc stage1 crossfit` output
     stage1_predict(ckpt, files["train"], train_cands, CandidateSettings(max_per_doc=6))
@@ -492,7 +492,6 @@ def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_h
     with pytest.raises(LmrcError, match="hints, which gold pairs do not have"):
         run_pipeline(config(**{"stage2.adapter": str(hinted), "stage1.gold_pairs": True}), files["test"], out)
     runner = Stage2Runner(hinted)
-    from lmrc.data.docred import load_documents
 
     doc = load_documents(files["test"])[0]
     dc = stage1_predict(

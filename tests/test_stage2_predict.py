@@ -9,7 +9,7 @@ import pytest
 from stage2_helpers import smollm2_tokenizer, tiny_model_dir
 
 from lmrc.cli import main
-from lmrc.config import apply_overrides
+from lmrc.config import apply_overrides, load_config
 from lmrc.data.candidates import (
     CandidatePair,
     Candidates,
@@ -17,13 +17,19 @@ from lmrc.data.candidates import (
     DocumentCandidates,
     save_candidates,
 )
+from lmrc.data.docred import load_documents
+from lmrc.data.relations import load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, read_jsonl, sidecar
-from lmrc.predict.config import stage2_predict_config
+from lmrc.predict.config import PredictConfig, stage2_predict_config
 from lmrc.predict.run import run_pipeline
 from lmrc.stage2 import predict as predict_module
-from lmrc.stage2.config import load_stage2_config
-from lmrc.stage2.generate import Generation
+from lmrc.stage2.config import GenerationConfig, load_stage2_config
+from lmrc.stage2.generate import Generation, HFGenerator, answer_budget, create_generator
+from lmrc.stage2.generate.hf_backend import _RowStopper
+from lmrc.stage2.modeling import load_adapter_config
+from lmrc.stage2.prompts import PromptEncoder, plan_prompts
+from lmrc.stage2.templates import load_template
 from lmrc.stage2.train import train
 
 
@@ -274,9 +280,6 @@ def _tiny_generator(batch_size: int, **kw):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmrc.stage2.config import GenerationConfig
-    from lmrc.stage2.generate import HFGenerator
-
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32).eval()
     return HFGenerator(model, smollm2_tokenizer(), GenerationConfig(batch_size=batch_size, **kw))
 
@@ -305,8 +308,6 @@ def test_sampling_is_seeded():
 
 
 def test_answer_budget_scales_with_pairs_and_stays_in_the_room_the_prompt_leaves():
-    from lmrc.stage2.config import GenerationConfig
-    from lmrc.stage2.generate import answer_budget
 
     cfg = GenerationConfig(max_new_tokens_per_pair=40)
     assert answer_budget(3, cfg) == 120
@@ -329,7 +330,6 @@ class CuttingEcho(EchoGenerator):
 
 
 def test_a_long_pair_list_is_answered_whole_and_a_cut_answer_is_counted(adapter, docs_file, tmp_path):
-    from lmrc.data.docred import load_documents
 
     doc = max(load_documents(docs_file), key=lambda d: len(d.pairs()))
     pairs = doc.pairs()[:60]
@@ -365,8 +365,6 @@ def test_vllm_backend_without_vllm_is_a_clear_error(adapter):
         pytest.skip("vllm is installed")
     except ImportError:
         pass
-    from lmrc.stage2.generate import create_generator
-    from lmrc.stage2.modeling import load_adapter_config
 
     cfg = load_adapter_config(adapter, ["generation.backend=vllm"])
     with pytest.raises(LmrcError, match="pip install"):
@@ -375,8 +373,6 @@ def test_vllm_backend_without_vllm_is_a_clear_error(adapter):
 
 def test_rows_stop_at_their_own_budget_or_after_repeated_lines():
     import torch
-
-    from lmrc.stage2.generate.hf_backend import _RowStopper
 
     tok = smollm2_tokenizer()
     line = tok("(Alpha| country| Beta)\n")["input_ids"]
@@ -399,8 +395,6 @@ def test_rows_stop_at_their_own_budget_or_after_repeated_lines():
 
 
 def test_a_looping_answer_is_cut_after_the_repeated_line():
-    from lmrc.stage2.config import GenerationConfig
-    from lmrc.stage2.generate import HFGenerator
 
     tok = smollm2_tokenizer()
     gen = HFGenerator.__new__(HFGenerator)
@@ -471,10 +465,6 @@ def test_resume_after_a_torn_progress_line_leaves_a_readable_progress_file(adapt
 def test_a_shared_prefix_is_prefilled_once_and_the_answers_do_not_change(redocred_dir):
     """Direct-mode prompts of a document share instruction, relation set and text: with prefix_cache the prefix
     is prefilled once per document, and greedy answers equal those of plain left-padded batches."""
-    from lmrc.data.docred import load_documents
-    from lmrc.data.relations import load_relations
-    from lmrc.stage2.prompts import PromptEncoder, plan_prompts
-    from lmrc.stage2.templates import load_template
 
     rel = load_relations(redocred_dir / "rel_info.json")
     docs = sorted(load_documents(redocred_dir / "dev_50.json", rel), key=lambda d: len(d.pairs()))[:2]
@@ -533,8 +523,6 @@ def test_predict_prefills_a_documents_shared_prefix_once(redocred_dir, tmp_path)
 
 
 def test_stage2_predict_is_lmrc_predict_with_the_adapter_alone(adapter, docs_file, tmp_path):
-    from lmrc.config import load_config
-    from lmrc.predict.config import PredictConfig
 
     alone = predict(adapter, docs_file, tmp_path / "a.json", gold_pairs=True, generator=EchoGenerator())
     cfg = load_config(PredictConfig, None, [f"stage2.adapter={adapter}", "stage1.gold_pairs=true"])
@@ -564,8 +552,6 @@ def test_top_p_near_zero_samples_the_greedy_answer():
 
 
 def test_a_merged_adapter_generates_what_the_unmerged_one_does(adapter):
-    from lmrc.stage2.generate import HFGenerator
-    from lmrc.stage2.modeling import load_adapter_config
 
     tok = smollm2_tokenizer()
     prompts = [tok("(Alpha| -| Beta)\n")["input_ids"]]

@@ -13,11 +13,14 @@ from stage1_run_helpers import single_thread  # noqa: F401  (autouse fixture)
 from text_helpers import need_spacy, tiny_entity_model
 
 from lmrc.cli import main
-from lmrc.data.docred import load_documents
+from lmrc.config import load_config
+from lmrc.data.docred import document_to_raw, load_documents
 from lmrc.entities.annotate import gold_of, is_exact
+from lmrc.entities.config import EntitiesConfig
 from lmrc.entities.model import EntityModel
 from lmrc.entities.run import docs_path, document_triples, triples_path
 from lmrc.entities.segment import segment
+from lmrc.entities.train import train
 from lmrc.io import read_json
 
 
@@ -146,15 +149,11 @@ def test_oracle_entities_score_strict_as_the_gold_documents(ckpt, files, tmp_pat
 
 
 def _raw(d):
-    from lmrc.data.docred import document_to_raw
 
     return document_to_raw(d)
 
 
 def test_entity_model_finds_entities_and_resumes_to_the_same_model(files, entities, tmp_path):
-    from lmrc.config import load_config
-    from lmrc.entities.config import EntitiesConfig
-    from lmrc.entities.train import train
 
     model = EntityModel.load(entities)
     doc = load_documents(files["test"])[0]

@@ -51,12 +51,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if answer_rows(result.rows):
         print("\nLLM answers (totals):")
         print(text_table(answer_rows(result.rows), ANSWER_COLUMNS))
-    if result.candidates:
-        c = result.candidates
-        recall = f", pair recall {100 * c['recall']:.2f}%" if "recall" in c else ""
+    candidates = result.candidates
+    if candidates:
+        recall = f", pair recall {100 * candidates['recall']:.2f}%" if "recall" in candidates else ""
         print(
-            f"\nstage-1 candidates for the LLM: {c['candidates']:,} of {c['pairs']:,} pairs "
-            f"(reduction ratio {c['reduction']:.4f}){recall}"
+            f"\nstage-1 candidates for the LLM: {candidates['candidates']:,} of {candidates['pairs']:,} pairs "
+            f"(reduction ratio {candidates['reduction']:.4f}){recall}"
         )
     if result.learning_curve:
         print("\nlearning curve (relation F1 against LLM training tokens, constrained answers):")

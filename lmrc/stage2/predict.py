@@ -206,41 +206,47 @@ class Stage2Runner:
         pairs' narrowed relation names for the grammar (choices_for)."""
         t0 = time.perf_counter()
         plans = []
-        jobs: list[tuple[int, int, list[int], int]] = []  # (position in docs, prompt number, ids, budget)
+        # (position of the document in docs, prompt number in the document, prompt ids, answer budget)
+        jobs: list[tuple[int, int, list[int], int]] = []
         grammars: list[str] | None = [] if self.rel_rule is not None else None
-        for k, (doc, pairs) in enumerate(zip(docs, pairs_by_doc)):
-            names, prompts = self.plan(doc, pairs, hints_by_doc[k] if hints_by_doc is not None else None)
+        for position, (doc, pairs) in enumerate(zip(docs, pairs_by_doc)):
+            hints = hints_by_doc[position] if hints_by_doc is not None else None
+            names, prompts = self.plan(doc, pairs, hints)
             plans.append((names, prompts))
-            for j, p in enumerate(prompts):
-                ids = self.encoder.encode_prompt(p.text)
+            for number, prompt in enumerate(prompts):
+                ids = self.encoder.encode_prompt(prompt.text)
                 bound = None
                 if grammars is not None:
-                    asked = [(names[h], names[t]) for h, t in p.pairs]
-                    allowed = choices_by_doc[k] if choices_by_doc is not None else None
-                    narrowed = [allowed.get(pair) for pair in p.pairs] if allowed else None
+                    asked = [(names[h], names[t]) for h, t in prompt.pairs]
+                    allowed = choices_by_doc[position] if choices_by_doc is not None else None
+                    narrowed = [allowed.get(pair) for pair in prompt.pairs] if allowed else None
                     # the bound below stays the whole set's: a narrowed answer is never longer
                     grammars.append(answer_grammar(asked, self.rel_rule, narrowed))
                     bound = self._answer_bytes(asked)
-                budget = answer_budget(len(p.pairs), self.cfg.generation, len(ids), self.context(), bound)
-                jobs.append((k, j, ids, budget))
+                budget = answer_budget(
+                    len(prompt.pairs), self.cfg.generation, len(ids), self.context(), bound
+                )
+                jobs.append((position, number, ids, budget))
         outputs = []
         if jobs:
-            prompts_ids, budgets = [j[2] for j in jobs], [j[3] for j in jobs]
+            prompts_ids, budgets = [job[2] for job in jobs], [job[3] for job in jobs]
             # A document's prompts share instruction, relation set and text: one group each, so a backend with
             # prefix caching (hf: generation.prefix_cache) prefills that prefix once per document.
-            groups = [j[0] for j in jobs]
+            groups = [job[0] for job in jobs]
             outputs = self.generator().generate(prompts_ids, budgets, grammars=grammars, groups=groups)
         if len(outputs) != len(jobs):
             raise RuntimeError(f"generator returned {len(outputs)} outputs for {len(jobs)} prompts")
         by_doc: dict[int, list] = {}
-        for (k, j, ids, budget), generation in zip(jobs, outputs):
-            by_doc.setdefault(k, []).append((j, ids, budget, generation))
+        for (position, number, ids, budget), generation in zip(jobs, outputs):
+            by_doc.setdefault(position, []).append((number, ids, budget, generation))
         elapsed = time.perf_counter() - t0
         n_timed = max(1, len(by_doc))
         finished = []
-        for k, doc in enumerate(docs):
-            record, debug = _finish_document(doc, doc.index, plans[k], by_doc.get(k, []), self.aligner)
-            record["seconds"] = round(elapsed / n_timed, 3) if k in by_doc else 0.0
+        for position, doc in enumerate(docs):
+            record, debug = _finish_document(
+                doc, doc.index, plans[position], by_doc.get(position, []), self.aligner
+            )
+            record["seconds"] = round(elapsed / n_timed, 3) if position in by_doc else 0.0
             finished.append((record, debug))
         return finished
 

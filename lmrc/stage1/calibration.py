@@ -17,12 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from lmrc.data.docred import load_labelled, restrict_pairs
+from lmrc.data.docred import Document, load_labelled, restrict_pairs
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, file_sha256, read_json
 from lmrc.stage1.config import CandidateSettings
-from lmrc.stage1.inference import CandidateReport, file_features, gold_pair_flags, infer_logits, pair_scores
+from lmrc.stage1.inference import (
+    CANDIDATE_TOP_K,
+    CandidateReport,
+    file_features,
+    gold_pair_flags,
+    infer_logits,
+    pair_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +227,57 @@ def calibrate_additions(
         if f1 > best["f1"]:
             best = {"add_margin": margin, "f1": f1, "added": added, "right": right}
     return {"method": "no_harm_near_misses", "stage1_f1": base, "near_misses": len(rows), **best}
+
+
+def calibrate_refine(
+    checkpoint,
+    docs: Sequence[Document],
+    logits: Sequence[Tensor],
+    tune_path: str | os.PathLike,
+    precision: float,
+    threshold: float | None,
+    additions: bool = False,
+    upper: float | None = None,
+) -> dict:
+    """Fusion refine's thresholds on labelled tuning documents and their logits: the upper threshold
+    (calibrate_upper) unless `upper` is given, and with `additions` the gate on the LLM's additions in the band
+    between the candidate `threshold` and the upper one (calibrate_additions)."""
+    loss, ids = checkpoint.loss, checkpoint.relations.ids
+    scores, predicted, gold, margins = [], [], [], []
+    for doc, doc_logits in zip(docs, logits):
+        relations_of = doc.relations_by_pair()
+        decided = loss.predict(doc_logits)[:, 1:] if len(doc_logits) else torch.zeros((0, len(ids)))
+        scores.append(loss.score(doc_logits).double().tolist() if len(doc_logits) else [])
+        predicted.append([{ids[c] for c in row.nonzero().flatten().tolist()} for row in decided])
+        gold.append([set(relations_of.get(p, ())) for p in doc.pairs()])
+        margins.append(loss.margins(doc_logits).double() if additions and len(doc_logits) else None)
+    if upper is None:
+        cal = calibrate_upper(scores, predicted, gold, precision)
+    else:
+        cal = {"method": "manual", "upper": upper}
+    cal.update({"tune": str(tune_path), "tune_sha256": file_sha256(tune_path)})
+    if additions:
+        rows, counts = _near_misses(ids, scores, predicted, gold, margins, threshold, cal["upper"])
+        cal["additions"] = calibrate_additions(rows, *counts)
+    return cal
+
+
+def _near_misses(ids, scores, predicted, gold, margins, threshold: float | None, upper: float | None):
+    """The band's candidate pairs (above the candidate threshold, not above `upper`): their best relations by
+    margin (as many as the candidates record) that stage 1 does not predict, as (margin, is gold) rows; and stage
+    1's own relation-level counts (hits, predicted, gold) on the same documents."""
+    rows, hits, n_pred, n_gold = [], 0, 0, 0
+    for ds, dp, dg, dm in zip(scores, predicted, gold, margins):
+        for i, (s, p, g) in enumerate(zip(ds, dp, dg)):
+            hits, n_pred, n_gold = hits + len(p & g), n_pred + len(p), n_gold + len(g)
+            in_band = (threshold is None or s > threshold) and (upper is None or s <= upper or not p)
+            if not in_band or dm is None:
+                continue
+            best = torch.topk(dm[i], min(CANDIDATE_TOP_K, dm.shape[1]))
+            for v, c in zip(best.values.tolist(), best.indices.tolist()):
+                if ids[c] not in p:
+                    rows.append((float(v), ids[c] in g))
+    return rows, (hits, n_pred, n_gold)
 
 
 CALIBRATION_FORMAT = "lmrc-calibration"

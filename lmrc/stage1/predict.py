@@ -39,18 +39,12 @@ from lmrc.data.docred import Document, load_documents, load_labelled, restrict_p
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import Metrics, PackedPredictions, evaluate
-from lmrc.io import atomic_write_json, file_sha256
-from lmrc.stage1.calibration import (
-    calibrate_additions,
-    calibrate_upper,
-    choose_threshold,
-    save_calibration,
-)
+from lmrc.io import atomic_write_json
+from lmrc.stage1.calibration import calibrate_refine, choose_threshold, save_calibration
 from lmrc.stage1.checkpoint import load_checkpoint
 from lmrc.stage1.config import CandidateSettings
 from lmrc.stage1.features import featurize, tokenizer_info
 from lmrc.stage1.inference import (
-    CANDIDATE_TOP_K,
     CandidateReport,
     candidate_report,
     file_features,
@@ -190,9 +184,8 @@ class Proposer:
         additions: bool = False,
         upper: float | None = None,
     ) -> dict:
-        """The refine mode's upper threshold, calibrated on a labelled tuning file (see calibrate_upper) unless
-        `upper` is given; with `additions`, also the gate on the LLM's additions in the band below it
-        (calibrate_additions)."""
+        """Fusion refine's thresholds on a labelled tuning file, from this checkpoint's logits (see
+        lmrc.stage1.calibration.calibrate_refine)."""
         ck = self.checkpoint
         if not ck.loss.per_relation:
             raise LmrcError(
@@ -201,42 +194,9 @@ class Proposer:
         docs = restrict_pairs(
             load_labelled(Path(tune_path), ck.relations, role="tuning"), ck.config.data.pair_types
         )
-        logits = self.logits(docs)
-        scores, predicted, gold, margins = [], [], [], []
-        for doc, lg in zip(docs, logits):
-            rel_of = doc.relations_by_pair()
-            decided = ck.loss.predict(lg)[:, 1:] if len(lg) else torch.zeros((0, len(ck.relations)))
-            scores.append(ck.loss.score(lg).double().tolist() if len(lg) else [])
-            predicted.append(
-                [{ck.relations.ids[c] for c in row.nonzero().flatten().tolist()} for row in decided]
-            )
-            gold.append([set(rel_of.get(p, ())) for p in doc.pairs()])
-            margins.append(ck.loss.margins(lg).double() if additions and len(lg) else None)
-        if upper is None:
-            cal = calibrate_upper(scores, predicted, gold, precision)
-        else:
-            cal = {"method": "manual", "upper": upper}
-        cal.update({"tune": str(tune_path), "tune_sha256": file_sha256(tune_path)})
-        if additions:
-            cal["additions"] = self._near_miss_gate(scores, predicted, gold, margins, cal["upper"])
-        return cal
-
-    def _near_miss_gate(self, scores, predicted, gold, margins, upper: float | None) -> dict:
-        """calibrate_additions over the band's candidate pairs (above the candidate threshold, not above
-        `upper`): their best relations by margin (as many as the candidates record) that stage 1 does not predict."""
-        ids, threshold = self.checkpoint.relations.ids, self.choice.threshold
-        rows, hits, n_pred, n_gold = [], 0, 0, 0
-        for ds, dp, dg, dm in zip(scores, predicted, gold, margins):
-            for i, (s, p, g) in enumerate(zip(ds, dp, dg)):
-                hits, n_pred, n_gold = hits + len(p & g), n_pred + len(p), n_gold + len(g)
-                in_band = (threshold is None or s > threshold) and (upper is None or s <= upper or not p)
-                if not in_band or dm is None:
-                    continue
-                best = torch.topk(dm[i], min(CANDIDATE_TOP_K, dm.shape[1]))
-                for v, c in zip(best.values.tolist(), best.indices.tolist()):
-                    if ids[c] not in p:
-                        rows.append((float(v), ids[c] in g))
-        return calibrate_additions(rows, hits, n_pred, n_gold)
+        return calibrate_refine(
+            ck, docs, self.logits(docs), tune_path, precision, self.choice.threshold, additions, upper
+        )
 
     def logits(self, docs: Sequence[Document]) -> list[Tensor]:
         ck = self.checkpoint

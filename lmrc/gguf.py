@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from lmrc.io import write_dir_atomically
+from lmrc.io import atomic_write_json, file_sha256, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ CONVERSION_FORMAT = 1
 PROVENANCE_FILE = "lmrc_provenance.json"
 
 
-def source_stamp(gguf: Path) -> dict:
+def _source_stamp(gguf: Path) -> dict:
     """Cheap identity of the GGUF file (checked on every resolve); the sha256 is recorded at conversion."""
     st = gguf.stat()
     return {"path": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -46,7 +46,7 @@ def is_current(target: Path, gguf: Path) -> bool:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    stamp = source_stamp(gguf)
+    stamp = _source_stamp(gguf)
     source = record.get("source", {})
     return (
         record.get("format") == CONVERSION_FORMAT
@@ -54,6 +54,21 @@ def is_current(target: Path, gguf: Path) -> bool:
         and str(record.get("transformers_version", "")).split(".")[0] == _transformers_major()
         and (target / "model.safetensors").is_file()
         and (target / "config.json").is_file()
+    )
+
+
+def _write_provenance(folder: Path, gguf: Path, versions: dict[str, str]) -> None:
+    """Record where the conversion came from, so `is_current` can tell a stale one."""
+    atomic_write_json(
+        folder / PROVENANCE_FILE,
+        {
+            "format": CONVERSION_FORMAT,
+            "source": {**_source_stamp(gguf), "sha256": file_sha256(gguf)},
+            "dtype": "float32",
+            **versions,
+            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        indent=2,
     )
 
 
@@ -78,7 +93,7 @@ def ensure_converted(gguf: Path, target: Path, name: str) -> Path:
 
         def write(folder: Path) -> None:
             gguf_convert.convert_gguf(gguf, folder)
-            gguf_convert.write_provenance(folder, gguf)
+            _write_provenance(folder, gguf, gguf_convert.library_versions())
 
         write_dir_atomically(target, write)
         logger.info("converted %s in %.1f s", name, time.perf_counter() - start)

@@ -7,7 +7,6 @@ lmrc.gguf decides when to convert and where the result goes.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lmrc.errors import LmrcError
-from lmrc.gguf import CONVERSION_FORMAT, PROVENANCE_FILE, source_stamp
-from lmrc.io import atomic_write_json, file_sha256
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
@@ -107,17 +104,6 @@ def _gguf_tokenizer(gguf: Path, config: Any):
     return tokenizer
 
 
-def write_provenance(folder: Path, gguf: Path) -> None:
-    """Record where the conversion came from, so `lmrc.gguf.is_current` can tell a stale one."""
-    atomic_write_json(
-        folder / PROVENANCE_FILE,
-        {
-            "format": CONVERSION_FORMAT,
-            "source": {**source_stamp(gguf), "sha256": file_sha256(gguf)},
-            "dtype": "float32",
-            "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__,
-            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        indent=2,
-    )
+def library_versions() -> dict[str, str]:
+    """The transformers and torch that wrote a conversion (recorded in its provenance)."""
+    return {"transformers_version": transformers.__version__, "torch_version": torch.__version__}

@@ -106,7 +106,7 @@ def gpu_memory() -> list[dict[str, Any]]:
 def device_memory_used(index: int) -> tuple[int, int] | None:
     """(bytes in use by all processes, total bytes) of CUDA device `index`; None when it cannot be read."""
     try:
-        import pynvml
+        import pynvml  # optional (nvidia-ml-py)
 
         pynvml.nvmlInit()
         try:

@@ -213,6 +213,7 @@ def _hub_offline() -> bool:
 def _hub_snapshot(repo_id: str) -> Path | None:
     """The locally cached snapshot of a hub model, without touching the network."""
     try:
+        # Imported here: this module is on the CLI's light path, and a missing hub package only means "not cached".
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, local_files_only=True))

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 class Progress:
     """`update(n, **postfix)` after each piece of work; `close()` (or the `with` block) at the end.
@@ -30,8 +32,6 @@ class Progress:
         every_s: float = 30.0,
         logger: logging.Logger | None = None,
     ) -> None:
-        from tqdm.auto import tqdm
-
         bar = show is True or (show is None and sys.stderr.isatty())
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not bar)
         self.log_lines = show is not False and not bar

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from lmrc.entities.annotate import TokenMention
+from lmrc.data.docred import load_documents
+from lmrc.entities.annotate import TokenMention, align_span, gold_of
 from lmrc.entities.coref import FEATURES, MentionInfo, PairScorer, cluster
 from lmrc.entities.mentions import decode_bio, tag_document
 from lmrc.entities.metrics import majority_type
-from lmrc.entities.segment import Segmented
+from lmrc.entities.segment import Segmented, require_spacy
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
 
@@ -102,8 +105,6 @@ class EntityModel:
         return typed_clusters(mentions, groups)
 
     def save(self, folder: Path, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
         folder.mkdir(parents=True, exist_ok=True)
         self.tagger.save_pretrained(folder / TAGGER_DIR, safe_serialization=True)
         self.tokenizer.save_pretrained(folder / TAGGER_DIR)
@@ -124,9 +125,6 @@ class EntityModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EntityModel:
-        from safetensors.torch import load_file
-        from transformers import AutoModelForTokenClassification, AutoTokenizer
-
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise LmrcError(
@@ -168,8 +166,6 @@ class SpacyAnnotator:
 
     @classmethod
     def load(cls, spec: str) -> SpacyAnnotator:
-        from lmrc.entities.segment import require_spacy
-
         spacy = require_spacy()
         try:
             nlp = spacy.load(spec)
@@ -180,8 +176,6 @@ class SpacyAnnotator:
         return cls(nlp, f"spacy:{spec}")
 
     def find(self, seg: Segmented) -> list[list[TokenMention]]:
-        from lmrc.entities.annotate import align_span
-
         self.nlp.max_length = max(self.nlp.max_length, len(seg.text) + 1)
         doc = self.nlp(seg.text)
         by_name: dict[str, list[TokenMention]] = {}
@@ -211,8 +205,6 @@ class GoldAnnotator:
 
     @classmethod
     def from_documents(cls, docs, name: str = "gold") -> GoldAnnotator:
-        from lmrc.entities.annotate import gold_of
-
         out = {}
         for d in docs:
             g = gold_of(d)
@@ -220,8 +212,6 @@ class GoldAnnotator:
         return cls(out, name)
 
     def find(self, seg: Segmented) -> list[list[TokenMention]]:
-        from lmrc.entities.annotate import align_span
-
         out = []
         for ent in self.by_text.get(seg.text, []):
             ms = []
@@ -240,7 +230,5 @@ def load_annotator(spec: str) -> Annotator:
     if spec.startswith("spacy:"):
         return SpacyAnnotator.load(spec[len("spacy:") :])
     if spec.startswith("gold:"):
-        from lmrc.data.docred import load_documents
-
         return GoldAnnotator.from_documents(load_documents(spec[len("gold:") :]), spec)
     return EntityModel.load(spec)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lmrc import cpu_guard
 from lmrc.errors import LmrcError
 from lmrc.stage1.encoder import encode, ensure_eager_attention, usable_window
 from lmrc.stage1.features import SpecialTokens
@@ -103,9 +104,7 @@ def _k_chunk(device: torch.device, dtype: torch.dtype) -> int | None:
     some [rows, 49152] tails); None elsewhere, and on GPUs."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return None
-    from lmrc.cpu_guard import bilinear_k_chunk
-
-    return bilinear_k_chunk()
+    return cpu_guard.bilinear_k_chunk()
 
 
 def _matmul_t(g: Tensor, w: Tensor, k_chunk: int | None) -> Tensor:

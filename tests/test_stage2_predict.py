@@ -21,7 +21,8 @@ from lmrc.data.docred import load_documents
 from lmrc.data.relations import load_relations
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, read_jsonl, sidecar
-from lmrc.predict.config import PredictConfig, stage2_predict_config
+from lmrc.predict.build import stage2_predict_config
+from lmrc.predict.config import PredictConfig
 from lmrc.predict.run import run_pipeline
 from lmrc.stage2 import predict as predict_module
 from lmrc.stage2.config import GenerationConfig, load_stage2_config

@@ -22,6 +22,7 @@ from lmrc.config import load_config, with_flags
 from lmrc.errors import LmrcError
 from lmrc.io import sidecar
 from lmrc.paths import Named, check_paths, check_progress, named
+from lmrc.predict.config import PredictConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,10 +90,8 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
 
 
-def _predict_config(args: argparse.Namespace):
+def _predict_config(args: argparse.Namespace) -> PredictConfig:
     """The run's PredictConfig: defaults <- --config <- --set <- the flags given."""
-    from lmrc.predict.config import PredictConfig  # torch (through the adapter's config): see lmrc.commands
-
     cfg = load_config(PredictConfig, args.config, args.overrides)
     stage1_flags = {
         **candidate_flags(args),
@@ -111,7 +110,7 @@ def _predict_config(args: argparse.Namespace):
     )
 
 
-def _check_predict_paths(args: argparse.Namespace, cfg, companions: list[Named]) -> None:
+def _check_predict_paths(args: argparse.Namespace, cfg: PredictConfig, companions: list[Named]) -> None:
     def expand(value: str | None) -> Path | None:
         # Config paths may hold $VARS (expanded where they are used; an unset one is reported there).
         return Path(os.path.expandvars(value)).expanduser() if value else None

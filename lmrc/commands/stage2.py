@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """A pipeline run with the adapter alone: one driver, progress file and summary format for both commands."""
     # torch-based library modules: see lmrc.commands
-    from lmrc.predict.config import stage2_predict_config
+    from lmrc.predict.build import stage2_predict_config
     from lmrc.predict.run import run_pipeline
 
     output = Path(args.output)

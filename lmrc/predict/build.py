@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmrc.config import to_dict
+from lmrc.config import replace_nested, to_dict
 from lmrc.data.candidates import DocumentCandidates, load_candidates, match_candidates
 from lmrc.data.docred import Document, load_documents, require_labels, restrict_pairs
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import file_sha256
-from lmrc.predict.config import PredictConfig
+from lmrc.predict.config import PredictConfig, Stage1Settings, Stage2Settings
 from lmrc.stage1.predict import Proposer
+from lmrc.stage2.modeling import load_adapter_config
 from lmrc.stage2.predict import Stage2Runner
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,28 @@ def _addition_margin(cfg: PredictConfig, refine_calibration: dict | None) -> flo
         return None
     margin = refine_calibration["additions"]["add_margin"]
     return margin if margin is not None else float("-inf")
+
+
+def stage2_predict_config(
+    adapter: str | os.PathLike,
+    candidates: str | os.PathLike | None = None,
+    gold_pairs: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+) -> PredictConfig:
+    """`lmrc stage2 predict` as a pipeline run: the adapter alone, its pairs from a candidates file, the gold
+    relation pairs or (a direct adapter) all pairs; `overrides` change the adapter's settings (a nested mapping,
+    as Stage2Settings.overrides), and batches hold the adapter's `generation.docs_per_chunk` documents."""
+    if candidates is not None and gold_pairs:
+        raise LmrcError("choose one of --candidates and --gold-pairs")
+    overrides = dict(overrides or {})
+    adapter_cfg = replace_nested(load_adapter_config(adapter), overrides, "--set")
+    return PredictConfig(
+        stage1=Stage1Settings(
+            candidates=str(candidates) if candidates is not None else None, gold_pairs=gold_pairs
+        ),
+        stage2=Stage2Settings(adapter=str(adapter), overrides=overrides),
+        docs_per_batch=adapter_cfg.generation.docs_per_chunk,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the mode

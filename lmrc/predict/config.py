@@ -7,16 +7,12 @@ are overridden under `stage2.overrides`, e.g. `--set stage2.overrides.align.rela
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmrc.config import replace_nested
-from lmrc.errors import LmrcError
 from lmrc.stage1.config import CandidateSettings
 from lmrc.stage2.config import Stage2Config
-from lmrc.stage2.modeling import load_adapter_config
 
 # classifier-llm: stage-1 candidates -> an rc adapter (LMRC); direct: a direct adapter over all pairs (the
 # baseline); stage1-only: the multi-label head's own relations.
@@ -103,25 +99,3 @@ class PredictConfig:
             raise ValueError(f"unknown mode {self.mode!r} (expected one of {', '.join(MODES)})")
         if self.docs_per_batch < 1:
             raise ValueError("docs_per_batch must be at least 1")
-
-
-def stage2_predict_config(
-    adapter: str | os.PathLike,
-    candidates: str | os.PathLike | None = None,
-    gold_pairs: bool = False,
-    overrides: Mapping[str, Any] | None = None,
-) -> PredictConfig:
-    """`lmrc stage2 predict` as a pipeline run: the adapter alone, its pairs from a candidates file, the gold
-    relation pairs or (a direct adapter) all pairs; `overrides` change the adapter's settings (a nested mapping,
-    as Stage2Settings.overrides), and batches hold the adapter's `generation.docs_per_chunk` documents."""
-    if candidates is not None and gold_pairs:
-        raise LmrcError("choose one of --candidates and --gold-pairs")
-    overrides = dict(overrides or {})
-    adapter_cfg = replace_nested(load_adapter_config(adapter), overrides, "--set")
-    return PredictConfig(
-        stage1=Stage1Settings(
-            candidates=str(candidates) if candidates is not None else None, gold_pairs=gold_pairs
-        ),
-        stage2=Stage2Settings(adapter=str(adapter), overrides=overrides),
-        docs_per_batch=adapter_cfg.generation.docs_per_chunk,
-    )

@@ -31,11 +31,11 @@ def keep_freed_memory(watch: bool = True) -> bool:
 
     Why: a CPU training step allocates and frees the same large activation buffers every step. With glibc's
     defaults, buffers above the mmap threshold are mapped and unmapped each time, and the heap top is trimmed, so
-    every step pays for fresh zeroed pages: a quarter of the CPU time went to the kernel in stage-1 training
-    (measured on 2 cores, AVX2 float32: 38.8 s system of 150 s; with this, 7.7 s, and 4.87 -> 3.46 s per step,
-    the same losses). This is what PyTorch's CPU tuning guide gets from jemalloc / tcmalloc, done with glibc's
-    own mallopt. Kept alone, those settings let the heap fragment without bound over a long run (a full epoch
-    of the demo's stage 1 held 13.1 GiB for a ~3 GiB working set): the watch gives the holes back.
+    every step pays for fresh zeroed pages: a quarter of stage-1 training's CPU time went to the kernel, and a
+    step took 40% longer, for the same losses (docs/PERFORMANCE.md). This is what PyTorch's CPU tuning guide gets
+    from jemalloc / tcmalloc, done with glibc's own mallopt. Kept alone, those settings let the heap fragment
+    without bound over a long run (a full epoch of the demo's stage 1 held four times its working set): the
+    watch gives the holes back.
 
     Skipped when the user set any MALLOC_* variable (theirs wins), on other C libraries and on other systems;
     True when applied. The settings are process-wide: lmrc's CLI calls this once at start.
@@ -95,9 +95,9 @@ class HeapWatch(threading.Thread):
     training loop (resident ~ its peak use over the last `window` seconds) is left alone; when resident memory
     exceeds `factor` x that recent peak plus `slack`, it trims, which returns every free page inside the heap and
     costs one round of page faults for the holes reused afterwards. Two cases: the heap has fragmented (holes no
-    new buffer fits: 13.1 GiB for a ~3 GiB stage-1 step over an epoch), or a phase has ended (LoRA training in
-    `lmrc compare` leaves ~12 GiB of freed buffers while the rows run in other processes): a minute later the
-    recent peak is the new phase's, and the old one's memory goes back to the system.
+    new buffer fits, over an epoch of stage 1), or a phase has ended (LoRA training in `lmrc compare` leaves its
+    freed buffers while the rows run in other processes): a minute later the recent peak is the new phase's, and
+    the old one's memory goes back to the system.
     A daemon thread; malloc_trim and mallinfo2 take malloc's own locks, so it is safe beside torch's threads.
     """
 
@@ -138,8 +138,8 @@ class HeapWatch(threading.Thread):
 # Scoring a long document breaks that bargain: the model scores its pairs chunk by chunk, each chunk making
 # ~200 MB of temporaries ([pairs, heads, length] attention products) and keeping a small logits tensor. The kept
 # pieces land inside the freed temporaries' space, the next chunk's temporaries no longer fit there, and the heap
-# grows by about a chunk's temporaries per chunk: 19.5 GiB for one 433-entity document (736 chunks), against
-# 2.2 GiB with glibc's defaults, whatever the model predicts. So stage-1 scoring runs with glibc's own settings
+# grows by about a chunk's temporaries per chunk: tens of GiB for a document of a few hundred entities, against
+# about 2 GiB with glibc's defaults, whatever the model predicts. So stage-1 scoring runs with glibc's own settings
 # at their ceilings (buffers above 32 MiB mapped, more than 64 MiB free at the heap top returned, no padding),
 # trims the heap's free pages every TRIM_EVERY_S seconds, and gives keep_freed_memory's settings back afterwards
 # (training evaluates mid-run). The heap watch (HeapWatch) bounds the same growth elsewhere, more loosely.
@@ -193,7 +193,7 @@ def scoring_heap() -> Iterator[bool]:
 def _trim_until(libc: Any, stop: threading.Event) -> None:
     """Return the heap's free pages to the system every TRIM_EVERY_S seconds until `stop` (malloc_trim also
     releases the holes inside the heap, which no setting does): the settings alone left the fragmentation
-    growing in some runs (4.1 GiB instead of 2.3 for the same document); this bounds it by what one interval
+    growing in some runs (nearly twice the memory for the same document); this bounds it by what one interval
     adds. malloc_trim takes the arena's lock, so it is safe beside the scoring thread."""
     while not stop.wait(TRIM_EVERY_S):
         libc.malloc_trim(0)

@@ -173,21 +173,23 @@ def load_candidates(path: str | os.PathLike) -> Candidates:
     return parse_candidates(read_json(path), path)
 
 
+def pair_to_raw(p: CandidatePair) -> dict[str, Any]:
+    """A pair as the candidates file writes it (optional fields only when set)."""
+    item: dict[str, Any] = {"h": p.h, "t": p.t, "score": p.score}
+    if p.relations is not None:
+        item["relations"] = p.relations
+    if p.top is not None:
+        item["top"] = p.top
+    return item
+
+
 def candidates_to_raw(c: Candidates) -> dict:
     docs = []
     for d in c.documents:
-        pairs = []
-        for p in d.pairs:
-            item: dict[str, Any] = {"h": p.h, "t": p.t, "score": p.score}
-            if p.relations is not None:
-                item["relations"] = p.relations
-            if p.top is not None:
-                item["top"] = p.top
-            pairs.append(item)
         entry: dict[str, Any] = {"title": d.title}
         if d.n_entities is not None:
             entry["n_entities"] = d.n_entities
-        entry["pairs"] = pairs
+        entry["pairs"] = [pair_to_raw(p) for p in d.pairs]
         docs.append(entry)
     return {"format": FORMAT, "version": VERSION, "header": asdict(c.header), "documents": docs}
 

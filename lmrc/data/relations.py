@@ -34,9 +34,6 @@ class RelationSet:
     def name(self, rid: str) -> str:
         return self.names[rid]
 
-    def id_by_name(self) -> dict[str, str]:
-        return {name: rid for rid, name in self.names.items()}
-
 
 def load_relations(path: str | os.PathLike) -> RelationSet:
     raw = read_json(path)

@@ -62,6 +62,12 @@ def muc_counts(key: Sequence[Sequence[Hashable]], response: Sequence[Sequence[Ha
             den += len(c) - 1
         return num, den
 
+    return _both_sides(side, key, response)
+
+
+def _both_sides(side, key: Sequence[Sequence[Hashable]], response: Sequence[Sequence[Hashable]]) -> Counts:
+    """(precision num, den, recall num, den): recall is `side` from the key's clusters against the response's,
+    precision the other way round."""
     k, r = _clusters(key), _clusters(response)
     rn, rd = side(k, r)
     pn, pd = side(r, k)
@@ -83,10 +89,7 @@ def b_cubed_counts(key: Sequence[Sequence[Hashable]], response: Sequence[Sequenc
                     total += len(c & other) / len(c)
         return total, n
 
-    k, r = _clusters(key), _clusters(response)
-    rn, rd = side(k, r)
-    pn, pd = side(r, k)
-    return pn, pd, rn, rd
+    return _both_sides(side, key, response)
 
 
 def ceaf_e_counts(key: Sequence[Sequence[Hashable]], response: Sequence[Sequence[Hashable]]) -> Counts:

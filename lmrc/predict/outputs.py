@@ -19,7 +19,7 @@ from typing import Any
 from lmrc.config import expand_path
 from lmrc.data.candidates import FORMAT as CANDIDATES_FORMAT
 from lmrc.data.candidates import VERSION as CANDIDATES_VERSION
-from lmrc.data.candidates import CandidatePair, CandidatesHeader
+from lmrc.data.candidates import CandidatePair, CandidatesHeader, pair_to_raw
 from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions, TrainReference, evaluate
@@ -278,11 +278,5 @@ def _candidates_writer(pipeline: Pipeline, path: Path) -> JsonStreamWriter:
 def _candidate_entry(title: str, n_entities: int, rows: list[list[Any]]) -> dict:
     pairs = []
     for h, t, score, rels, *top in rows:  # progress files written before `top` was kept have four fields
-        p = CandidatePair(h, t, score, rels, top[0] if top else None)
-        item: dict[str, Any] = {"h": p.h, "t": p.t, "score": p.score}
-        if p.relations is not None:
-            item["relations"] = p.relations
-        if p.top is not None:
-            item["top"] = p.top
-        pairs.append(item)
+        pairs.append(pair_to_raw(CandidatePair(h, t, score, rels, top[0] if top else None)))
     return {"title": title, "n_entities": n_entities, "pairs": pairs}

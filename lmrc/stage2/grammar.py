@@ -16,10 +16,10 @@ of order, a (k+1)-th relation) cannot be generated, so the answer's length is bo
 Distinct relations: a context-free grammar cannot remember which of R names were used without one rule per subset
 (or per ordered k-tuple: R^k). The compact exact form is a canonical order: a pair's relations are written in the
 order of the relation set (each further one must come later), R x k small rules per pair. It is used for sets of
-up to 8 names (narrowed choices, small inventories such as CDR's; 0.03 s to compile an 18-pair prompt with 3
-names, 0.56 s with 16). For the whole set (R = 96 on DocRED) it is 6,900 rules per 18-pair prompt, which xgrammar
-compiled in 33 s (measured), so there the k lines share one relation rule and a pair may repeat a relation within
-its k lines (the scorer reads a pair's relations as a set; a repeat only uses a line).
+up to 8 names (narrowed choices, small inventories such as CDR's: an 18-pair prompt compiles in well under a
+second). For the whole set (R = 96 on DocRED) it is 6,900 rules per 18-pair prompt, half a minute of xgrammar
+compilation per prompt, so there the k lines share one relation rule and a pair may repeat a relation within its
+k lines (the scorer reads a pair's relations as a set; a repeat only uses a line).
 
 The grammar is EBNF, built per prompt from its pairs. The `hf` backend enforces it with xgrammar (a grammar engine
 that precomputes token masks for the tokenizer; one compiled grammar per batch row), the `vllm` backend with

@@ -210,7 +210,7 @@ def load_adapter(
 ) -> LoadedAdapter:
     """Base model + trained LoRA adapter in eval mode; `merge` folds the adapter into the base weights."""
     adapter_dir = check_adapter_dir(adapter_dir)
-    check_adapter_weights(adapter_dir)  # a damaged file is one line now, not a traceback after the base model
+    check_adapter_weights(adapter_dir)  # a damaged file: one error line, before the base model loads
     cfg = cfg or load_adapter_config(adapter_dir)
     device = device or pick_device()
     base_path = resolve_model_path(cfg.model)

@@ -20,7 +20,7 @@ from lmrc.experiments.config import CompareConfig
 from lmrc.experiments.data import DataFiles, write_if_changed
 from lmrc.experiments.models import ensure_adapter, main_budget
 from lmrc.io import read_json
-from lmrc.predict.config import stage2_predict_config
+from lmrc.predict.build import stage2_predict_config
 from lmrc.stage2.adapter_folder import SNAPSHOTS_DIR
 from lmrc.stage2.modeling import ADAPTER_CONFIG
 from lmrc.stage2.summary import SUMMARY_FILE

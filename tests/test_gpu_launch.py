@@ -229,8 +229,8 @@ def test_vllm_engine_gets_tensor_parallelism_structured_outputs_and_a_memory_fra
     from stage2_helpers import tiny_model_dir
 
     from lmrc import hardware
-    from lmrc.stage2.generate import vllm_backend as generate
     from lmrc.stage2.config import load_stage2_config
+    from lmrc.stage2.generate import vllm_backend as generate
 
     seen = _fake_vllm(monkeypatch)
     released = []

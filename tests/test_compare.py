@@ -375,3 +375,24 @@ def test_no_experiment_module_starts_lmrc_in_a_subprocess():
             n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
         ]
         assert not [s for s in strings if "lmrc.cli" in s or s == "-m"], f"{path.name} builds a command line"
+
+
+def test_a_rows_candidate_rule_is_the_configs_candidate_settings(tmp_path):
+    """`candidates` is stage 1's CandidateSettings: a classifier-llm row passes on what differs from the defaults,
+    with the split's tuning file for a recall target unless a saved calibration is given; other rows none."""
+    from lmrc.errors import LmrcError
+    from lmrc.experiments.rows import row_settings
+
+    models, tune = {"stage1": tmp_path / "s1", "rc": tmp_path / "rc"}, tmp_path / "tune.json"
+    cfg = load_compare_config(None, ["candidates.recall_target=0.9", "candidates.batch_size=4"])
+    assert row_settings(cfg, "classifier-llm", models, tune)["stage1"] == {
+        "checkpoint": str(tmp_path / "s1"),
+        "recall_target": 0.9,
+        "batch_size": 4,
+        "tune": str(tune),
+    }
+    assert row_settings(cfg, "stage1-only", models, tune)["stage1"] == {"checkpoint": str(tmp_path / "s1")}
+    saved = load_compare_config(None, ["candidates.recall_target=0.9", "candidates.calibration=cal.json"])
+    assert "tune" not in row_settings(saved, "classifier-llm", models, tune)["stage1"]
+    with pytest.raises(LmrcError, match="choose one of"):
+        load_compare_config(None, ["candidates.threshold=0.1", "candidates.max_per_doc=3"])

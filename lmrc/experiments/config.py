@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmrc.config import load_config
+from lmrc.stage1.config import CandidateSettings
 
 ALL_MODES = ("stage1-only", "direct", "classifier-llm")  # in the order of the table's rows
 LLM_MODES = ("direct", "classifier-llm")  # the modes whose rows come from an LLM
@@ -55,16 +56,6 @@ class EvalSpec:
             raise ValueError("eval.max_docs must be at least 1")
         if self.indices is not None and self.max_docs is not None:
             raise ValueError("eval: give max_docs or indices, not both")
-
-
-@dataclass
-class CandidateSpec:
-    """How stage 1 chooses the LLM's candidates (at most one; none: the head's own rule)."""
-
-    threshold: float | None = None
-    recall_target: float | None = None  # calibrated on `tune` (default: the tuning split made by `data`)
-    tune: str | None = None
-    max_per_doc: int | None = None
 
 
 @dataclass
@@ -122,7 +113,8 @@ class CompareConfig:
     stage1: ModelSpec = field(default_factory=ModelSpec)
     rc: ModelSpec = field(default_factory=ModelSpec)
     direct: ModelSpec = field(default_factory=ModelSpec)
-    candidates: CandidateSpec = field(default_factory=CandidateSpec)
+    # stage 1's candidate rule for the LLM (classifier-llm rows); `tune` defaults to the split made by `data`
+    candidates: CandidateSettings = field(default_factory=CandidateSettings)
     modes: list[str] = field(default_factory=lambda: list(ALL_MODES))
     variants: list[Variant] = field(default_factory=list)
     # Rows with the LLM's relation names mapped by SBERT (LMRC Appendix B) beside the strict rows.

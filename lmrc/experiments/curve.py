@@ -20,7 +20,6 @@ from lmrc.experiments.config import CompareConfig
 from lmrc.experiments.data import DataFiles, write_if_changed
 from lmrc.experiments.models import ensure_adapter, main_budget
 from lmrc.io import read_json
-from lmrc.predict.build import stage2_predict_config
 from lmrc.stage2.adapter_folder import SNAPSHOTS_DIR
 from lmrc.stage2.modeling import ADAPTER_CONFIG
 from lmrc.stage2.summary import SUMMARY_FILE
@@ -51,9 +50,10 @@ def learning_curve(
             say(f"learning curve: {kind} adapter, {budget:,} LLM training tokens")
             adapter = curve_adapter(kind, budget, cfg, out, files)
             result = out / "runs" / f"curve-{kind}-{budget}.json"
-            predict_cfg = stage2_predict_config(adapter, gold_pairs=kind == "rc", overrides=overrides)
             log.info("compare: learning curve point %s -> %s", adapter, result)
-            jobs.predict(predict_cfg, eval_path, result)
+            jobs.predict_with_adapter(
+                adapter, eval_path, result, gold_pairs=kind == "rc", overrides=overrides
+            )
             points.append(_score_point(kind, budget, adapter, result, kind_docs, ref))
     return points
 

@@ -9,8 +9,10 @@ Every job resumes: a finished training or prediction is found finished, an inter
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lmrc.experiments.isolate import run_isolated
+from lmrc.predict.build import stage2_predict_config
 from lmrc.predict.config import PredictConfig
 from lmrc.predict.run import run_pipeline
 from lmrc.stage1.config import Stage1Config
@@ -32,6 +34,14 @@ def train_adapter(cfg: Stage2Config, folder: Path) -> bool:
 def predict(cfg: PredictConfig, documents: Path, output: Path) -> None:
     """`lmrc predict`'s run over `documents` into `output` and its companions (the summary beside it; resumed)."""
     run_isolated(str(output), _predict, cfg, documents, output)
+
+
+def predict_with_adapter(
+    adapter: Path, documents: Path, output: Path, gold_pairs: bool, overrides: dict[str, Any]
+) -> None:
+    """`lmrc stage2 predict`'s run: the adapter alone, asked about the gold pairs or (a direct adapter) all pairs,
+    with `overrides` of its settings (nested, as Stage2Settings.overrides)."""
+    predict(stage2_predict_config(adapter, gold_pairs=gold_pairs, overrides=overrides), documents, output)
 
 
 # The children's side: module-level functions (spawn pickles them by name).

@@ -21,6 +21,7 @@ from lmrc.experiments.models import ADAPTER_OF_MODE, predicts_relations
 from lmrc.experiments.report import ModeRun
 from lmrc.io import atomic_write_text, read_json, sidecar
 from lmrc.predict.config import PredictConfig
+from lmrc.stage1.config import CandidateSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def row_settings(
     if mode != "direct":
         stage1 = {"checkpoint": str(models["stage1"])}
     if mode == "classifier-llm":
-        stage1.update(
-            {"threshold": c.threshold, "recall_target": c.recall_target, "max_per_doc": c.max_per_doc}
-        )
+        stage1.update(_candidate_rule(c))
     stage2: dict[str, Any] = {}
     if mode in LLM_MODES:
         stage2 = {"adapter": str(models[ADAPTER_OF_MODE[mode]]), "overrides": overrides}
@@ -100,8 +99,20 @@ def row_settings(
         "docs_per_batch": cfg.docs_per_batch,
     }
     apply_overrides(settings, list(extra))
-    if mode == "classifier-llm" and (c.recall_target is not None or settings.get("fusion") == "refine"):
+    needs_tune = c.recall_target is not None or settings.get("fusion") == "refine"
+    if mode == "classifier-llm" and needs_tune and c.calibration is None:
         tune_file = expand_path(c.tune, "candidates.tune") if c.tune else tune
         if tune_file is not None:
             settings["stage1"].setdefault("tune", str(tune_file))
     return settings
+
+
+def _candidate_rule(c: CandidateSettings) -> dict[str, Any]:
+    """The candidate settings a classifier-llm row passes on: those that differ from the defaults (`tune` is
+    settled by row_settings)."""
+    default = CandidateSettings()
+    return {
+        f.name: getattr(c, f.name)
+        for f in dataclasses.fields(c)
+        if f.name != "tune" and getattr(c, f.name) != getattr(default, f.name)
+    }

@@ -31,7 +31,7 @@ def train_adapter(cfg: Stage2Config, folder: Path) -> bool:
     return run_isolated(f"{folder}: {cfg.mode} adapter training", _train_adapter, cfg, folder)
 
 
-def predict(cfg: PredictConfig, documents: Path, output: Path) -> None:
+def run_prediction(cfg: PredictConfig, documents: Path, output: Path) -> None:
     """`lmrc predict`'s run over `documents` into `output` and its companions (the summary beside it; resumed)."""
     run_isolated(str(output), _predict, cfg, documents, output)
 

@@ -71,7 +71,7 @@ def run_row(
         predict_cfg = dataclasses.replace(predict_cfg, train=str(expand_path(cfg.eval.train, "eval.train")))
     result = runs / f"{slug}.json"
     log.info("compare: %s -> %s", name, result)
-    jobs.predict(predict_cfg, files.eval, result)
+    jobs.run_prediction(predict_cfg, files.eval, result)
     return ModeRun(mode, result, read_json(sidecar(result, ".summary.json")), name)
 
 

@@ -80,7 +80,7 @@ def part_stage1_train(reps: int, quick: bool) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lmrc.hardware import resolve_mixed_precision
+    from lmrc.machine.hardware import resolve_mixed_precision
     from lmrc.stage1.encoder import encode, load_encoder
     from lmrc.stage1.features import collate, featurize_all, length_grouped_batches
     from lmrc.stage1.losses import build_loss
@@ -115,7 +115,7 @@ def part_stage1_train(reps: int, quick: bool) -> dict:
 
     import random
 
-    from lmrc.model_store import default_cache_dir
+    from lmrc.models.store import default_cache_dir
 
     # Padding is a property of a whole training epoch: measured on all of train_450.json (tokenisation only).
     train_feats = featurize_all(
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result))
         return 0
 
-    from lmrc.hardware import describe, describe_line
+    from lmrc.machine.hardware import describe, describe_line
 
     info = describe()
     print(f"machine: {describe_line()}", flush=True)

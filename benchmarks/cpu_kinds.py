@@ -1,5 +1,5 @@
 """Speed per CPU kind: stage-1 training step, LoRA step and generation under every ISA level this machine can run
-as (lmrc.cpu_guard.imitable_levels: itself, AMX off, AVX512 without bf16, AVX2), in float32 and, where the level
+as (lmrc.machine.cpu_guard.imitable_levels: itself, AMX off, AVX512 without bf16, AVX2), in float32 and, where the level
 has bf16 (natively, or emulated on the machine itself), in bf16. Each level runs in fresh processes with the CPU
 guard active, as a user's run would; the table says the guard's verdict per level.
 
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="default: benchmarks/results/cpu_kinds/<kind>.json")
     args = p.parse_args(argv)
 
-    from lmrc.cpu_info import imitable_levels, level_environment, read_cpu
-    from lmrc.hardware import describe_line
+    from lmrc.machine.cpu_info import imitable_levels, level_environment, read_cpu
+    from lmrc.machine.hardware import describe_line
 
     cpu = read_cpu()
     levels = imitable_levels(cpu)

@@ -4,8 +4,8 @@ Subcommands live in `lmrc/commands/<group>.py`, imported below; each module has 
 handlers it sets return an exit code. Library errors (`LmrcError`) and operating-system errors (a read-only folder, a full
 disk, permission denied: `OSError`) become one line `lmrc: error: ...` with exit 2; `--debug` adds the
 traceback above that line and changes nothing else (the exit code stays 2). The console command (`run`) watches
-for native crashes from a parent process (lmrc.crash), and settles this CPU's kernels before any command runs
-(lmrc.cpu_guard).
+for native crashes from a parent process (lmrc.machine.crash), and settles this CPU's kernels before any command runs
+(lmrc.machine.cpu_guard).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import traceback
 
 from lmrc import __version__
 from lmrc.commands import compare, data, entities, env, evaluate, models, predict, stage1, stage2
-from lmrc.cpu_guard import ensure
-from lmrc.crash import supervise
 from lmrc.errors import LmrcError
-from lmrc.heap import keep_freed_memory
+from lmrc.machine.cpu_guard import ensure
+from lmrc.machine.crash import supervise
+from lmrc.machine.heap import keep_freed_memory
 
 # In the order of `lmrc --help`.
 COMMANDS = (data, evaluate, models, stage1, stage2, predict, compare, entities, env)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """The `lmrc` console command: `main` in a child process watched for native crashes (lmrc.crash)."""
+    """The `lmrc` console command: `main` in a child process watched for native crashes (lmrc.machine.crash)."""
     return supervise(main, sys.argv[1:] if argv is None else argv)
 
 

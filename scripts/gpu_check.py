@@ -220,7 +220,7 @@ def _precision(cuda: bool) -> tuple[str, str]:
     """(stage-1 mixed_precision, stage-2 dtype) for this device: bf16 where native, else fp16; float32 on CPU."""
     if not cuda:
         return "no", "float32"
-    from lmrc.hardware import cuda_supports_bf16
+    from lmrc.machine.hardware import cuda_supports_bf16
 
     return ("bf16", "bfloat16") if cuda_supports_bf16() else ("fp16", "float16")
 
@@ -320,7 +320,7 @@ def _sets(pairs: list[str]) -> list[str]:
 
 
 def check_stage1_bf16(work: Path, cuda: bool) -> str:
-    from lmrc.hardware import cuda_supports_bf16
+    from lmrc.machine.hardware import cuda_supports_bf16
 
     if cuda and not cuda_supports_bf16():
         raise Skip("this GPU has no native bf16 (compute capability < 8.0); stage1-fp16 covers it")
@@ -330,7 +330,7 @@ def check_stage1_bf16(work: Path, cuda: bool) -> str:
 def check_stage1_fp16(work: Path, cuda: bool) -> str:
     detail = _stage1_train(work, "stage1-fp16", "fp16" if cuda else "no")
     if cuda:
-        from lmrc.run_folder import read_resume_state
+        from lmrc.training.run_folder import read_resume_state
 
         if read_resume_state(work / "stage1-fp16" / "last").scaler is None:
             raise RuntimeError("no loss-scaler state saved: fp16 trained without a GradScaler")
@@ -637,7 +637,7 @@ def run_child(name: str, work: Path, result_path: Path, allow_cpu: bool) -> None
     """One check in this process; writes {status, detail, torch peaks}."""
     import torch
 
-    from lmrc.hardware import gpu_memory, reset_gpu_peaks
+    from lmrc.machine.hardware import gpu_memory, reset_gpu_peaks
 
     cuda = torch.cuda.is_available()
     reset_gpu_peaks()
@@ -664,7 +664,7 @@ class _DevicePoller:
     def __init__(self) -> None:
         import torch
 
-        from lmrc.hardware import device_memory_used
+        from lmrc.machine.hardware import device_memory_used
 
         self.read = device_memory_used
         self.devices = range(max(1, torch.cuda.device_count()))
@@ -749,7 +749,7 @@ def _row(rec: dict) -> str:
 def machine() -> dict:
     import torch
 
-    from lmrc.hardware import describe
+    from lmrc.machine.hardware import describe
 
     info = describe()
     if torch.cuda.is_available():

@@ -27,7 +27,7 @@ if [ -z "${NUM_GPUS:-}" ]; then
 fi
 lmrc_mixed_precision() {  # sets MIXED_PRECISION once: lmrc's "auto" here (bf16 on native-bf16 GPUs, else fp16)
   if [ -z "${MIXED_PRECISION:-}" ]; then
-    MIXED_PRECISION=$("$LMRC_PY" -c 'from lmrc.hardware import resolve_mixed_precision as r; print(r("auto"))' \
+    MIXED_PRECISION=$("$LMRC_PY" -c 'from lmrc.machine.hardware import resolve_mixed_precision as r; print(r("auto"))' \
       2>/dev/null) || MIXED_PRECISION=no
   fi
 }

@@ -34,7 +34,7 @@ def missing(what: str) -> None:
 def minilm_dir() -> Path:
     """The packaged MiniLM, found by the model resolver (any Python version or venv layout)."""
     from lmrc.errors import LmrcError
-    from lmrc.model_store import resolve
+    from lmrc.models.store import resolve
 
     try:
         return resolve("minilm")

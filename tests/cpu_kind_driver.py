@@ -27,7 +27,7 @@ def main(work: Path, models: Path, data: Path) -> int:
 
     torch.set_num_threads(1)
     from lmrc.cli import main as lmrc
-    from lmrc.hardware import resolve_mixed_precision
+    from lmrc.machine.hardware import resolve_mixed_precision
     from lmrc.stage2.modeling import resolve_dtype
 
     rel_info = data / "redocred" / "rel_info.json"

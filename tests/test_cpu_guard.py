@@ -1,4 +1,4 @@
-"""The CPU guard (lmrc.cpu_guard) and the crash report (lmrc.crash).
+"""The CPU guard (lmrc.machine.cpu_guard) and the crash report (lmrc.machine.crash).
 
 No machine here has AMX, so the real SIGFPE cannot happen: the probe's child is made to die by a real SIGFPE
 before chosen cases (LMRC_CPU_PROBE_FAULT[_CAPPED]), which is what oneDNN's kernel does to it on AMX.
@@ -21,13 +21,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmrc import cpu_guard, cpu_info, cpu_probe
-from lmrc.cpu_guard import Verdict, decide
-from lmrc.cpu_info import CpuInfo
-from lmrc.cpu_probe import run_probe
-from lmrc.cpu_probe_child import relative_error
-from lmrc.crash import crash_line, innermost_lmrc_frame
 from lmrc.errors import LmrcError
+from lmrc.machine import cpu_guard, cpu_info, cpu_probe
+from lmrc.machine.cpu_guard import Verdict, decide
+from lmrc.machine.cpu_info import CpuInfo
+from lmrc.machine.cpu_probe import run_probe
+from lmrc.machine.cpu_probe_child import relative_error
+from lmrc.machine.crash import crash_line, innermost_lmrc_frame
 
 AMX = CpuInfo("Xeon (Sapphire Rapids)", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
               "x86_64", None)  # fmt: skip

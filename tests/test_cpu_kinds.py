@@ -21,7 +21,7 @@ import pytest
 from stage1_run_helpers import save_tiny_bert
 from stage2_helpers import tiny_model_dir
 
-from lmrc.cpu_info import ISA_ENV, imitable_levels, level_environment, read_cpu
+from lmrc.machine.cpu_info import ISA_ENV, imitable_levels, level_environment, read_cpu
 
 DRIVER = Path(__file__).with_name("cpu_kind_driver.py")
 

@@ -228,7 +228,7 @@ def _fake_vllm(monkeypatch) -> dict:
 def test_vllm_engine_gets_tensor_parallelism_structured_outputs_and_a_memory_fraction_that_fits(monkeypatch):
     from stage2_helpers import tiny_model_dir
 
-    from lmrc import hardware
+    from lmrc.machine import hardware
     from lmrc.stage2.config import load_stage2_config
     from lmrc.stage2.generate import vllm_backend as generate
 
@@ -266,7 +266,7 @@ def _model_dir(tmp_path: Path, window: int) -> Path:
 
 
 def test_vllm_reserves_the_prompts_budget_not_the_models_window(monkeypatch, tmp_path):
-    from lmrc import hardware
+    from lmrc.machine import hardware
     from lmrc.stage2.generate import vllm_backend as generate
 
     seen = _fake_vllm(monkeypatch)
@@ -299,7 +299,7 @@ def test_vllm_serves_in_the_dtype_training_used(monkeypatch, tmp_path):
 
 
 def test_vllm_memory_fraction_fits_every_tensor_parallel_device(monkeypatch):
-    from lmrc import hardware
+    from lmrc.machine import hardware
     from lmrc.stage2.generate import vllm_backend as generate
 
     gib = 1024**3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmrc import cpu_guard, cpu_info, hardware
+from lmrc.machine import cpu_guard, cpu_info, hardware
 from lmrc.stage2.modeling import resolve_dtype
 
 

@@ -1,4 +1,4 @@
-"""glibc's heap under lmrc (lmrc.heap): freed memory kept for reuse unless the user tunes malloc, and the watch that
+"""glibc's heap under lmrc (lmrc.machine.heap): freed memory kept for reuse unless the user tunes malloc, and the watch that
 gives a fragmented heap's pages back."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from lmrc import heap
+from lmrc.machine import heap
 
 
 def test_the_heap_watch_trims_only_a_fragmented_heap(monkeypatch):
@@ -44,7 +44,7 @@ def test_malloc_trim_gives_a_fragmented_heaps_pages_back():
     resident until the watch trims them."""
     code = """
 import ctypes
-from lmrc import heap
+from lmrc.machine import heap
 assert heap.keep_freed_memory(watch=False)
 libc = heap._glibc()
 libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p

@@ -1,5 +1,5 @@
 """lmrc.experiments.isolate: a job run in a spawned child comes back as its value, or as one error a user reads
-(an LmrcError as it was, a bug with its traceback, a signal worded as lmrc.crash words it), or as an interrupt."""
+(an LmrcError as it was, a bug with its traceback, a signal worded as lmrc.machine.crash words it), or as an interrupt."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import signal
 
 import pytest
 
-from lmrc.crash import crash_line
 from lmrc.errors import LmrcError
 from lmrc.experiments.isolate import run_isolated
+from lmrc.machine.crash import crash_line
 
 # The children's functions: module level, so that spawn finds them by name.
 
@@ -39,7 +39,7 @@ def _kill_self(sig: int) -> None:
 
 @pytest.fixture(autouse=True)
 def crash_logs(tmp_path, monkeypatch):
-    """The crash logs go to a folder of the test's own (lmrc.crash: $LMRC_CACHE/crashes)."""
+    """The crash logs go to a folder of the test's own (lmrc.machine.crash: $LMRC_CACHE/crashes)."""
     monkeypatch.setenv("LMRC_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "crashes"
 

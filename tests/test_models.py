@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmrc import gguf_convert
-from lmrc import model_store as models
 from lmrc.cli import main
 from lmrc.errors import LmrcError
-from lmrc.gguf import PROVENANCE_FILE
+from lmrc.models import gguf_convert
+from lmrc.models import store as models
+from lmrc.models.gguf import PROVENANCE_FILE
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 real_find_spec = importlib.util.find_spec

@@ -506,7 +506,7 @@ def test_hints_adapter_learns_from_crossfit_style_candidates_and_predicts_with_h
 
 def test_predict_peak_memory_counts_every_gpu_and_what_other_processes_use(monkeypatch):
     """GPU memory in the predict summary: torch's peak over all local devices, and the device memory in use by
-    every process (a vLLM engine's), from lmrc.hardware.gpu_memory (mocked: no GPU here)."""
+    every process (a vLLM engine's), from lmrc.machine.hardware.gpu_memory (mocked: no GPU here)."""
     fake = [
         {"device": 0, "peak_allocated_gib": 1.5, "peak_reserved_gib": 2.0, "device_used_gib": 30.0},
         {"device": 1, "peak_allocated_gib": 0.5, "peak_reserved_gib": 1.0, "device_used_gib": 20.0},

@@ -230,7 +230,7 @@ def test_stage1_never_gets_the_fsdp_or_deepspeed_config_but_stage2_does():
 
 def test_training_is_launched_with_the_precision_lmrc_resolves():
     """A node's accelerate default of fp16 would autocast fp16 over bf16 weights: --mixed_precision is explicit."""
-    from lmrc.hardware import resolve_mixed_precision
+    from lmrc.machine.hardware import resolve_mixed_precision
 
     for c in _dry_run("scripts/run_redocred.sh", "runs/x", MIXED_PRECISION="fp16")[:3]:
         assert c[c.index("--mixed_precision") + 1] == "fp16"

@@ -19,11 +19,11 @@ import pytest
 import torch
 from test_metrics import GOLD_RAW, PREDS, TRAIN_RAW
 
-from lmrc import heap
 from lmrc.data.docred import parse_documents
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import evaluate
 from lmrc.eval.packed import PackedPredictions
+from lmrc.machine import heap
 from lmrc.predict.outputs import prediction_count
 from lmrc.predict.run import run_batch
 from lmrc.stage1 import inference

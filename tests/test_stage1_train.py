@@ -272,7 +272,7 @@ def test_the_fp16_loss_scaler_state_is_saved_and_restored(tmp_path):
     """fp16 runs on CUDA: the scaler's scale and growth tracker survive --resume (written as scaler.json)."""
     import torch
 
-    from lmrc.run_folder import ResumeState, capture_rng, read_resume_state, write_resume_state
+    from lmrc.training.run_folder import ResumeState, capture_rng, read_resume_state, write_resume_state
 
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
     saved = {k: (float(v) if hasattr(v, "item") else v) for k, v in scaler.state_dict().items()}

@@ -11,11 +11,11 @@ from stage2_helpers import smollm2_tokenizer, tiny_model_dir
 
 from lmrc.errors import LmrcError
 from lmrc.io import read_json, read_jsonl
-from lmrc.schedule import length_grouped_batches, linear_schedule
 from lmrc.stage2.config import load_stage2_config
 from lmrc.stage2.run_callback import STATE_DIR
 from lmrc.stage2.train import prepare_output_dir, train
 from lmrc.stage2.train_data import build_training_examples, load_training_documents, load_training_template
+from lmrc.training.schedule import length_grouped_batches, linear_schedule
 
 
 def _cfg(redocred_dir, *extra: str):

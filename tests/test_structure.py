@@ -106,10 +106,10 @@ def test_atomic_writes_have_one_helper():
     write_dir_atomically. A module that re-codes them (mkstemp / mkdtemp + os.replace) is listed here."""
     temporaries = _using(r"\bmkstemp\(|\bmkdtemp\(")
     renames = _using(r"\bos\.replace\(|\.replace\(\s*(out|target|path)\w*\s*\)")
-    # lmrc/paths.py creates (and deletes) a probe file to learn whether a folder is writable, lmrc/crash.py a
+    # lmrc/paths.py creates (and deletes) a probe file to learn whether a folder is writable, lmrc/machine/crash.py a
     # uniquely named crash log that faulthandler writes into: neither is renamed
     assert temporaries & renames == {"lmrc/io.py"}
-    assert temporaries <= {"lmrc/io.py", "lmrc/paths.py", "lmrc/crash.py"}, temporaries
+    assert temporaries <= {"lmrc/io.py", "lmrc/paths.py", "lmrc/machine/crash.py"}, temporaries
 
 
 def test_progress_bars_have_one_helper():
@@ -120,7 +120,7 @@ def test_progress_bars_have_one_helper():
 def test_gguf_conversion_locks_with_filelock_not_fcntl():
     """fcntl does not exist on Windows (the lock silently did nothing there); filelock works everywhere."""
     assert not _using(r"\bfcntl\b", skip=set())
-    assert "FileLock(" in (PACKAGE / "gguf.py").read_text(encoding="utf-8")
+    assert "FileLock(" in (PACKAGE / "models" / "gguf.py").read_text(encoding="utf-8")
 
 
 def test_sidecar_names_and_the_labels_check_have_one_helper():

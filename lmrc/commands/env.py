@@ -7,8 +7,8 @@ import dataclasses
 import json
 import os
 
-from lmrc import cpu_guard
 from lmrc.commands.common import add_command
+from lmrc.machine import cpu_guard
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def environment(reprobe: bool = False) -> dict:
     # torch and the torch-based modules after the guard's verdict (see lmrc.commands)
     import torch
 
-    from lmrc import hardware
+    from lmrc.machine import hardware
     from lmrc.stage2.modeling import resolve_dtype
 
     cpu = cpu_guard.read_cpu()

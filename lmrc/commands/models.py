@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmrc import model_store as models
+from lmrc.models import store as models
 
 
 def register(subparsers) -> None:

@@ -32,8 +32,8 @@ from lmrc.entities.metrics import EntityScores
 from lmrc.entities.model import META_FILE, EntityModel
 from lmrc.entities.tuning import coref_data, mention_f1, predict_entities, tune_threshold
 from lmrc.io import atomic_write_json
-from lmrc.model_store import resolve
-from lmrc.run_folder import (
+from lmrc.models.store import resolve
+from lmrc.training.run_folder import (
     CONFIG_FILE,
     ResumeState,
     check_same_config,
@@ -43,7 +43,7 @@ from lmrc.run_folder import (
     read_saved_config,
     write_resume_state,
 )
-from lmrc.schedule import length_grouped_batches
+from lmrc.training.schedule import length_grouped_batches
 
 log = logging.getLogger(__name__)
 

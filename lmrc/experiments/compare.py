@@ -35,8 +35,8 @@ from lmrc.experiments.data import prepare_data
 from lmrc.experiments.models import ensure_models, relation_set
 from lmrc.experiments.report import candidate_curve, results_markdown, score_runs, theta_curves
 from lmrc.experiments.rows import run_rows
-from lmrc.hardware import describe_line
 from lmrc.io import atomic_write_json, atomic_write_text
+from lmrc.machine.hardware import describe_line
 
 __all__ = ["CompareResult", "compare", "load_compare_config"]
 
@@ -52,7 +52,7 @@ class CompareResult:
     skipped_pictures: list[str]
     candidates: dict[str, Any] | None
     learning_curve: list[dict[str, Any]] = field(default_factory=list)
-    machine: str = ""  # the machine kind the rows were measured on (lmrc.hardware.describe_line)
+    machine: str = ""  # the machine kind the rows were measured on (lmrc.machine.hardware.describe_line)
 
 
 def compare(

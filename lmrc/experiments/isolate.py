@@ -1,7 +1,7 @@
 """Run one job of an experiment (a training, a prediction row) in a child process of its own, as a function call.
 
 Why a child: the memory a job used goes back to the system when it ends. In one process it would not: the `lmrc`
-command keeps freed heap memory for reuse (lmrc.heap.keep_freed_memory; LoRA training in `lmrc compare`
+command keeps freed heap memory for reuse (lmrc.machine.heap.keep_freed_memory; LoRA training in `lmrc compare`
 left ~12 GiB of freed buffers behind), torch's CUDA allocator keeps what it reserved, and a vLLM engine holds its
 share of the GPU until the process exits; on a 24 GiB machine the next job's LLM would not fit beside that. A
 child also measures the job's own peak memory (lmrc.predict.run.peak_rss_gib: the kernel's high-water mark starts
@@ -14,7 +14,7 @@ threads, malloc settings and CPU guard. It ends with the parent (SIGTERM when th
 What comes back: the function's return value; an `LmrcError` or `OSError` raised in the child is raised again
 here (the command prints it as one `lmrc: error:` line); any other exception is printed by the child with its
 traceback and becomes one LmrcError naming the job; a child killed by a signal becomes one LmrcError worded as
-lmrc.crash words a crashed command (a native fault keeps its stack in a crash log, `--debug` logs it). While the
+lmrc.machine.crash words a crashed command (a native fault keeps its stack in a crash log, `--debug` logs it). While the
 child runs, this process ignores Ctrl-C (the terminal sends it to the child too, which stops cleanly) and passes
 SIGTERM and SIGHUP on to it; an interrupted child is raised here as KeyboardInterrupt.
 """
@@ -36,10 +36,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from lmrc.cpu_guard import ensure as settle_cpu_kernels
-from lmrc.crash import NATIVE_FAULTS, _crash_log_path, _die_with_parent, crash_line
 from lmrc.errors import LmrcError
-from lmrc.heap import keep_freed_memory
+from lmrc.machine.cpu_guard import ensure as settle_cpu_kernels
+from lmrc.machine.crash import NATIVE_FAULTS, crash_line, crash_log_path, die_with_parent
+from lmrc.machine.heap import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def run_isolated(what: str, fn: Callable[..., T], *args: Any) -> T:
     `what` names the job in messages (e.g. the file it writes). `fn` must be a module-level function and `args`
     and the result picklable."""
     context = multiprocessing.get_context("spawn")
-    crash_log = _crash_log_path()
+    crash_log = crash_log_path()
     receive, send = context.Pipe(duplex=False)
     setup = _ProcessSetup.of_this_process()
     child = context.Process(
@@ -127,7 +127,7 @@ def _result(what: str, outcome: tuple[str, Any] | None, exitcode: int | None, cr
 
 
 def _crash_report(sig: int, crash_log: Path) -> str:
-    """lmrc.crash's line for a child killed by `sig`; the stack of a native fault stays in the crash log."""
+    """lmrc.machine.crash's line for a child killed by `sig`; the stack of a native fault stays in the crash log."""
     try:
         stack = crash_log.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -171,7 +171,7 @@ def _child_main(
     send: Any, parent: int, crash_log: Path, setup: _ProcessSetup, fn: Callable, args: tuple
 ) -> None:
     """The child: set up as the `lmrc` command would, run `fn`, send back ("ok", result) or what went wrong."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     log_file = open(crash_log, "w", encoding="utf-8")  # noqa: SIM115 (open for the life of the process)
     faulthandler.enable(file=log_file, all_threads=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -41,7 +41,9 @@ def predict_with_adapter(
 ) -> None:
     """`lmrc stage2 predict`'s run: the adapter alone, asked about the gold pairs or (a direct adapter) all pairs,
     with `overrides` of its settings (nested, as Stage2Settings.overrides)."""
-    predict(stage2_predict_config(adapter, gold_pairs=gold_pairs, overrides=overrides), documents, output)
+    run_prediction(
+        stage2_predict_config(adapter, gold_pairs=gold_pairs, overrides=overrides), documents, output
+    )
 
 
 # The children's side: module-level functions (spawn pickles them by name).

@@ -16,7 +16,7 @@ from lmrc.eval.bootstrap import document_counts, paired_bootstrap
 from lmrc.eval.metrics import evaluate, load_predictions
 from lmrc.experiments.config import LLM_MODES
 from lmrc.io import sidecar
-from lmrc.model_store import default_cache_dir
+from lmrc.models.store import default_cache_dir
 from lmrc.predict.run import iter_progress
 from lmrc.stage1.inference import gold_pair_flags, pair_scores
 from lmrc.stage1.predict import Proposer

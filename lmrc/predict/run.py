@@ -38,8 +38,8 @@ from lmrc.data.candidates import CandidatePair, DocumentCandidates
 from lmrc.data.docred import Document
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions
-from lmrc.hardware import gpu_memory
 from lmrc.io import append_jsonl, atomic_write_json, open_progress, sidecar
+from lmrc.machine.hardware import gpu_memory
 from lmrc.predict.build import Pipeline, build_pipeline
 from lmrc.predict.config import PredictConfig
 from lmrc.predict.outputs import prediction_count, summarize, train_path, write_outputs

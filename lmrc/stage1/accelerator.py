@@ -16,10 +16,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
-from lmrc.distributed import launched_with
 from lmrc.errors import LmrcError
-from lmrc.hardware import cpu_capability, resolve_mixed_precision
+from lmrc.machine.hardware import cpu_capability, resolve_mixed_precision
 from lmrc.stage1.config import Stage1Config
+from lmrc.training.distributed import launched_with
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ A checkpoint folder holds::
     config.yaml          the resolved training config
     calibration.json     optional: the recall-target threshold computed by `lmrc stage1 predict`
 
-The training run's `last/` folder is a checkpoint plus what `--resume` needs (lmrc.run_folder.ResumeState:
+The training run's `last/` folder is a checkpoint plus what `--resume` needs (lmrc.training.run_folder.ResumeState:
 optimizer, scheduler, every process's RNG states, the trainer's position in `trainer_state.json`). Folders are
 written under a temporary name and swapped in, so an interruption leaves the previous version intact. Nothing
 here unpickles: tensors go through safetensors, the rest is JSON.
@@ -34,11 +34,18 @@ from lmrc.config import from_dict, read_yaml, save_config
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
-from lmrc.run_folder import ResumeState, jsonable, publish, read_resume_state, restore_rng, write_resume_state
 from lmrc.stage1.config import Stage1Config
 from lmrc.stage1.features import SpecialTokens, special_tokens
 from lmrc.stage1.losses import LOSSES, build_loss
 from lmrc.stage1.model import Stage1Model
+from lmrc.training.run_folder import (
+    ResumeState,
+    jsonable,
+    publish,
+    read_resume_state,
+    restore_rng,
+    write_resume_state,
+)
 
 log = logging.getLogger(__name__)
 

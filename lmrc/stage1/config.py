@@ -35,7 +35,7 @@ SELECT_METRICS = ("f1", "ign_f1", "pair_f1", "pair_recall")
 @dataclass
 class ModelConfig:
     encoder: str = (
-        "minilm"  # a packaged default, a local folder or a Hugging Face id (lmrc.model_store.resolve)
+        "minilm"  # a packaged default, a local folder or a Hugging Face id (lmrc.models.store.resolve)
     )
     emb_size: int = 768  # ATLOP Sec. 4.1
     block_size: int = 64  # ATLOP Sec. 4.1 (grouped bilinear)

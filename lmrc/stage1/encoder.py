@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
 from lmrc.errors import LmrcError
-from lmrc.model_store import resolve
+from lmrc.models.store import resolve
 from lmrc.stage1.features import SpecialTokens
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def ensure_eager_attention(encoder) -> None:
 
 
 def load_encoder(name_or_path: str | os.PathLike, **kwargs):
-    """(encoder, tokenizer) for a model name (`lmrc.model_store.resolve`), with eager attention.
+    """(encoder, tokenizer) for a model name (`lmrc.models.store.resolve`), with eager attention.
 
     The pooler is removed: pair classification never uses the pooled [CLS] vector, and parameters without
     gradients waste optimizer state and trip DistributedDataParallel.

@@ -29,7 +29,7 @@ from lmrc.data.docred import Document, document_to_raw
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, read_json
-from lmrc.schedule import length_grouped_batches as by_length
+from lmrc.training.schedule import length_grouped_batches as by_length
 
 log = logging.getLogger(__name__)
 
@@ -416,5 +416,5 @@ def collate(batch: list[DocFeatures]) -> dict:
 def length_grouped_batches(
     features: Sequence[DocFeatures], batch_size: int, seed: int, shuffle: bool = True
 ) -> list[list[int]]:
-    """Batches of documents of similar length (lmrc.schedule.length_grouped_batches on their token counts)."""
+    """Batches of documents of similar length (lmrc.training.schedule.length_grouped_batches on their token counts)."""
     return by_length([len(f.input_ids) for f in features], batch_size, seed, shuffle)

@@ -27,9 +27,9 @@ from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions, evaluate
-from lmrc.heap import scoring_heap
 from lmrc.io import file_sha256
-from lmrc.model_store import default_cache_dir
+from lmrc.machine.heap import scoring_heap
+from lmrc.models.store import default_cache_dir
 from lmrc.stage1.features import collate, featurize_all, length_grouped_batches
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lmrc import cpu_guard
 from lmrc.errors import LmrcError
+from lmrc.machine import cpu_guard
 from lmrc.stage1.encoder import encode, ensure_eager_attention, usable_window
 from lmrc.stage1.features import SpecialTokens
 
@@ -100,7 +100,7 @@ class _GroupedBilinear(torch.autograd.Function):
 
 
 def _k_chunk(device: torch.device, dtype: torch.dtype) -> int | None:
-    """The K chunk this CPU's bf16 kernels need for the bilinear (lmrc.cpu_guard: oneDNN's AMX kernel crashes on
+    """The K chunk this CPU's bf16 kernels need for the bilinear (lmrc.machine.cpu_guard: oneDNN's AMX kernel crashes on
     some [rows, 49152] tails); None elsewhere, and on GPUs."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return None

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lmrc.schedule import linear_schedule
 from lmrc.stage1.config import TrainConfig
 from lmrc.stage1.features import DocFeatures, length_grouped_batches
+from lmrc.training.schedule import linear_schedule
 
 
 @dataclass

@@ -37,20 +37,9 @@ from accelerate.utils import gather_object
 
 from lmrc.config import save_config
 from lmrc.errors import LmrcError
-from lmrc.hardware import gpu_memory_line
 from lmrc.io import append_jsonl, recover_dir
+from lmrc.machine.hardware import gpu_memory_line
 from lmrc.progress import Progress
-from lmrc.run_folder import (
-    CONFIG_FILE,
-    POSITION_FILE,
-    ResumeState,
-    StopRequest,
-    capture_rng,
-    check_same_config,
-    forget_records_after,
-    open_run,
-    read_saved_config,
-)
 from lmrc.stage1.accelerator import (
     global_loss,
     scaler_state,
@@ -72,6 +61,17 @@ from lmrc.stage1.losses import build_loss
 from lmrc.stage1.steps import Position, epoch_batches, make_optimizer, rank_share, steps_per_epoch
 from lmrc.stage1.train_data import load_train_data, read_documents
 from lmrc.stage1.tune_eval import eval_record, select_metric, tune_metrics_on_every_rank
+from lmrc.training.run_folder import (
+    CONFIG_FILE,
+    POSITION_FILE,
+    ResumeState,
+    StopRequest,
+    capture_rng,
+    check_same_config,
+    forget_records_after,
+    open_run,
+    read_saved_config,
+)
 
 log = logging.getLogger(__name__)
 

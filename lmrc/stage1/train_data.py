@@ -14,7 +14,7 @@ from lmrc.data.split import fold_indices
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import TrainReference
 from lmrc.io import file_sha256
-from lmrc.model_store import default_cache_dir
+from lmrc.models.store import default_cache_dir
 from lmrc.stage1.config import Stage1Config
 from lmrc.stage1.features import DocFeatures, featurize_all
 

@@ -22,12 +22,12 @@ from lmrc.config import save_config
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json, atomic_write_text, move_files_into
-from lmrc.run_folder import publish
 from lmrc.stage2.adapter import ADAPTER_WEIGHTS
 from lmrc.stage2.budget import StepPlan, steps_for_tokens, tokens_for_steps
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.modeling import ADAPTER_CONFIG, CONFIG_FILE, RELATIONS_FILE, TEMPLATE_FILE
 from lmrc.stage2.summary import SUMMARY_FILE
+from lmrc.training.run_folder import publish
 
 log = logging.getLogger(__name__)
 

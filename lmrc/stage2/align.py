@@ -29,7 +29,7 @@ from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_bytes
-from lmrc.model_store import resolve
+from lmrc.models.store import resolve
 from lmrc.stage2.parse import parse_with_stats
 from lmrc.stage2.prompts import Prompt
 
@@ -138,7 +138,7 @@ class RelationMapper:
 
     `mode` "strict" (default when no `sbert_path` is given) accepts exact names only; "sbert" maps an out-of-set
     name to the most similar relation name when cosine similarity >= `theta`. The SBERT model (`sbert_path`:
-    "minilm" by default, resolved by `lmrc.model_store.resolve`) loads on the first out-of-set name; the relation-set
+    "minilm" by default, resolved by `lmrc.models.store.resolve`) loads on the first out-of-set name; the relation-set
     embeddings are computed once per mapper, and reused across runs when `cache_dir` is given.
     """
 

@@ -15,8 +15,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from lmrc.schedule import length_grouped_batches
 from lmrc.stage2.config import Stage2Config
+from lmrc.training.schedule import length_grouped_batches
 
 log = logging.getLogger(__name__)
 

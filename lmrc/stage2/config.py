@@ -214,7 +214,7 @@ class AlignConfig:
 class Stage2Config:
     mode: str = "rc"  # rc: classify given pairs (LMRC); direct: all pairs with None answers (baseline)
     model: str = (
-        "smollm2-135m"  # a packaged default, a local folder or a Hugging Face id (lmrc.model_store.resolve)
+        "smollm2-135m"  # a packaged default, a local folder or a Hugging Face id (lmrc.models.store.resolve)
     )
     template: str | None = None  # None: the shipped prompts/<mode>.txt
     use_chat_template: bool = False  # False: the Alpaca frame as plain text (LMRC Tables 11-12)

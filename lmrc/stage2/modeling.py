@@ -21,9 +21,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lmrc.errors import LmrcError
-from lmrc.hardware import cpu_bf16_refused, cpu_supports_bf16, cuda_supports_bf16
 from lmrc.io import write_dir_atomically
-from lmrc.model_store import resolve
+from lmrc.machine.hardware import cpu_bf16_refused, cpu_supports_bf16, cuda_supports_bf16
+from lmrc.models.store import resolve
 from lmrc.stage2.adapter import check_adapter_weights
 from lmrc.stage2.config import Stage2Config, load_stage2_config
 

@@ -22,7 +22,7 @@ from lmrc.data.candidates import hint_names
 from lmrc.data.docred import Document
 from lmrc.data.relations import RelationSet, load_relations
 from lmrc.errors import LmrcError
-from lmrc.model_store import default_cache_dir
+from lmrc.models.store import default_cache_dir
 from lmrc.stage2.align import AlignResult, RelationMapper, align_output, entity_choices, get_scorer
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.generate import Generation, Generator, answer_budget, create_generator

@@ -22,9 +22,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmrc.io import append_jsonl, atomic_write_json, read_jsonl, replace_dir
-from lmrc.run_folder import StopRequest
 from lmrc.stage2.budget import StepPlan
 from lmrc.stage2.trainer import AnswerLossTrainer
+from lmrc.training.run_folder import StopRequest
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmrc.hardware import gpu_memory
 from lmrc.io import atomic_write_json
+from lmrc.machine.hardware import gpu_memory
 from lmrc.stage2.budget import StepPlan, tokens_for_steps
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.examples import ExampleStats

@@ -11,7 +11,7 @@ one process or many (`accelerate launch` / `torchrun`: DDP, FSDP, DeepSpeed ZeRO
 - lmrc.stage2.run_callback: metrics.jsonl, `last/` (the state `--resume` continues), snapshots, interrupts;
 - lmrc.stage2.adapter_folder: the adapter folder predict reads (and the snapshots');
 - lmrc.stage2.summary: train_summary.json;
-- lmrc.run_folder: starting or resuming a run folder, the config fingerprint, Ctrl-C / SIGTERM.
+- lmrc.training.run_folder: starting or resuming a run folder, the config fingerprint, Ctrl-C / SIGTERM.
 
 Only rank 0 writes files other than the engine's own shards. `--resume` continues with the same losses (up to
 float rounding) as an uninterrupted run.
@@ -32,9 +32,7 @@ from accelerate import PartialState
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from lmrc.config import save_config
-from lmrc.distributed import distributed_engine
 from lmrc.io import read_json, recover_dir
-from lmrc.run_folder import check_same_config, forget_records_after, open_run, read_saved_config
 from lmrc.stage2.adapter_folder import (
     AdapterFiles,
     adapter_from_checkpoint,
@@ -66,6 +64,8 @@ from lmrc.stage2.trainer import (
     supports_logit_mask,
     training_arguments,
 )
+from lmrc.training.distributed import distributed_engine
+from lmrc.training.run_folder import check_same_config, forget_records_after, open_run, read_saved_config
 
 log = logging.getLogger(__name__)
 

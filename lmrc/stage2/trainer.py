@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments, modeling_utils
 from transformers.utils import logging as hf_logging
 
-from lmrc.schedule import length_grouped_batches
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.engine import Precision
 from lmrc.stage2.examples import IGNORE_INDEX, TrainExample
+from lmrc.training.schedule import length_grouped_batches
 
 
 def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmrc import hardware
 from lmrc.errors import LmrcError
+from lmrc.machine import hardware
 from lmrc.stage2.config import Stage2Config
 from lmrc.stage2.generate.base import Generation
 from lmrc.stage2.modeling import load_tokenizer, resolve_model_path

@@ -18,7 +18,7 @@ The verdict keeps AMX's speed wherever that is safe (AMX trains the demo's LoRA 
 - `not-needed`: the CPU has no native bf16, so lmrc runs float32 on it and never meets a bf16 kernel by default.
 
 `LMRC_CPU_GUARD` overrides it: `auto` (default), `off` (no probe, no change), `no-amx`, `float32`. What the CPU
-is lives in lmrc.cpu_info, the probe in lmrc.cpu_probe (its child in lmrc.cpu_probe_child).
+is lives in lmrc.machine.cpu_info, the probe in lmrc.machine.cpu_probe (its child in lmrc.machine.cpu_probe_child).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmrc.cpu_info import ISA_ENV, NO_AMX_ISA, CpuInfo, read_cpu
-from lmrc.cpu_probe import K_CHUNK, probe_cases, run_probe
 from lmrc.errors import LmrcError
 from lmrc.io import atomic_write_json
-from lmrc.model_store import default_cache_dir
+from lmrc.machine.cpu_info import ISA_ENV, NO_AMX_ISA, CpuInfo, read_cpu
+from lmrc.machine.cpu_probe import K_CHUNK, probe_cases, run_probe
+from lmrc.models.store import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def verdict(refresh: bool = False, cache: Path | None = None) -> Verdict:
 @functools.cache
 def ensure() -> Verdict:
     """Decide once per process and apply it: cap oneDNN's ISA when the verdict says so. Must run before oneDNN's
-    first kernel (it fixes its ISA then): lmrc's CLI calls it first thing, `lmrc.hardware` before it asks torch
+    first kernel (it fixes its ISA then): lmrc's CLI calls it first thing, `lmrc.machine.hardware` before it asks torch
     about bf16. Logs one line when it changes anything."""
     result = verdict()
     if result.isa_cap and os.environ.get("ONEDNN_MAX_CPU_ISA") != result.isa_cap:

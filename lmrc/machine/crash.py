@@ -25,8 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lmrc.cpu_info import read_cpu
-from lmrc.model_store import default_cache_dir
+from lmrc.machine.cpu_info import read_cpu
+from lmrc.models.store import default_cache_dir
 
 _CHILD_ENV = "LMRC_SUPERVISED"
 NATIVE_FAULTS = {
@@ -45,13 +45,13 @@ def supervise(main: Callable[[list[str]], int], argv: list[str]) -> int:
         if not faulthandler.is_enabled():  # unwatched: at least the Python stack of a native crash, on stderr
             faulthandler.enable()
         return main(argv)
-    log_path = _crash_log_path()
+    log_path = crash_log_path()
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: the command itself
-        _die_with_parent(parent)
+        die_with_parent(parent)
         os.environ[_CHILD_ENV] = "1"
         log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (open for the life of the process)
         faulthandler.enable(file=log, all_threads=True)
@@ -59,7 +59,7 @@ def supervise(main: Callable[[list[str]], int], argv: list[str]) -> int:
     return _watch(pid, log_path, debug="--debug" in argv or os.environ.get("LMRC_DEBUG") == "1")
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """SIGTERM this child when the watching parent dies (SIGKILLed by a launcher after its grace period, say), so no
     orphaned rank keeps running and holding a GPU. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
     if sys.platform.startswith("linux"):
@@ -71,7 +71,7 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _crash_log_path() -> Path:
+def crash_log_path() -> Path:
     for folder in (default_cache_dir() / "crashes", Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,12 @@ def innermost_lmrc_frame(stack: str) -> str | None:
     for m in frames:
         path = m.group("file").replace("\\", "/")
         rest = path.rsplit("/lmrc/", 1)[1] if "/lmrc/" in path else ""
-        wrapper = rest in ("crash.py", "cli.py", "__main__.py")  # where every command passes: says nothing
+        wrapper = rest in (
+            "machine/crash.py",
+            "experiments/isolate.py",
+            "cli.py",
+            "__main__.py",
+        )  # where every command passes: says nothing
         if rest.endswith(".py") and "site-packages" not in rest and not rest.startswith(".") and not wrapper:
             return f"lmrc/{rest}:{m.group('line')} in {m.group('func')}"
     if frames:

@@ -1,4 +1,4 @@
-"""GGUF -> a plain Hugging Face folder, converted once per GGUF file into the model cache (lmrc.gguf_convert does
+"""GGUF -> a plain Hugging Face folder, converted once per GGUF file into the model cache (lmrc.models.gguf_convert does
 the conversion itself); a conversion records where it came from, so a changed source or transformers major version
 converts again.
 """
@@ -89,7 +89,7 @@ def ensure_converted(gguf: Path, target: Path, name: str) -> Path:
         start = time.perf_counter()
 
         # torch and transformers only when a conversion runs: this module is on the CLI's light path.
-        from lmrc import gguf_convert
+        from lmrc.models import gguf_convert
 
         def write(folder: Path) -> None:
             gguf_convert.convert_gguf(gguf, folder)

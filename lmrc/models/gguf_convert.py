@@ -2,7 +2,7 @@
 
 transformers reads GGUF files with the `gguf` package (`from_pretrained(dir, gguf_file=...)`); under transformers 5
 the loaded model is rebuilt from its config and state dict, so that it trains and saves as any plain model.
-lmrc.gguf decides when to convert and where the result goes.
+lmrc.models.gguf decides when to convert and where the result goes.
 """
 
 from __future__ import annotations

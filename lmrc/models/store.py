@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmrc.errors import LmrcError
-from lmrc.gguf import ensure_converted, is_current
+from lmrc.models.gguf import ensure_converted, is_current
 
 logger = logging.getLogger(__name__)
 

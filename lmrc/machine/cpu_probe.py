@@ -1,5 +1,5 @@
 """The CPU guard's probe: the matmul shapes lmrc runs in bf16, each tried in a child process
-(lmrc.cpu_probe_child), so that a kernel that kills its process by a signal is a verdict, not a crash of lmrc.
+(lmrc.machine.cpu_probe_child), so that a kernel that kills its process by a signal is a verdict, not a crash of lmrc.
 
 `LMRC_CPU_PROBE_FAULT` / `LMRC_CPU_PROBE_FAULT_CAPPED` (regular expressions over case names) make the child kill
 itself by SIGFPE before the matching cases, on the first probe / on the probe with AMX capped: that is how the
@@ -102,7 +102,7 @@ def run_probe(isa_cap: str | None = None, only: str | None = None, timeout: floa
     failures: dict[str, str] = {}
     t0 = time.monotonic()
     while todo:
-        cmd = [sys.executable, "-m", "lmrc.cpu_probe_child", ",".join(map(str, todo))]
+        cmd = [sys.executable, "-m", "lmrc.machine.cpu_probe_child", ",".join(map(str, todo))]
         stderr = ""
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)

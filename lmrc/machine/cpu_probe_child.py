@@ -1,8 +1,8 @@
-"""The probe's child process: runs the cases of lmrc.cpu_probe.probe_cases() it is given in bf16 and compares
+"""The probe's child process: runs the cases of lmrc.machine.cpu_probe.probe_cases() it is given in bf16 and compares
 them with float32, one line per case on stdout ("start i" before it, "done i <error>" after it), so that the
 parent knows which case a crash happened in.
 
-    python -m lmrc.cpu_probe_child 0,1,2
+    python -m lmrc.machine.cpu_probe_child 0,1,2
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from lmrc.cpu_probe import Case, probe_cases
+from lmrc.machine.cpu_probe import Case, probe_cases
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:

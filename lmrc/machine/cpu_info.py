@@ -55,7 +55,7 @@ class CpuInfo:
         """bf16 matmuls run natively: the hardware has them and the ISA cap (if any) lets oneDNN use them.
 
         Without them torch emulates bf16, several times slower than float32 (docs/PERFORMANCE.md). Non-x86 CPUs
-        are left to torch's own check (lmrc.hardware)."""
+        are left to torch's own check (lmrc.machine.hardware)."""
         if self.machine not in X86:
             return False
         if not self.hardware_bf16:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lmrc import cpu_guard, cpu_info
+from lmrc.machine import cpu_guard, cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def cpu_capability() -> str:
 
 def cpu_supports_bf16() -> bool:
     """Native bf16 matmuls on this CPU that are safe to use: AVX512-BF16 or AMX in hardware, allowed by oneDNN's ISA
-    cap, and not ruled out by lmrc's CPU guard (lmrc.cpu_guard, which probes the kernels once per machine).
+    cap, and not ruled out by lmrc's CPU guard (lmrc.machine.cpu_guard, which probes the kernels once per machine).
 
     torch's own check (`_is_mkldnn_bf16_supported`) also says yes on AVX512 CPUs without AVX512-BF16, where bf16 is
     emulated, several times slower than float32 (docs/PERFORMANCE.md). So on x86 the CPU flags decide; elsewhere

@@ -23,6 +23,7 @@ from lmrc.data.relations import RelationSet
 from lmrc.errors import LmrcError
 from lmrc.io import file_sha256
 from lmrc.predict.config import PredictConfig, Stage1Settings, Stage2Settings
+from lmrc.stage1.losses import LOSSES
 from lmrc.stage1.predict import Proposer
 from lmrc.stage2.modeling import load_adapter_config
 from lmrc.stage2.predict import Stage2Runner
@@ -224,9 +225,13 @@ def _load_proposer(cfg: PredictConfig, mode: str) -> Proposer | None:
     if mode == "stage1-only" and not proposer.per_relation:
         raise LmrcError(
             f"{stage1.checkpoint}: the {proposer.checkpoint.loss_name!r} head predicts no relations, only "
-            "candidate pairs; stage1-only needs a multi-label head (atl, atgl, amtl, atsl, mdre)"
+            f"candidate pairs; stage1-only needs a multi-label head ({', '.join(_multi_label_heads())})"
         )
     return proposer
+
+
+def _multi_label_heads() -> list[str]:
+    return [name for name, head in LOSSES.items() if head.per_relation]
 
 
 def _refine_threshold(

@@ -77,6 +77,20 @@ def test_downstream_layers_are_not_imported_upstream():
             assert not {d for d in deps if d.startswith("lmrc.predict")}, name
         if name.startswith("lmrc.stage1"):
             assert not {d for d in deps if d.startswith("lmrc.stage2")}, name
+        if name.startswith(("lmrc.machine", "lmrc.training", "lmrc.models")):
+            assert not {d for d in deps if d.startswith(("lmrc.stage", "lmrc.predict", "lmrc.entities"))}, (
+                name
+            )
+
+
+def test_the_library_never_knows_an_experiment_or_a_command():
+    """lmrc.experiments sits above the library and calls it as functions; the commands sit above both."""
+    above = ("lmrc.experiments", "lmrc.commands", "lmrc.cli", "lmrc.__main__")
+    for name, deps in import_graph().items():
+        if not name.startswith(above):
+            assert not {d for d in deps if d.startswith(above)}, name
+        if name.startswith("lmrc.experiments"):
+            assert not {d for d in deps if d.startswith(("lmrc.commands", "lmrc.cli"))}, name
 
 
 # ------------------------------------------------------------------------------------- one helper for each job

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Prints the data folder for `make demo`: LMRC_DATA_DIR when set, else a folder under the lmrc cache made from the
+# Prints the data folder for `make demo`: LMRC_DATA_DIR when set, else ../shared/data beside the checkout when it
+# holds the split, else a folder under the lmrc cache made from the
 # official Re-DocRED dev file (downloaded by `lmrc data fetch`) split as these machines' shared data is:
 # dev_50.json / train_450.json (seed 13), plus DocRED's relation inventory, checked by its sha256.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${LMRC_DATA_DIR:-}" ] && [ -f "$LMRC_DATA_DIR/redocred/dev_50.json" ]; then
   echo "$LMRC_DATA_DIR"; exit 0
+fi
+# The shared data beside the checkout (as the Makefile finds it), for a shell without LMRC_DATA_DIR.
+if [ -z "${LMRC_DATA_DIR:-}" ] && [ -f ../shared/data/redocred/dev_50.json ]; then
+  (cd ../shared/data && pwd); exit 0
 fi
 LMRC=${LMRC:-.venv/bin/lmrc}
 PY=${PY:-.venv/bin/python}

@@ -333,3 +333,31 @@ def test_gpu_check_stage2_check_asserts_checkpointing_and_accumulation_on_the_tr
     probe = json.loads((tmp_path / "work" / "stage2-adapter.probe.json").read_text())
     assert probe["checkpointing"] is True and probe["grad_accum"] == 2
     assert probe["zero3_params"] == probe["fsdp_units"] == 0  # one plain process: nothing sharded
+
+
+def test_demo_data_finds_the_shared_data_beside_the_checkout_without_lmrc_data_dir(tmp_path):
+    """README's `export LMRC_DATA_DIR=$(bash scripts/demo_data.sh)` on a machine whose data sits in ../shared."""
+    checkout = tmp_path / "lmrc"
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / "scripts" / "demo_data.sh").write_text((REPO / "scripts" / "demo_data.sh").read_text())
+    shared = tmp_path / "shared" / "data" / "redocred"
+    shared.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "LMRC_DATA_DIR"}
+    script = checkout / "scripts" / "demo_data.sh"
+    with pytest.raises(
+        subprocess.CalledProcessError
+    ):  # no split there yet, no internet: the fetch path fails
+        subprocess.run(
+            ["bash", str(script)],
+            env={**env, "LMRC": "false", "LMRC_CACHE": str(tmp_path / "cache")},
+            capture_output=True,
+            check=True,
+        )
+    (shared / "dev_50.json").write_text("[]")
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "shared" / "data")
+    given = subprocess.run(
+        ["bash", str(script)], env={**env, "LMRC_DATA_DIR": str(tmp_path / "shared" / "data")}, capture_output=True,
+        text=True, check=True,
+    )  # fmt: skip
+    assert given.stdout.strip() == str(tmp_path / "shared" / "data")

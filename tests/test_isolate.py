@@ -103,3 +103,15 @@ def test_a_native_crash_in_the_child_keeps_its_stack_in_the_crash_log(crash_logs
     assert message.startswith("runs/x.json: crashed in native code (SIGSEGV, segmentation fault) at ")
     (kept,) = crash_logs.iterdir()
     assert f"the stack is in {kept}" in message and "_kill_self" in kept.read_text()
+
+
+def test_a_fault_signal_the_launcher_blocked_still_ends_the_child(crash_logs):
+    """A CI runner or job harness may start us with SIGSEGV blocked; the child inherits the mask across exec, and a
+    `kill`ed child then ran on and answered "ok" (seen in CI). The child unblocks the fault signals first."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGSEGV})
+    try:
+        with pytest.raises(LmrcError) as info:
+            run_isolated("runs/x.json", _kill_self, signal.SIGSEGV)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    assert "crashed in native code (SIGSEGV" in str(info.value)

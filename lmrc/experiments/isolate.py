@@ -22,7 +22,6 @@ SIGTERM and SIGHUP on to it; an interrupted child is raised here as KeyboardInte
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import logging
 import multiprocessing
 import os
@@ -38,7 +37,13 @@ import torch
 
 from lmrc.errors import LmrcError
 from lmrc.machine.cpu_guard import ensure as settle_cpu_kernels
-from lmrc.machine.crash import NATIVE_FAULTS, crash_line, crash_log_path, die_with_parent
+from lmrc.machine.crash import (
+    NATIVE_FAULTS,
+    crash_line,
+    crash_log_path,
+    die_with_parent,
+    report_native_faults,
+)
 from lmrc.machine.heap import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -173,7 +178,7 @@ def _child_main(
     """The child: set up as the `lmrc` command would, run `fn`, send back ("ok", result) or what went wrong."""
     die_with_parent(parent)
     log_file = open(crash_log, "w", encoding="utf-8")  # noqa: SIM115 (open for the life of the process)
-    faulthandler.enable(file=log_file, all_threads=True)
+    report_native_faults(log_file)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)  # as `lmrc` commands do: a stop saves what is finished
     keep_freed_memory()

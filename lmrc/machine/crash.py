@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from lmrc.machine.cpu_info import read_cpu
 from lmrc.models.store import default_cache_dir
@@ -54,9 +55,20 @@ def supervise(main: Callable[[list[str]], int], argv: list[str]) -> int:
         die_with_parent(parent)
         os.environ[_CHILD_ENV] = "1"
         log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (open for the life of the process)
-        faulthandler.enable(file=log, all_threads=True)
+        report_native_faults(log)
         return main(argv)
     return _watch(pid, log_path, debug="--debug" in argv or os.environ.get("LMRC_DEBUG") == "1")
+
+
+def report_native_faults(log: TextIO) -> None:
+    """Write the Python stack of a native fault to `log`, and make sure such a fault ends this process.
+
+    Why the signal mask: a process inherits the signals its launcher blocked (a CI runner or job harness may block
+    SIGSEGV and the like). A blocked fault signal sent with `kill` (a watchdog, a runtime aborting) stays pending
+    and the process runs on as if nothing happened; faulthandler alone does not change that."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(NATIVE_FAULTS))
+    faulthandler.enable(file=log, all_threads=True)
 
 
 def die_with_parent(parent: int) -> None:

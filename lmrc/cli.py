@@ -17,14 +17,14 @@ import sys
 import traceback
 
 from lmrc import __version__
-from lmrc.commands import compare, data, entities, env, evaluate, models, predict, stage1, stage2
+from lmrc.commands import compare, data, entities, env, evaluate, models, predict, show, stage1, stage2
 from lmrc.errors import LmrcError
 from lmrc.machine.cpu_guard import ensure
 from lmrc.machine.crash import supervise
 from lmrc.machine.heap import keep_freed_memory
 
 # In the order of `lmrc --help`.
-COMMANDS = (data, evaluate, models, stage1, stage2, predict, compare, entities, env)
+COMMANDS = (data, evaluate, models, stage1, stage2, predict, compare, show, entities, env)
 
 
 def build_parser() -> argparse.ArgumentParser:

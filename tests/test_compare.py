@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from browser_helpers import browser, console_errors, open_page
 from pipeline_helpers import FAST_GENERATION, adapter, data_files, stage1_checkpoint
+from selenium.webdriver.common.by import By
 from stage1_run_helpers import save_tiny_bert, single_thread  # noqa: F401  (autouse fixture)
 from stage2_helpers import tiny_model_dir
 
@@ -134,6 +136,20 @@ def test_compare_reuses_models_scores_every_mode_and_draws(models, tmp_path, cap
             assert r["delta_interval"][0] <= r["delta_interval"][1]
     noise = md.split("Noise:")[1].split("What the LLM was asked")[0]
     assert all(f"| {r['label']} |" in noise for r in results["rows"]) and "noise (paired bootstrap" in printed
+
+    # report.html: every row side by side, its counts the scorer's, in a real browser
+    with browser() as driver:
+        open_page(driver, out / "report.html")
+        assert console_errors(driver) == []
+        score_rows = driver.find_elements(By.CSS_SELECTOR, "#score-table tr[data-m]")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in score_rows] == labels
+        for i, row in enumerate(results["rows"]):
+            m = evaluate(load_predictions(out / row["result"]), docs, ref)
+            cell = score_rows[i].find_element(By.CSS_SELECTOR, 'td[data-count="right"]')
+            assert int(cell.text) == m.relation.correct
+        header = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#fact-table th")]
+        assert all(label in header for label in labels)
+        assert driver.find_elements(By.CSS_SELECTOR, "details.answers")  # the LLM rows' raw answers
 
     # a second run reuses every finished part: no document is predicted again
     def result_files():

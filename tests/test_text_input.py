@@ -264,10 +264,8 @@ def test_evaluate_with_the_oracle_scores_one_everywhere(tmp_path, capsys):
     assert "CoNLL F1" in capsys.readouterr().out
 
 
-def test_predict_text_needs_entities_and_entities_needs_text(tmp_path, capsys):
+def test_entities_needs_text(tmp_path, capsys):
     f = tmp_path / "a.txt"
     f.write_text("Ada Lovelace was born in London.", encoding="utf-8")
-    assert main(["predict", "--text", str(f), "--output", str(tmp_path / "r.json"), "--stage1", "x"]) == 2
-    assert "--text needs --entities" in capsys.readouterr().err
     assert main(["predict", "--input", str(f), "--entities", "x", "--output", str(tmp_path / "r.json")]) == 2
     assert "--entities goes with --text" in capsys.readouterr().err

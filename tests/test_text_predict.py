@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from browser_helpers import browser, console_errors, open_page
 from pipeline_helpers import data_files, stage1_checkpoint
+from selenium.webdriver.common.by import By
 from stage1_run_helpers import single_thread  # noqa: F401  (autouse fixture)
 from text_helpers import need_spacy, tiny_entity_model
 
@@ -85,6 +87,15 @@ def test_predict_text_writes_results_built_documents_and_triples(ckpt, entities,
                     assert raw["text"][m["start"] : m["end"]] == m["text"]
     summary = read_json(out.with_name("result.summary.json"))
     assert summary["text_input"]["build"]["documents"] == len(built)
+    # lmrc show finds the documents built from the text beside the result; no gold, so no scores
+    assert main(["show", str(out)]) == 0
+    with browser() as driver:
+        open_page(driver, out.with_name("result.report.html"))
+        assert console_errors(driver) == []
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#doc-list li")) == len(built)
+        predicted = driver.find_element(By.CSS_SELECTOR, '#score-table td[data-count="predicted"]').text
+        assert int(predicted) == len(result)
+        assert "no gold relations" in driver.find_element(By.ID, "scores").text
     # --resume reuses the built documents and gives the same files
     before = out.read_bytes(), triples_path(out).read_bytes(), docs_path(out).stat().st_mtime_ns
     assert main(args + ["--resume"]) == 0
@@ -192,3 +203,60 @@ def test_cli_train_refuses_a_finished_run_without_resume(entities, capsys):
     )
     assert code == 2
     assert "holds an entity-model run" in capsys.readouterr().err
+
+
+def test_text_with_no_model_trains_the_default_models_once_then_reuses_them(
+    files, tmp_path, monkeypatch, capsys
+):
+    """`lmrc predict --text my.txt --show`: the first run trains the default entity model and stage 1 into the lmrc
+    cache (here with a tiny encoder and one epoch on 6 short documents, the plumbing of the real recipe), a
+    second run reuses them without training, and both write the page."""
+    from stage1_run_helpers import save_tiny_bert
+
+    from lmrc.predict import default_models
+
+    tiny = save_tiny_bert(tmp_path / "tiny-bert")
+    train = tmp_path / "train_450.json"
+    train.write_text(json.dumps(read_json(files["train"]) + read_json(files["tune"])), encoding="utf-8")
+    monkeypatch.setenv("LMRC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_models, "training_data", lambda: (train, files["rel_info"]))
+    ent = json.loads(json.dumps(default_models.ENTITY_SETTINGS))
+    ent["model"]["encoder"] = str(tiny)
+    ent["train"].update(epochs=2, patience=1, max_tokens=64)
+    ent["coref"]["steps"] = 20
+    s1 = json.loads(json.dumps(default_models.STAGE1_SETTINGS))
+    s1["model"].update(encoder=str(tiny), emb_size=64, block_size=16)
+    s1["train"].update(epochs=1, batch_size=2, mixed_precision="no")
+    monkeypatch.setattr(default_models, "ENTITY_SETTINGS", ent)
+    monkeypatch.setattr(default_models, "STAGE1_SETTINGS", s1)
+
+    text = tmp_path / "my.txt"
+    text.write_text(
+        "Ada Lovelace was born in London. She worked with Charles Babbage in London.", encoding="utf-8"
+    )
+    assert main(["predict", "--text", str(text), "--show"]) == 0
+    first = capsys.readouterr().out
+    assert "first run: training the default entity model and stage 1 once" in first and "expected" in first
+    result = tmp_path / "my.result.json"  # the default output, beside the text
+    assert result.is_file() and (tmp_path / "my.result.report.html").is_file() and "done in" in first
+    folder = default_models.models_folder(train)
+    assert (folder / "entities" / "entities.json").is_file() and (folder / "stage1" / "best").is_dir()
+    stamp = (folder / "stage1" / "best").stat().st_mtime_ns
+    assert main(["predict", "--text", str(text), "--output", str(tmp_path / "again.json")]) == 0
+    second = capsys.readouterr().out
+    assert "first run" not in second and (folder / "stage1" / "best").stat().st_mtime_ns == stamp
+    assert (tmp_path / "again.json").read_bytes() == result.read_bytes()
+    summary = read_json(tmp_path / "again.summary.json")
+    assert summary["fingerprint"]["stage1"]["checkpoint"].startswith(str(folder))
+
+
+def test_without_training_data_the_default_models_say_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LMRC_DATA_DIR", raising=False)
+    monkeypatch.setenv("LMRC_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "a.txt"
+    text.write_text("Ada Lovelace was born in London.", encoding="utf-8")
+    assert main(["predict", "--text", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmrc: error: ") and err.count("\n") == 1
+    assert "scripts/demo_data.sh" in err and "--entities and --stage1" in err
+    assert not (tmp_path / "a.result.json").exists()

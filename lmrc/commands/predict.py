@@ -4,7 +4,9 @@ lmrc.predict.run), and the shards of a run joined into one result file."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import time
 from pathlib import Path
 
 from lmrc.commands.common import (
@@ -66,8 +68,16 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
         "are built with --entities (cached in <output stem>.text-docs.json) and <output stem>.triples.jsonl "
         "shows the triples in the text",
     )
-    add_entities_arg(p, help="with --text: entity checkpoint (lmrc entities train) or spacy:<pipeline>")
-    p.add_argument("--output", required=True, type=Path, help="result file to write (official format)")
+    add_entities_arg(
+        p,
+        help="with --text: entity checkpoint (lmrc entities train) or spacy:<pipeline>; default: lmrc's default "
+        "entity model, trained once into the lmrc cache on the first run",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="result file to write (official format; default: <input stem>.result.json beside the input)",
+    )
     p.add_argument("--stage1", metavar="CHECKPOINT", help="stage-1 checkpoint folder")
     p.add_argument("--stage2", metavar="ADAPTER", help="stage-2 adapter folder (rc or direct)")
     p.add_argument("--candidates", metavar="FILE", help="a stage-1 candidates file instead of --stage1")
@@ -87,6 +97,12 @@ def _add_predict_args(p: argparse.ArgumentParser) -> None:
         help="run shard I of N (I from 0; whole batches in document order), e.g. --shard $SLURM_ARRAY_TASK_ID/8",
     )
     p.add_argument("--save-candidates", type=Path, metavar="FILE", help="also write the candidates file")
+    p.add_argument(
+        "--show",
+        action="store_true",
+        help="also write <output stem>.report.html: every document with its entities and relations, marked "
+        "against gold when the input is labelled (lmrc show; open it in a browser)",
+    )
     add_config_args(p)
 
 
@@ -137,24 +153,53 @@ def _check_predict_paths(args: argparse.Namespace, cfg: PredictConfig, companion
     )
 
 
+def default_output(source: Path) -> Path:
+    """`my.txt` -> `my.result.json`, `docs.json` -> `docs.result.json`, `mydocs/` -> `mydocs.result.json`."""
+    source = Path(source)
+    stem = source.name if source.is_dir() else source.stem
+    return source.parent / f"{stem or 'input'}.result.json"
+
+
+def _no_model_named(cfg: PredictConfig) -> bool:
+    s1 = cfg.stage1
+    return not (s1.checkpoint or s1.candidates or s1.gold_pairs or cfg.stage2.adapter)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     # torch-based library modules: see lmrc.commands
     from lmrc.entities.run import docs_path, predict_text, triples_path
+    from lmrc.predict.default_models import ensure_default_models
     from lmrc.predict.run import Shard, run_pipeline
 
+    started = time.perf_counter()
     shard = Shard.parse(args.shard) if args.shard else None
     cfg = _predict_config(args)
-    if args.text is not None and not args.entities:
-        raise LmrcError("--text needs --entities CKPT (an entity checkpoint, or spacy:<pipeline>)")
     if args.entities and args.text is None:
         raise LmrcError("--entities goes with --text (DocRED input already has its entities)")
+    if args.show and shard is not None:
+        raise LmrcError(
+            "--show with --shard: merge the shards (lmrc merge), then run `lmrc show` on the result"
+        )
+    args.output = args.output or default_output(args.text or args.input)
     companions = predict_outputs(args.output)
+    if args.show:
+        companions.append(Named("--show's page", sidecar(args.output, ".report.html")))
     if args.text is not None:
         companions += [
             Named("the documents built from the text", docs_path(args.output)),
             Named("the readable triples", triples_path(args.output)),
         ]
     _check_predict_paths(args, cfg, companions)
+    # plain text and no model named: lmrc's default models (trained once into the cache, then reused)
+    need_entities = args.text is not None and not args.entities
+    need_stage1 = args.text is not None and _no_model_named(cfg)
+    if need_entities or need_stage1:
+        defaults = ensure_default_models(need_entities, need_stage1, say=print)
+        args.entities = args.entities or (str(defaults.entities) if need_entities else None)
+        if need_stage1:
+            cfg = dataclasses.replace(
+                cfg, stage1=dataclasses.replace(cfg.stage1, checkpoint=str(defaults.stage1))
+            )
     run = dict(resume=args.resume, shard=shard, save_candidates=args.save_candidates)
     with sigterm_as_interrupt():  # finished batches are in the progress file; --resume continues
         if args.text is not None:
@@ -162,7 +207,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             summary = run_pipeline(cfg, args.input, args.output, **run)
     _print_summary(args.output, summary, shard)
+    if args.show:
+        from lmrc.show import collect, page
+
+        source = collect.from_predict_run(args.output)
+        print(f"page: {page.write_page(collect.payload(source), sidecar(args.output, '.report.html'))}")
+    print(f"done in {_minutes(time.perf_counter() - started)} (everything this command did)")
     return 0
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def _print_summary(output: Path, summary: dict, shard) -> None:

@@ -33,6 +33,7 @@ from lmrc.entities.model import META_FILE, EntityModel
 from lmrc.entities.tuning import coref_data, mention_f1, predict_entities, tune_threshold
 from lmrc.io import atomic_write_json
 from lmrc.models.store import resolve
+from lmrc.progress import Progress
 from lmrc.training.run_folder import (
     CONFIG_FILE,
     ResumeState,
@@ -86,9 +87,14 @@ def train(
     )
     run = TaggerRun.setup(cfg, out, labels, train_ex, resuming)
     for k, epoch in enumerate(range(run.counters["epoch"] + 1, cfg.train.epochs + 1)):
+        if run.converged():  # also when resuming a run that had stopped early
+            break
         if stop_after_epochs and k >= stop_after_epochs:
             raise KeyboardInterrupt
         run.train_epoch(epoch, tune_ex)
+    if run.converged():
+        log.info("entities train: no better tuning F1 for %d epochs; stopped after epoch %d (best: epoch %d)",
+                 cfg.train.patience, run.counters["epoch"], run.counters["best_epoch"])  # fmt: skip
     if resuming and (out / META_FILE).is_file() and not (out / BEST_DIR).exists():
         log.info("%s: training had already finished", out)
         return out
@@ -157,6 +163,7 @@ class TaggerRun:
         batches = length_grouped_batches([len(r[0]) for r in self.rows], tc.batch_size, seed=tc.seed + epoch)
         e0, loss_sum = time.perf_counter(), 0.0
         pad = self.tokenizer.pad_token_id or 0
+        progress = Progress(len(batches), f"entities train: epoch {epoch}/{tc.epochs}", "step", logger=log)
         for bi, batch in enumerate(batches):
             for g in self.optimizer.param_groups:
                 g["lr"] = self._lr(counters["step"])
@@ -168,8 +175,8 @@ class TaggerRun:
             self.optimizer.step()
             counters["step"] += 1
             loss_sum += float(loss.detach())
-            if (bi + 1) % 20 == 0:
-                log.info("epoch %d step %d/%d loss %.4f", epoch, bi + 1, len(batches), loss_sum / (bi + 1))
+            progress.update(1, loss=round(loss_sum / (bi + 1), 4))
+        progress.close()
         tagger.eval()
         f1 = mention_f1(tagger, self.tokenizer, self.labels, self.window_cap, tune_ex)
         seconds = time.perf_counter() - e0
@@ -182,6 +189,11 @@ class TaggerRun:
             publish(self.out / BEST_DIR, self._save_tagger)
         counters["epoch"] = epoch
         self.save_state()
+
+    def converged(self) -> bool:
+        """`patience` epochs in a row without a better tuning mention F1."""
+        c, patience = self.counters, self.cfg.train.patience
+        return patience > 0 and c["epoch"] - c["best_epoch"] >= patience
 
     def _save_tagger(self, folder: Path) -> None:
         self.tagger.save_pretrained(folder, safe_serialization=True)

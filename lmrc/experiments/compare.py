@@ -37,6 +37,7 @@ from lmrc.experiments.report import candidate_curve, results_markdown, score_run
 from lmrc.experiments.rows import run_rows
 from lmrc.io import atomic_write_json, atomic_write_text
 from lmrc.machine.hardware import describe_line
+from lmrc.show import collect, page
 
 __all__ = ["CompareResult", "compare", "load_compare_config"]
 
@@ -72,6 +73,8 @@ def compare(
 
     say("scoring")
     rows, per_relation = score_runs(runs, docs, ref, relations)
+    for row in rows:  # relative: the folder can move (lmrc show reads it)
+        row["result"] = os.path.relpath(row["result"], out)
     cand = next((r.summary.get("candidates") for r in runs if r.name == "classifier-llm"), None)
     thetas = theta_curves(runs, docs, ref, relations, cfg.thetas) if cfg.sbert else {}
     curve = []
@@ -97,6 +100,7 @@ def compare(
     results_md = out / "results.md"
     atomic_write_text(results_md, results_markdown(rows, cand, len(docs), files.eval, points, machine))
     pictures, skipped = plots.draw_all(out, results, relations)
+    page.write_page(collect.payload(collect.from_compare_folder(out)), out / "report.html")
     return CompareResult(rows, results_md, results_json, pictures, skipped, cand, points, machine)
 
 

@@ -95,7 +95,7 @@ def score_runs(
             predictions = load_predictions(path)
             metrics = evaluate(predictions, docs, ref)
             label = run.name if variant == "strict" else f"{run.name} + SBERT"
-            rows.append(_row(label, run.mode, metrics, run.summary, variant))
+            rows.append({**_row(label, run.mode, metrics, run.summary, variant), "result": str(path)})
             per_relation[label] = {rid: sc.f1 for rid, sc in metrics.per_relation.items()}
             counts[label] = document_counts(predictions, docs)
     add_noise(rows, counts)

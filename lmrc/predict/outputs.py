@@ -24,6 +24,7 @@ from lmrc.data.docred import Document, load_documents
 from lmrc.errors import LmrcError
 from lmrc.eval.metrics import PackedPredictions, TrainReference, evaluate
 from lmrc.io import JsonStreamWriter, sidecar
+from lmrc.machine.hardware import describe_line
 from lmrc.predict.build import Pipeline
 
 SUMMARY_FORMAT = "lmrc-predict-summary"
@@ -143,6 +144,9 @@ def summarize(pipeline: Pipeline, docs: Sequence[Document], tally: Tally, train_
         "predictions": len(tally.predictions) + sum(len(p) for p in tally.packed),
         "seconds_per_document": round(tally.seconds / len(docs), 3) if docs else None,
         **tally.peaks,
+        "machine": describe_line(),
+        # the relation names, for `lmrc show` (the run may have taken them from a model folder that moves)
+        "relation_names": dict(pipeline.relations.names),
     }
     if tally.pairs:
         summary["candidates"] = _candidate_summary(tally, len(docs), _all_labelled(docs))

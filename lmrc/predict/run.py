@@ -160,10 +160,26 @@ def _llm_records(
             record["missing_candidates"] = dc is None
             if pipeline.refine and dc is not None:
                 _fuse(record, doc, dc, pipeline)
-        record["raw"] = [{"pairs": p["pairs"], "text": p["raw_output"]} for p in doc_debug["prompts"]]
+        record["raw"] = [_answer_record(p) for p in doc_debug["prompts"]]
         records.append(record)
         debug.append(doc_debug)
     return records, debug
+
+
+def _answer_record(prompt: dict) -> dict:
+    """A prompt's raw answer as the progress file keeps it: its pairs, the text, and what became of each parsed
+    line ([head, relation, tail, h_idx, t_idx, relation id, status]: kept or why it was dropped), which `lmrc
+    show` puts beside the answer and the theta curve re-aligns from."""
+    lines = [
+        [d["head"], d["relation"], d["tail"], d["h_idx"], d["t_idx"], d["r"], d["status"]]
+        for d in prompt["alignment"]
+    ]
+    return {
+        "pairs": prompt["pairs"],
+        "text": prompt["raw_output"],
+        "lines": lines,
+        "hit_limit": prompt["hit_token_limit"],
+    }
 
 
 def _confident(p: CandidatePair, pipeline: Pipeline) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmrc.commands import data_import
 from lmrc.commands.common import (
     add_command,
     add_entities_arg,
@@ -60,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_split(data_sub)
     _register_from_text(data_sub)
     _register_fetch(data_sub)
+    data_import.register(data_sub)
 
 
 def _register_split(data_sub: argparse._SubParsersAction) -> None:

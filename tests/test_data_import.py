@@ -350,3 +350,26 @@ def test_nothing_converted_is_an_error_and_writes_nothing(capsys, tmp_path):
         f"lmrc: error: {path}: no document could be converted (see the warnings above); nothing written",
     ]
     assert not (tmp_path / "o.json").exists()
+
+
+def test_labelstudio_offsets_count_utf16_units_and_identical_text_joins(tmp_path):
+    text = "🙂 Bob met Ann. Bob left."  # the emoji is two UTF-16 units: Label Studio's offsets are one higher after it
+    spans = [(2, 5, "PER"), (10, 13, "PER"), (15, 18, "PER")]  # characters: Bob, Ann, Bob
+    items = [
+        {
+            "id": f"m{i}",
+            "type": "labels",
+            "value": {"start": s + 1, "end": e + 1, "text": text[s:e], "labels": [t]},
+        }
+        for i, (s, e, t) in enumerate(spans)
+    ]
+    items.append({"type": "relation", "from_id": "m2", "to_id": "m1", "labels": ["knows"]})
+    path = tmp_path / "export.json"
+    path.write_text(
+        json.dumps([{"id": 1, "data": {"body": text}, "annotations": [{"result": items}]}]), "utf-8"
+    )
+    result = import_file("labelstudio", path)
+    assert not result.problems
+    (raw,) = result.documents
+    bob, ann = frozenset({spans[0], spans[2]}), frozenset({spans[1]})
+    assert imported(raw) == ({bob, ann}, {(bob, ann, "knows")})

@@ -166,7 +166,8 @@ def _split_tokens(text: str, cuts: list[int], report: Report) -> list[list[tuple
             inner = cuts[bisect.bisect_right(cuts, t.start) : bisect.bisect_left(cuts, t.end)]
             edges = [t.start, *inner, t.end]
             toks.extend((x, y) for x, y in zip(edges, edges[1:]) if text[x:y].strip())
-            report.notes["tokens split at a mention boundary"] += len(inner)
+            if inner:
+                report.notes["tokens split at a mention boundary"] += len(inner)
         sents.append(toks)
     return sents
 

@@ -263,3 +263,25 @@ def test_predict_show_writes_the_page_with_the_llms_answers_and_their_fates(
         driver.find_element(By.CSS_SELECTOR, '#doc-list li[data-doc="0"]').click()
         answers = driver.find_elements(By.CSS_SELECTOR, "details.answers")
         assert answers and re.search(r"\d+ prompts", answers[0].text)
+
+
+def test_an_unlabelled_run_is_scored_against_gold_given_later(handmade, files, tmp_path):
+    """The run read unlabelled documents: no scores; with --gold (the same titles, labelled) the page scores it
+    as `lmrc evaluate` would."""
+    args = ["show", str(handmade["result"]), "--docs", str(files["unlabelled"])]
+    assert main([*args, "--output", str(tmp_path / "plain.html")]) == 0
+    assert main([*args, "--gold", str(files["test"]), "--output", str(tmp_path / "gold.html")]) == 0
+    plain = collect.payload(collect.from_predict_run(handmade["result"], files["unlabelled"]))
+    assert plain["labelled"] is False and plain["methods"][0]["scores"] is None
+    m = evaluate(load_predictions(handmade["result"]), load_documents(files["test"]))
+    with browser() as driver:
+        open_page(driver, tmp_path / "plain.html")
+        assert (
+            console_errors(driver) == [] and "no gold relations" in driver.find_element(By.ID, "scores").text
+        )
+        assert {
+            c.get_attribute("data-status") for c in driver.find_elements(By.CSS_SELECTOR, "td[data-m]")
+        } <= {"found", ""}
+        open_page(driver, tmp_path / "gold.html")
+        assert _score_cell(driver, 0, "right") == m.relation.correct
+        assert _score_cell(driver, 0, "missed") == m.relation.gold - m.relation.correct

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from lmrc.config import save_config
 from lmrc.entities.config import EntitiesConfig
@@ -125,10 +126,19 @@ class TaggerRun:
         start_from = state_dir / "tagger" if resuming else resolve(cfg.model.encoder)
         tokenizer = AutoTokenizer.from_pretrained(start_from, trust_remote_code=False)
         torch.manual_seed(tc.seed)
-        tagger = AutoModelForTokenClassification.from_pretrained(
-            start_from, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={lab: i for i, lab in enumerate(labels)}, trust_remote_code=False,
-        )  # fmt: skip
+        # a fresh tagging head on a sentence encoder: transformers' load report of the new head and the unused
+        # pooler is expected, not news to the user; one line says it instead
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tagger = AutoModelForTokenClassification.from_pretrained(
+                start_from, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={lab: i for i, lab in enumerate(labels)}, trust_remote_code=False,
+            )  # fmt: skip
+        finally:
+            hf_logging.set_verbosity(level)
+        if not resuming:
+            log.info("entities train: a new tagging head (%d labels) on %s", len(labels), start_from)
         window_cap = min(tc.max_tokens, int(getattr(tagger.config, "max_position_embeddings", tc.max_tokens)))
         rows = training_windows(train_ex, tokenizer, window_cap, labels)
         no_decay = ("bias", "LayerNorm")

@@ -208,7 +208,12 @@
         mine.forEach((x) => {
           const inResult = doc.facts.some((g) => g.h === f.h && g.t === f.t && g.r === x[5] && g.m[String(i)]);
           let fate, cls;
-          if (x[6] === "kept") { fate = inResult ? "kept" : "kept by alignment, then gated (not in the result)"; cls = inResult ? "fate-kept" : "fate-gated"; }
+          if (x[6] === "kept") {
+            // aligned, yet not in this method's result: refine's gate removed it, or (a strict-names row of an
+            // SBERT run) its relation name is not an exact one
+            fate = inResult ? "kept" : "aligned, then left out of this result (refine's gate, or not an exact relation name)";
+            cls = inResult ? "fate-kept" : "fate-gated";
+          }
           else { fate = "dropped: " + x[6].replace(/_/g, " "); cls = "fate-dropped"; }
           lines.appendChild(el("li", {}, "(" + x[0] + "| " + x[1] + "| " + x[2] + ") ", el("span", { class: cls }, "→ " + fate + (x[5] ? " [" + relName(x[5]) + "]" : ""))));
         });

@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_args(train)
     add_run_args(train)
+    train.add_argument(
+        "--tune-fraction",
+        type=_fraction,
+        metavar="F",
+        help="carve a seeded tuning split of F (e.g. 0.1) out of data.train, instead of data.tune, into "
+        "<output-dir>/data/ (reused on --resume; the saved config names the split files)",
+    )
     _add_predict_args(
         add_command(
             s1,
@@ -116,9 +123,21 @@ def _load_config(args: argparse.Namespace, output_dir: str | None) -> Stage1Conf
     return cfg
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lmrc.stage1.train import train  # torch: see lmrc.commands
 
+    if args.tune_fraction is not None:  # replaces data.tune (lmrc/stage1/small_corpus.py)
+        args.overrides = [*args.overrides, "data.tune=null", f"data.tune_fraction={args.tune_fraction}"]
     cfg = _load_config(args, args.output_dir)
     out = Path(cfg.output_dir)
     check_writable_folder("--output-dir", out)
@@ -138,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"metrics: {metrics}  log: {out / 'train.log'}" if metrics.is_file() else f"log: {out / 'train.log'}"
     )
+    for warning in result.warnings:  # also in the log and in train_summary.json
+        print(f"warning: {warning}")
     return 0
 
 

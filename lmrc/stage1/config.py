@@ -28,6 +28,8 @@ DEFAULT_TUNE = "data/splits/train_450_split1.json"
 DEFAULT_REL_INFO = "${LMRC_DATA_DIR}/redocred/rel_info.json"
 
 BILINEAR = ("grouped", "full")
+PAPER_HEAD = "atl"  # ATLOP's adaptive-threshold loss: the default head
+AUTO_HEAD = "auto"  # loss.name: auto: chosen by the training corpus's size (lmrc/stage1/small_corpus.py)
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SELECT_METRICS = ("f1", "ign_f1", "pair_f1", "pair_recall")
 
@@ -72,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "atl"  # ATLOP's adaptive-threshold loss; see lmrc.stage1.losses.LOSSES for the others
+    name: str = PAPER_HEAD  # see lmrc.stage1.losses.LOSSES for the others; "auto": by corpus size
     params: dict[str, Any] = field(default_factory=dict)  # passed to build_loss (e.g. {alpha: 7.5} for atgl)
 
 
@@ -80,6 +82,9 @@ class LossConfig:
 class DataConfig:
     train: str = DEFAULT_TRAIN
     tune: str | None = DEFAULT_TUNE  # model selection and early stopping; None: keep the last epoch
+    # With `tune` None: carve this fraction of `train` (seeded by fold_seed) into a tuning split in the run's
+    # data/ folder (lmrc/stage1/small_corpus.py); the saved config names the two split files instead.
+    tune_fraction: float | None = None
     rel_info: str = DEFAULT_REL_INFO
     cache_dir: str | None = None  # feature cache; None: <LMRC_CACHE or ~/.cache/lmrc>/features
     # Cross-fitting: with `holdout_fold` set, train on every fold of `train` but that one (see crossfit).
@@ -95,6 +100,14 @@ class DataConfig:
             raise ValueError("folds must be at least 2")
         if self.holdout_fold is not None and not 0 <= self.holdout_fold < self.folds:
             raise ValueError(f"holdout_fold must be in 0..{self.folds - 1}")
+        if self.tune_fraction is not None:
+            if not 0.0 < self.tune_fraction < 1.0:
+                raise ValueError(f"tune_fraction must be in (0, 1), got {self.tune_fraction}")
+            if self.tune is not None:
+                raise ValueError(
+                    "tune_fraction carves the tuning split out of data.train when data.tune is not given: "
+                    "set data.tune=null too (`lmrc stage1 train --tune-fraction` does)"
+                )
 
     def path(self, key: str) -> Path | None:
         value = getattr(self, key)
@@ -104,6 +117,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30  # LMRC Table 6 (Re-DocRED), as ATLOP
+    # At least this many optimizer steps: fewer epochs x steps-per-epoch raise the epochs (small corpora; the
+    # saved config holds the raised epochs). 0: off. Our addition, not the papers'.
+    min_steps: int = 0
     batch_size: int = 4  # ATLOP Sec. 4.1; LMRC Table 6
     grad_accum: int = 1
     lr_encoder: float = 5e-5  # ATLOP Sec. 4.1, BERT-base (LMRC Table 6 uses 3e-5 with RoBERTa-large)
@@ -144,6 +160,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in (
+            "min_steps",
             "eval_every_epochs",
             "eval_every_steps",
             "patience",
@@ -238,5 +255,8 @@ def check_loss_name(name: str, where: str) -> None:
     # Imported here, not at the top: the losses import torch, and this module is read by `lmrc --help`'s commands.
     from lmrc.stage1.losses import LOSSES
 
-    if name not in LOSSES:
-        raise LmrcError(f"{where}: unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})")
+    if name not in LOSSES and name != AUTO_HEAD:
+        known = ", ".join(sorted(LOSSES))
+        raise LmrcError(
+            f"{where}: unknown loss {name!r} (known: {known}, or {AUTO_HEAD} to choose by corpus size)"
+        )

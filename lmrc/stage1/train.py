@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,9 @@ from lmrc.stage1.config import Stage1Config, check_loss_name
 from lmrc.stage1.encoder import load_encoder
 from lmrc.stage1.features import collate
 from lmrc.stage1.losses import build_loss
+from lmrc.stage1.small_corpus import check_evaluation, finish_run, prepare_run
 from lmrc.stage1.steps import Position, epoch_batches, make_optimizer, rank_share, steps_per_epoch
-from lmrc.stage1.train_data import load_train_data, read_documents
+from lmrc.stage1.train_data import load_train_data
 from lmrc.stage1.tune_eval import eval_record, select_metric, tune_metrics_on_every_rank
 from lmrc.training.run_folder import (
     CONFIG_FILE,
@@ -67,10 +68,8 @@ from lmrc.training.run_folder import (
     ResumeState,
     StopRequest,
     capture_rng,
-    check_same_config,
     forget_records_after,
     open_run,
-    read_saved_config,
 )
 
 log = logging.getLogger(__name__)
@@ -106,6 +105,7 @@ class Stage1TrainResult:
     stopped_early: bool
     finished: bool
     elapsed_s: float  # training time over all invocations of this run
+    warnings: list[str] = field(default_factory=list)  # the end check's (small_corpus.py; train_summary.json)
 
 
 def train(
@@ -138,6 +138,7 @@ class Stage1Recipe:
         self.metrics_path = self.out / "metrics.jsonl"
         self.step_losses: list[tuple[int, float]] = []
         self.evaluations: list[dict[str, Any]] = []
+        self.warnings: list[str] = []  # the end check's (small_corpus.finish_run)
         self.pos = Position()
         # The position and RNG states right after the last optimizer step: what an interrupt saves.
         self.boundary: tuple[Position, dict[str, Any]] | None = None
@@ -157,11 +158,9 @@ class Stage1Recipe:
         resuming = open_run(
             self.out, resume, state_file=self.last_dir / POSITION_FILE, markers=[self.best_dir / META_FILE]
         )
-        if resuming:
-            saved = read_saved_config(Stage1Config, self.out)
-            check_same_config(saved, cfg, self.out / CONFIG_FILE, RESUMABLE_CHANGES, keep=("loss.params",))
+        cfg, documents = prepare_run(cfg, resuming, self.accelerator, RESUMABLE_CHANGES)
+        self.config = cfg  # the tuning split, head and epochs resolved: what is saved and trained
         seed_everything(cfg.train.seed)
-        documents = read_documents(cfg)
         with self.accelerator.main_process_first():  # a hub model is downloaded once, by rank 0
             encoder, self.tokenizer = load_encoder(cfg.model.encoder)
         self.data = load_train_data(cfg, self.tokenizer, *documents)
@@ -391,6 +390,7 @@ class Stage1Recipe:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         record = eval_record(pos, self.n_batches, lrs, metrics, self.select_metric, improved)
         record.update(eval_s=round(time.perf_counter() - start, 2), elapsed_s=round(pos.elapsed_s, 1))
+        check_evaluation(record, len(self.data.tune_docs), self.loss, pos.total_steps)
         if self.accelerator.is_main_process:
             append_jsonl(self.metrics_path, record)
         self.evaluations.append(record)
@@ -471,6 +471,7 @@ class Stage1Recipe:
             log.info("%s", gpu_memory_line())
         log.info("training finished after %d steps (%.1f min); best %s = %s at step %s", pos.global_step,
                  pos.elapsed_s / 60, self.select_metric, _fmt(pos.best_value), pos.best_step)  # fmt: skip
+        self.warnings = finish_run(self)  # the published model's nothing-learned check, train_summary.json
 
     def result(self) -> Stage1TrainResult:
         pos = self.pos
@@ -488,6 +489,7 @@ class Stage1Recipe:
             stopped_early=pos.stopped_early,
             finished=pos.done,
             elapsed_s=pos.elapsed_s,
+            warnings=self.warnings,
         )
 
 

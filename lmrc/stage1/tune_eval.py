@@ -1,10 +1,13 @@
 """Evaluation during stage-1 training: the metrics on the tuning file (computed on rank 0, the same on every
-rank), and the metrics.jsonl record of an evaluation."""
+rank), with how many relations the head predicts and the gold holds, and the metrics.jsonl record of an
+evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -40,9 +43,28 @@ def tune_metrics_on_every_rank(
         metrics = tune_metrics(
             loss, logits, data.tune_docs, data.tune_features, data.relations, data.train_reference
         )
+        metrics.update(prediction_counts(loss, logits, data.tune_features))
     if accelerator.num_processes > 1:
         metrics = broadcast_object_list([metrics])[0]
     return metrics
+
+
+def prediction_counts(loss, logits: Sequence[torch.Tensor], features: Sequence) -> dict[str, int]:
+    """`predicted`: the relations the head predicts (its own rule) over the documents; `gold`: the relations their
+    labels hold. The bce head predicts candidates, not relations: its candidate pairs (score above its
+    threshold) and the gold pairs that hold a relation."""
+    predicted = gold = 0
+    for lg, f in zip(logits, features):
+        if not len(lg):
+            continue
+        positive = torch.tensor(f.labels, dtype=torch.float)[:, 1:] > 0
+        if loss.per_relation:
+            predicted += int(loss.predict(lg)[:, 1:].sum())
+            gold += int(positive.sum())
+        else:
+            predicted += int((loss.score(lg) > loss.score_threshold).sum())
+            gold += int(positive.any(dim=-1).sum())
+    return {"predicted": predicted, "gold": gold}
 
 
 def eval_record(

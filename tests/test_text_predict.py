@@ -225,7 +225,7 @@ def test_text_with_no_model_trains_the_default_models_once_then_reuses_them(
     ent["train"].update(epochs=2, patience=1, max_tokens=64)
     ent["coref"]["steps"] = 20
     s1 = json.loads(json.dumps(default_models.STAGE1_SETTINGS))
-    s1["model"].update(encoder=str(tiny), emb_size=64, block_size=16)
+    s1["model"].update(encoder=str(tiny), emb_size=64, block_size=16, n_layers_avg=1)
     s1["train"].update(epochs=1, batch_size=2, mixed_precision="no")
     monkeypatch.setattr(default_models, "ENTITY_SETTINGS", ent)
     monkeypatch.setattr(default_models, "STAGE1_SETTINGS", s1)
@@ -239,15 +239,23 @@ def test_text_with_no_model_trains_the_default_models_once_then_reuses_them(
     assert "first run: training the default entity model and stage 1 once" in first and "expected" in first
     result = tmp_path / "my.result.json"  # the default output, beside the text
     assert result.is_file() and (tmp_path / "my.result.report.html").is_file() and "done in" in first
-    folder = default_models.models_folder(train)
-    assert (folder / "entities" / "entities.json").is_file() and (folder / "stage1" / "best").is_dir()
-    stamp = (folder / "stage1" / "best").stat().st_mtime_ns
+    _, ent_dir, s1_dir = default_models.model_folders(train)
+    assert (ent_dir / "entities.json").is_file() and (s1_dir / "best").is_dir()
+    stamp = (s1_dir / "best").stat().st_mtime_ns
     assert main(["predict", "--text", str(text), "--output", str(tmp_path / "again.json")]) == 0
     second = capsys.readouterr().out
-    assert "first run" not in second and (folder / "stage1" / "best").stat().st_mtime_ns == stamp
+    assert "first run" not in second and (s1_dir / "best").stat().st_mtime_ns == stamp
     assert (tmp_path / "again.json").read_bytes() == result.read_bytes()
     summary = read_json(tmp_path / "again.summary.json")
-    assert summary["fingerprint"]["stage1"]["checkpoint"].startswith(str(folder))
+    assert summary["fingerprint"]["stage1"]["checkpoint"].startswith(str(s1_dir))
+    # a new stage-1 recipe trains stage 1 anew and reuses the entity model
+    s1["train"]["epochs"] = 2
+    assert main(["predict", "--text", str(text), "--output", str(tmp_path / "third.json")]) == 0
+    third = capsys.readouterr().out
+    assert (
+        "first run: training the default stage 1 once" in third and "entity model" not in third.split("(")[0]
+    )
+    assert default_models.model_folders(train)[1] == ent_dir
 
 
 def test_without_training_data_the_default_models_say_how_to_get_it(tmp_path, monkeypatch, capsys):

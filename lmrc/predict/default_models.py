@@ -45,16 +45,18 @@ ENTITY_SETTINGS: dict[str, Any] = {
     "train": {"epochs": 8, "patience": 2, "batch_size": 4, "lr": 2.0e-4, "max_tokens": 256, "seed": 13},
     "coref": {"hidden": 32, "steps": 300},
 }
+# MD-RE: the head that learns most in a CPU budget (3 epochs over these documents: 43.8 dev F1 against ATL's 36.7,
+# docs/RESULTS.md "Stage 1: every head under one budget")
 STAGE1_SETTINGS: dict[str, Any] = {
     "model": {"encoder": "minilm"},
     "data": {},
-    "loss": {"name": "atl"},
+    "loss": {"name": "mdre"},
     "train": {"epochs": 3, "batch_size": 4, "eval_every_epochs": 1, "save_every_steps": 25,
               "log_every_steps": 10, "deterministic": True},
 }  # fmt: skip
-# Measured on a 2-core Intel Xeon (AVX512, no native bf16) with the repository's CPU configs: about 5 minutes per
-# entity epoch and 20 minutes for stage 1 (docs/RESULTS.md). Scaled by the cores here, a rough guide only.
-_MINUTES_2_CORES = {"entity_epoch": 5.0, "stage1": 20.0}
+# Measured on a 2-core Intel Xeon (AVX512, no native bf16): about 1.7 minutes per entity epoch and 15 minutes for
+# stage 1 (docs/RESULTS.md "One command"). Scaled by the cores here, a rough guide only (an AVX2-only CPU is slower).
+_MINUTES_2_CORES = {"entity_epoch": 1.7, "stage1": 15.0}
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,26 @@ def training_data() -> tuple[Path, Path]:
 
 
 def models_folder(train_file: Path) -> Path:
-    """`$LMRC_CACHE/default-models/<digest>`: one folder per recipe version, settings and training data."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([VERSION, ENTITY_SETTINGS, STAGE1_SETTINGS], sort_keys=True).encode())
+    """`$LMRC_CACHE/default-models`: the split and each model in a folder named by a digest of what made it."""
+    return default_cache_dir() / "default-models"
+
+
+def _digest(settings: Any, train_file: Path) -> str:
+    """The recipe version, the settings and the training data: a change of any trains anew."""
+    digest = hashlib.sha256(json.dumps([VERSION, settings], sort_keys=True).encode())
     digest.update(hashlib.sha256(train_file.read_bytes()).digest())
-    return default_cache_dir() / "default-models" / digest.hexdigest()[:16]
+    return digest.hexdigest()[:16]
+
+
+def model_folders(train_file: Path) -> tuple[Path, Path, Path]:
+    """The tuning split's folder, the entity model's and stage 1's (each keyed by its own settings, so a new
+    stage-1 recipe reuses the entity model)."""
+    root = models_folder(train_file)
+    return (
+        root / f"data-{_digest(None, train_file)}",
+        root / f"entities-{_digest(ENTITY_SETTINGS, train_file)}",
+        root / f"stage1-{_digest(STAGE1_SETTINGS, train_file)}",
+    )
 
 
 def expected_minutes(threads: int, entities: bool, stage1: bool) -> tuple[float, float]:
@@ -114,18 +131,17 @@ def ensure_default_models(
     """The default models, training the ones asked for that are not in the cache yet (resuming a killed run)."""
     say = say or (lambda msg: log.info("%s", msg))
     train_file, rel_info = training_data()
-    root = models_folder(train_file)
-    ent_dir, s1_dir = root / "entities", root / "stage1"
+    data_dir, ent_dir, s1_dir = model_folders(train_file)
     todo = [n for n, need, done in (("entity model", need_entities, _finished_entities(ent_dir)),
                                     ("stage 1", need_stage1, _finished_stage1(s1_dir))) if need and not done]  # fmt: skip
     if todo:
         low, high = expected_minutes(torch.get_num_threads(), "entity model" in todo, "stage 1" in todo)
         say(
             f"first run: training the default {' and '.join(todo)} once on {train_file} (expected {low:.0f} to "
-            f"{high:.0f} min on this machine; later runs reuse them from {root}; Ctrl-C stops, the next run "
+            f"{high:.0f} min on this machine; later runs reuse them from {ent_dir.parent}; Ctrl-C stops, the next run "
             "continues)"
         )
-        splits = _splits(train_file, root / "data")
+        splits = _splits(train_file, data_dir)
         if need_entities and not _finished_entities(ent_dir):
             _train_entities(splits, ent_dir)
         if need_stage1 and not _finished_stage1(s1_dir):

@@ -54,9 +54,10 @@ STAGE1_SETTINGS: dict[str, Any] = {
     "train": {"epochs": 3, "batch_size": 4, "eval_every_epochs": 1, "save_every_steps": 25,
               "log_every_steps": 10, "deterministic": True},
 }  # fmt: skip
-# Measured on a 2-core Intel Xeon (AVX512, no native bf16): about 1.7 minutes per entity epoch and 15 minutes for
-# stage 1 (docs/RESULTS.md "One command"). Scaled by the cores here, a rough guide only (an AVX2-only CPU is slower).
-_MINUTES_2_CORES = {"entity_epoch": 1.7, "stage1": 15.0}
+# Measured on a 2-core Intel Xeon (AVX512, no native bf16): 74 to 100 s per entity epoch (8 epochs before the
+# tuning F1 stopped rising) and 17.9 min for stage 1; the whole first run took 31.5 min (docs/RESULTS.md "One
+# command"). Scaled by the cores here, a rough guide only (an AVX2-only CPU is slower).
+_MINUTES_2_CORES = {"entity_epoch": 1.5, "stage1": 18.0}
 
 
 @dataclass(frozen=True)

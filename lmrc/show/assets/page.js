@@ -198,7 +198,7 @@
       const cands = (doc.candidates || {})[String(i)];
       if (cands) {
         const c = cands.find((row) => row[0] === f.h && row[1] === f.t);
-        parts.push(c ? "stage-1 candidate, score " + c[2] : "not a stage-1 candidate");
+        parts.push(c ? "stage-1 candidate, score " + Number(c[2]).toFixed(3) : "not a stage-1 candidate");
       }
       const prompts = ((doc.llm || {})[String(i)] || []).filter((p) => p.pairs.some((q) => q[0] === f.h && q[1] === f.t));
       if (!prompts.length && (doc.llm || {})[String(i)]) parts.push(" · the LLM was not asked about this pair");

@@ -10,6 +10,7 @@ right when its (head, tail, relation) is a gold fact of its document. Nothing he
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,8 @@ def _relation_names(summary: dict, rel_info: Path | None) -> dict[str, str]:
 
 
 def _train_reference(path: str | None) -> TrainReference | None:
+    """The training documents for Ign F1; a config's path may hold $VARS (compare's `${LMRC_DATA_DIR}/...`)."""
+    path = os.path.expanduser(os.path.expandvars(path)) if path else None
     if not path or not Path(path).is_file():
         return None
     return TrainReference.from_documents(load_documents(path))

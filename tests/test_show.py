@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from browser_helpers import browser, console_errors, open_page
@@ -285,3 +286,11 @@ def test_an_unlabelled_run_is_scored_against_gold_given_later(handmade, files, t
         open_page(driver, tmp_path / "gold.html")
         assert _score_cell(driver, 0, "right") == m.relation.correct
         assert _score_cell(driver, 0, "missed") == m.relation.gold - m.relation.correct
+
+
+def test_a_compare_configs_training_path_with_variables_is_found(files, tmp_path, monkeypatch):
+    """compare keeps `${LMRC_DATA_DIR}/...` in its config; the page must expand it, or Ign F1 silently equals F1."""
+    monkeypatch.setenv("LMRC_SHOW_TEST_DIR", str(Path(files["train"]).parent))
+    ref = collect._train_reference("${LMRC_SHOW_TEST_DIR}/" + Path(files["train"]).name)
+    assert ref is not None and ref.relation_counts
+    assert collect._train_reference("${LMRC_SHOW_NOT_SET}/x.json") is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,6 +321,16 @@ def parse_json_line(line: str, where: str, report: Report) -> dict | None:
         )
         return None
     return obj
+
+
+def json_line_records(path: Path, report: Report) -> Iterator[tuple[int, dict]]:
+    """The records of a JSON-lines export with their line numbers: blank lines skipped, a bad line reported (and
+    its document left out) by parse_json_line."""
+    for no, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            obj = parse_json_line(line, f"{path}: line {no}", report)
+            if obj is not None:
+                yield no, obj
 
 
 def as_offset(value: object) -> int | None:

@@ -17,20 +17,14 @@ from lmrc.data.importers.common import (
     Report,
     Span,
     as_offset,
-    parse_json_line,
-    read_text,
+    json_line_records,
     same_text_key,
 )
 
 
 def read(path: Path, report: Report) -> list[AnnotatedText]:
     out = []
-    for no, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        obj = parse_json_line(line, f"{path}: line {no}", report)
-        if obj is None:
-            continue
+    for no, obj in json_line_records(path, report):
         title = obj.get("title") or obj.get("id")
         title = str(title) if isinstance(title, (str, int)) and title != "" else f"{path.stem}:{no}"
         doc = AnnotatedText(title=title, text=obj["text"], source=f"{path}: line {no}")

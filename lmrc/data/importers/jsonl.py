@@ -15,19 +15,13 @@ from lmrc.data.importers.common import (
     Report,
     Span,
     as_offset,
-    parse_json_line,
-    read_text,
+    json_line_records,
 )
 
 
 def read(path: Path, report: Report) -> list[AnnotatedText]:
     out = []
-    for no, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        obj = parse_json_line(line, f"{path}: line {no}", report)
-        if obj is None:
-            continue
+    for no, obj in json_line_records(path, report):
         title = obj.get("title")
         title = title if isinstance(title, str) and title else f"{path.stem}:{no}"
         doc = AnnotatedText(title=title, text=obj["text"], source=f"{path}: line {no}")
